@@ -1,0 +1,172 @@
+"""Finding the MoE blocks of a transformers model, through the unified experts interface.
+
+Every MoE family in transformers 5 keeps its routed experts in one module whose class is wrapped by
+`transformers.integrations.moe.use_experts_implementation`: 3-D parameters (`gate_up_proj` or
+`up_proj`, `down_proj`, optional `*_bias`), the layout flags `is_transposed`, `is_concatenated`,
+`has_bias`, `has_gate`, and its own `_apply_gate`. The module that owns such an experts module is
+the MoE block; its router is the sibling whose weight is [num_experts, hidden]. Nothing here is
+per-family: GPT-OSS, Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3 and any later family on the same
+interface are found the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import NexusError
+
+SUPPORTED_FAMILIES = ("gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")
+_INTERFACE_FLAGS = ("has_gate", "is_transposed", "has_bias", "num_experts")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """Shapes and layout of one experts module (sizes read from its parameters, not guessed)."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    is_concatenated: bool
+
+    @property
+    def up_name(self) -> str:
+        return "gate_up_proj" if self.has_gate else "up_proj"
+
+    def param_shapes(self, num_experts: int, intermediate_size: int) -> dict[str, tuple[int, ...]]:
+        """Parameter shapes of an experts module with this layout and the given sizes."""
+        e, h, i = num_experts, self.hidden_size, intermediate_size
+        up_out = 2 * i if self.has_gate else i
+        if self.is_transposed:  # weights stored [E, in, out]
+            shapes = {self.up_name: (e, h, up_out), "down_proj": (e, i, h)}
+        else:  # weights stored [E, out, in], as nn.Linear
+            shapes = {self.up_name: (e, up_out, h), "down_proj": (e, h, i)}
+        if self.has_bias:
+            shapes[f"{self.up_name}_bias"] = (e, up_out)
+            shapes["down_proj_bias"] = (e, h)
+        return shapes
+
+    def expert_numel(self, intermediate_size: int | None = None) -> int:
+        """Parameters of one expert (at `intermediate_size`, default this layout's)."""
+        i = self.intermediate_size if intermediate_size is None else intermediate_size
+        total = 0
+        for shape in self.param_shapes(1, i).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block of a model: where it is and its parts."""
+
+    layer: int  # decoder-layer index
+    path: str  # dotted module path, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    experts: nn.Module
+    experts_name: str
+    router: nn.Module | None
+    router_name: str | None
+    layout: ExpertsLayout
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a module built with `use_experts_implementation` (or a quantized stand-in of one)."""
+    if all(hasattr(module, f) for f in _INTERFACE_FLAGS):
+        return True
+    return type(module).__name__.endswith("Experts") and hasattr(module, "num_experts") and \
+        isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+def experts_class_for(module: nn.Module, model: nn.Module) -> type[nn.Module]:
+    """The family's unified experts class for `module`.
+
+    Usually `type(module)`. A quantized replacement (e.g. transformers' `Mxfp4GptOssExperts`, which
+    holds packed uint8 blocks and is not on the unified interface) maps back to the decorated
+    experts class of the model's own modeling module.
+    """
+    if all(hasattr(module, f) for f in _INTERFACE_FLAGS):
+        return type(module)
+    modeling = sys.modules.get(type(model).__module__)
+    for obj in vars(modeling).values() if modeling else ():
+        # The decorator wraps __init__ (functools.wraps leaves __wrapped__) and guarantees _apply_gate.
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and hasattr(obj, "_apply_gate") \
+                and getattr(obj.__init__, "__wrapped__", None) is not None:
+            return obj
+    raise NexusError(f"{type(module).__name__}: not on transformers' unified experts interface and no "
+                     f"unified experts class found in {type(model).__module__}")
+
+
+def layout_of(module: nn.Module, config=None) -> ExpertsLayout:
+    """Read the layout of an experts module from its flags and parameter shapes."""
+    has_gate = getattr(module, "has_gate", True)
+    has_bias = getattr(module, "has_bias", hasattr(module, "down_proj_bias"))
+    is_transposed = getattr(module, "is_transposed", False)
+    is_concatenated = getattr(module, "is_concatenated", True)
+    if not hasattr(module, "is_transposed"):
+        # Quantized stand-in: take the layout flags from the unified class's decorator defaults,
+        # sizes from the config (its packed parameters do not have the logical shapes).
+        cfg = config if config is not None else getattr(module, "config", None)
+        return ExpertsLayout(num_experts=module.num_experts, hidden_size=module.hidden_size,
+                             intermediate_size=module.intermediate_size, has_gate=True, has_bias=has_bias,
+                             is_transposed=type(module).__name__.startswith("Mxfp4GptOss") or is_transposed,
+                             is_concatenated=not type(module).__name__.startswith("Mxfp4GptOss"))
+    up = module.gate_up_proj if has_gate else module.up_proj
+    down = module.down_proj
+    e = up.shape[0]
+    if is_transposed:
+        hidden, up_out = up.shape[1], up.shape[2]
+        inter = down.shape[1]
+    else:
+        up_out, hidden = up.shape[1], up.shape[2]
+        inter = down.shape[2]
+    if up_out != (2 * inter if has_gate else inter):
+        raise NexusError(f"{type(module).__name__}: unexpected expert shapes {tuple(up.shape)} / {tuple(down.shape)}")
+    return ExpertsLayout(num_experts=e, hidden_size=hidden, intermediate_size=inter, has_gate=has_gate,
+                         has_bias=has_bias, is_transposed=is_transposed, is_concatenated=is_concatenated)
+
+
+def _find_router(block: nn.Module, experts_name: str, num_experts: int, hidden: int):
+    for name, child in block.named_children():
+        if name == experts_name or name.startswith("nexus_"):
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() == 2 and tuple(w.shape) == (num_experts, hidden):
+            return name, child
+    return None, None
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """All MoE blocks of `model`, in layer order. Raises `NexusError` if there are none."""
+    blocks = []
+    for path, module in model.named_modules():
+        if path.endswith("nexus_shared_expert"):
+            continue
+        for child_name, child in module.named_children():
+            if child_name.startswith("nexus_") or not is_experts_module(child):
+                continue
+            layout = layout_of(child, getattr(model, "config", None))
+            m = _LAYER_RE.search(path)
+            if m is None:
+                raise NexusError(f"{path}: MoE block outside a `layers.N` list; cannot tell its layer index")
+            router_name, router = _find_router(module, child_name, layout.num_experts, layout.hidden_size)
+            blocks.append(MoEBlock(layer=int(m.group(1)), path=path, block=module, experts=child,
+                                   experts_name=child_name, router=router, router_name=router_name,
+                                   layout=layout))
+    if not blocks:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise NexusError(
+            f"model type '{model_type}' has no MoE layers NEXUS can find: it looks for experts modules on "
+            f"transformers' unified experts interface. Supported families: {', '.join(SUPPORTED_FAMILIES)} "
+            f"(and any other transformers 5 MoE family built on that interface)"
+        )
+    return sorted(blocks, key=lambda b: b.layer)
