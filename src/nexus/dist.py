@@ -1,0 +1,71 @@
+"""torch.distributed plumbing shared by every stage that runs under `torchrun`.
+
+Outside torchrun (no WORLD_SIZE in the environment) everything degrades to one process: rank 0 of 1,
+reductions are no-ops. Under torchrun, gloo is used on CPU and NCCL on GPU, with a finite timeout so a
+rank that dies makes the others fail with a clear message instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as tdist
+
+DEFAULT_TIMEOUT_S = int(os.environ.get("NEXUS_DIST_TIMEOUT", "600"))
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def init(device: str | torch.device = "cpu", timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group torchrun describes; returns True when running distributed."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: str) -> torch.device:
+    """`cuda` under torchrun means this rank's GPU."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return d
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (no-op in one process); returns `t`."""
+    if is_distributed():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def shutdown() -> None:
+    if is_distributed():
+        tdist.destroy_process_group()
