@@ -1,0 +1,54 @@
+"""Capturing what the routers compute, for statistics, router losses and validation.
+
+Every router on the unified interface returns `(router_logits, top_k_weights, top_k_index)` for the
+flattened tokens of the batch: logits (T, E) over all experts, then the routing weights (T, k) the
+selected experts actually receive and their indices (T, k). Probabilities are taken as softmax over
+all experts of the logits (never a softmax of the already-sparse top-k weights). T = B × L in
+row-major order, so a (B, L) attention mask flattened the same way selects the real tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .moe import MoEBlock, find_moe_blocks
+
+RouterFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def router_hooks(model: nn.Module, fn: RouterFn, blocks: list[MoEBlock] | None = None) -> Iterator[list[MoEBlock]]:
+    """Call `fn(layer, logits (T, E), weights (T, k), indices (T, k))` on every router forward.
+
+    Tensors are passed as produced (not detached), so router losses can backpropagate through them.
+    """
+    blocks = find_moe_blocks(model) if blocks is None else blocks
+    handles = []
+    for b in blocks:
+        if b.router is None:
+            raise RuntimeError(f"{b.path}: no router found")
+
+        def hook(module, args, output, layer=b.layer):
+            logits, weights, indices = output[0], output[1], output[2]
+            fn(layer, logits, weights, indices)
+
+        handles.append(b.router.register_forward_hook(hook))
+    try:
+        yield blocks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def router_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over all experts, in fp32. (T, E) -> (T, E)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row. (T, E) -> (T,)."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
