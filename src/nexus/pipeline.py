@@ -1,0 +1,240 @@
+"""Run the whole pipeline from one YAML file, skipping finished stages.
+
+    nexus pipeline configs/demo.yaml                 # every stage, in order
+    nexus pipeline configs/demo.yaml --from train    # rerun train and what follows
+    nexus pipeline configs/demo.yaml --only analyze  # one stage
+
+The file names the model, the data and each stage's options; option names are the stage's own
+flags (`target_tokens: 1000000` is `--target-tokens 1000000`). Outputs go under `work_dir`, and
+each stage's inputs are wired to the previous stages' outputs unless the file sets them. A stage
+whose output exists is complete (every stage writes its output atomically) and is skipped; an
+interrupted stage resumes where the stage supports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import NexusError
+
+STAGES = ("sample", "collect", "analyze", "convert", "precompute-teacher", "train", "validate")
+OPTIONAL_STAGES = ("precompute-teacher",)
+TOP_KEYS = ("model", "dataset", "eval_datasets", "work_dir", "stages")
+
+
+@dataclass
+class Stage:
+    name: str
+    module: str  # verb module, as in cli.VERBS
+    output_flag: str
+    output_name: str
+    # flag -> callable(ctx) giving the default input wiring
+    inputs: dict = field(default_factory=dict)
+    done: str = ""  # path relative to the output that marks completion ("" = the output itself)
+    resume: tuple = ()  # extra args when resuming an unfinished run
+
+
+def _stage_table():
+    from .cli import VERBS
+
+    return {
+        "sample": Stage("sample", VERBS["sample"], "--output", "sample.jsonl",
+                        {"--dataset": lambda c: c.dataset, "--tokenizer": lambda c: c.model}),
+        "collect": Stage("collect", VERBS["collect"], "--output", "router_stats.safetensors",
+                         {"--model": lambda c: c.model, "--dataset": lambda c: c.out("sample")},
+                         resume=("--resume",)),
+        "analyze": Stage("analyze", VERBS["analyze"], "--output", "pca_stats.json",
+                         {"--input": lambda c: c.out("collect")}),
+        "convert": Stage("convert", VERBS["convert"], "--output", "adapter",
+                         {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")}),
+        "precompute-teacher": Stage("precompute-teacher", VERBS["precompute-teacher"], "--output", "teacher_cache",
+                                    {"--model": lambda c: c.model,
+                                     "--dataset": lambda c: c.stage_opt("train", "dataset", c.dataset)},
+                                    done="manifest.json", resume=("--resume",)),
+        "train": Stage("train", VERBS["train"], "--output-dir", "train",
+                       {"--student-model": lambda c: c.out("convert"), "--dataset": lambda c: c.dataset,
+                        "--precomputed-teacher": lambda c: c.out("precompute-teacher") if c.enabled(
+                            "precompute-teacher") else None},
+                       done="final", resume=("--resume-from-checkpoint", "latest")),
+        "validate": Stage("validate", VERBS["validate"], "--output", "validation",
+                          {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json"),
+    }
+
+
+class Context:
+    def __init__(self, cfg: dict, base_dir: Path):
+        self.cfg = cfg
+        self.base_dir = base_dir
+        self.work_dir = self.path(cfg.get("work_dir", "nexus_out"))
+        self.model = self.path(cfg["model"])
+        self.dataset = self.path(cfg["dataset"]) if cfg.get("dataset") else None
+        self.table = _stage_table()
+
+    def path(self, value) -> str:
+        p = Path(str(value)).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p))
+
+    def stage_opt(self, stage: str, key: str, default=None):
+        return (self.cfg["stages"].get(stage) or {}).get(key, default)
+
+    def enabled(self, stage: str) -> bool:
+        return stage in self.cfg["stages"] and self.cfg["stages"][stage] is not False
+
+    def out(self, stage: str) -> str:
+        given = self.stage_opt(stage, self.table[stage].output_flag.lstrip("-").replace("-", "_"))
+        return self.path(given) if given else str(Path(self.work_dir) / self.table[stage].output_name)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and check a pipeline YAML file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise NexusError(f"{path}: no such pipeline config")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise NexusError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise NexusError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = sorted(set(cfg) - set(TOP_KEYS))
+    if unknown:
+        raise NexusError(f"{path}: unknown keys {unknown} (expected {', '.join(TOP_KEYS)})")
+    if "model" not in cfg:
+        raise NexusError(f"{path}: 'model' is required")
+    stages = cfg.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise NexusError(f"{path}: 'stages' must map stage names ({', '.join(STAGES)}) to their options")
+    for name, opts in stages.items():
+        if name not in STAGES:
+            raise NexusError(f"{path}: unknown stage '{name}' (expected one of {', '.join(STAGES)})")
+        if opts is not None and opts is not False and not isinstance(opts, dict):
+            raise NexusError(f"{path}: options of stage '{name}' must be a mapping")
+    return cfg
+
+
+def _argv(options: dict) -> list[str]:
+    """`{"target_tokens": 10, "pack": True}` -> `["--target-tokens", "10", "--pack"]`."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def stage_argv(ctx: Context, name: str) -> list[str]:
+    """The full command line of one stage, as `nexus NAME ...` would take it."""
+    stage = ctx.table[name]
+    opts = dict(ctx.cfg["stages"].get(name) or {})
+    given = {"--" + k.replace("_", "-") for k in opts}
+    argv = []
+    for flag, fn in stage.inputs.items():
+        if flag in given:
+            continue
+        value = fn(ctx)
+        if value is not None:
+            argv += [flag, str(value)]
+    out_key = stage.output_flag.lstrip("-").replace("-", "_")
+    opts.pop(out_key, None)
+    argv += [stage.output_flag, ctx.out(name)]
+    return argv + _argv(opts)
+
+
+def build_stage_args(name: str, argv: list[str]) -> argparse.Namespace:
+    """Parse a stage's argv with that verb's own parser (so the same flags and checks apply)."""
+    from .cli import VERBS
+
+    mod = importlib.import_module(VERBS[name], __package__)
+    parser = argparse.ArgumentParser(prog=f"nexus {name}", exit_on_error=False)
+    parser.add_argument("--debug", action="store_true")
+    mod.add_arguments(parser)
+    try:
+        return parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise NexusError(f"pipeline stage '{name}': invalid options ({e}); command was: "
+                         f"nexus {name} {shlex.join(argv)}") from None
+
+
+def is_complete(ctx: Context, name: str) -> bool:
+    stage = ctx.table[name]
+    out = Path(ctx.out(name))
+    return (out / stage.done).exists() if stage.done else out.exists()
+
+
+def plan_stages(cfg: dict, start: str | None = None, only: str | None = None) -> list[str]:
+    names = [s for s in STAGES if s in cfg["stages"] and cfg["stages"][s] is not False]
+    if only:
+        if only not in names:
+            raise NexusError(f"--only {only}: not a stage of this config ({', '.join(names)})")
+        return [only]
+    if start:
+        if start not in names:
+            raise NexusError(f"--from {start}: not a stage of this config ({', '.join(names)})")
+        return names[names.index(start):]
+    return names
+
+
+def run_pipeline(config_path: str | Path, start: str | None = None, only: str | None = None,
+                 dry_run: bool = False) -> list[str]:
+    """Run the stages of a config; returns the names of the stages that ran."""
+    cfg = load_config(config_path)
+    ctx = Context(cfg, Path(config_path).resolve().parent)
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    forced = set(plan_stages(cfg, start, only)) if (start or only) else set()
+    ran = []
+    for name in plan_stages(cfg, start, only):
+        stage = ctx.table[name]
+        argv = stage_argv(ctx, name)
+        if name not in forced and is_complete(ctx, name):
+            print(f"[pipeline] {name}: complete, skipping ({ctx.out(name)})")
+            continue
+        if name in forced and is_complete(ctx, name):
+            argv += ["--overwrite"] if "--overwrite" in _flags(name) else []
+        elif stage.resume and Path(ctx.out(name)).exists() and stage.resume[0] in _flags(name):
+            argv += list(stage.resume)
+        print(f"[pipeline] {name}: nexus {name} {shlex.join(argv)}")
+        if dry_run:
+            continue
+        args = build_stage_args(name, argv)
+        mod = importlib.import_module(ctx.table[name].module, __package__)
+        t0 = time.time()
+        code = mod.run(args)
+        if code:
+            raise NexusError(f"pipeline stage '{name}' failed with exit code {code}")
+        print(f"[pipeline] {name}: done in {time.time() - t0:.1f}s -> {ctx.out(name)}")
+        ran.append(name)
+    return ran
+
+
+def _flags(name: str) -> set[str]:
+    from .cli import VERBS
+
+    mod = importlib.import_module(VERBS[name], __package__)
+    parser = argparse.ArgumentParser()
+    mod.add_arguments(parser)
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML file (see configs/ for examples)")
+    p.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every later one")
+    p.add_argument("--only", choices=STAGES, help="run only this stage (rerun even if complete)")
+    p.add_argument("--dry-run", action="store_true", help="print each stage's command without running it")
+
+
+def run(args) -> int:
+    run_pipeline(args.config, args.start, args.only, args.dry_run)
+    return 0
