@@ -14,6 +14,7 @@ each input as plain text, without history.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from typing import IO, Iterator
@@ -34,17 +35,32 @@ class Sampling:
     max_new_tokens: int = 512
 
 
+def is_harmony(tokenizer) -> bool:
+    """GPT-OSS's harmony format: replies carry channels (analysis = reasoning, final = the answer)."""
+    return "<|channel|>" in tokenizer.get_vocab()
+
+
+def harmony_display(text: str) -> str:
+    """Harmony markup made readable: `[analysis] ...` then `[final] ...`; other special tokens dropped."""
+    text = re.sub(r"<\|start\|>\w+", "\n", text)
+    text = re.sub(r"<\|channel\|>(\w+)[^<]*(?:<\|constrain\|>[^<]*)?<\|message\|>", r"[\1] ", text)
+    return re.sub(r"<\|[a-z_]+\|>", "", text)
+
+
 def _streamer(tokenizer, out: IO[str]):
     from transformers import TextStreamer
 
+    harmony = is_harmony(tokenizer)
+
     class Streamer(TextStreamer):
-        """TextStreamer that writes whole words to `out` as they are generated."""
+        """TextStreamer writing whole words to `out` as they are generated (harmony markup kept whole
+        in each piece: a piece ends at a space and the markers contain none, so it can be rewritten)."""
 
         def on_finalized_text(self, text: str, stream_end: bool = False):
-            out.write(text + ("\n" if stream_end else ""))
+            out.write((harmony_display(text) if harmony else text) + ("\n" if stream_end else ""))
             out.flush()
 
-    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=not harmony)
 
 
 def final_answer(raw: str) -> str:
