@@ -166,6 +166,26 @@ def dirs(tmp_path_factory):
             **write_datasets(root / "data")}
 
 
+def test_dataset_names_and_sequences(dirs, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nexus.validate.cli import parse_datasets, sequences
+
+    assert parse_datasets(["a=x.txt", "y/z.jsonl"]) == {"a": "x.txt", "z": "y/z.jsonl"}
+    with pytest.raises(nexus.errors.NexusError, match="twice"):
+        parse_datasets(["x.txt", "x=other.txt"])
+    tok = AutoTokenizer.from_pretrained(dirs["base"])
+    texts = [json.loads(line)["text"] for line in dirs["domain"].read_text().splitlines()]
+    docs = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + EOS
+    unpacked = sequences(str(dirs["domain"]), tok, 8, 100)
+    assert [len(s) for s in unpacked] == [n for d in docs for n in [8] * (d // 8) + [d % 8] if n >= 2]
+    assert len(sequences(str(dirs["domain"]), tok, 8, 3)) == 3
+    packed = sequences(str(dirs["domain"]), tok, 8, 100, packed=True)
+    assert [len(s) for s in packed] == [8] * (sum(docs) // 8)
+    with pytest.raises(nexus.errors.NexusError, match="too short"):
+        sequences(str(dirs["domain"]), tok, 1000, 5, packed=True)
+
+
 def _main(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
