@@ -1,0 +1,58 @@
+"""`--device` / `--dtype` flags shared by the inference verbs (validate, chat), and loading by them."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .errors import NexusError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N, or auto (spread over all GPUs with device_map='auto'); "
+                        "default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="dtype of the base weights (default auto: as stored in the checkpoint); "
+                        "shared experts stay float32")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modeling code from the model directory (off by default)")
+
+
+def device_map(device: str | None):
+    """The `device_map` for `from_pretrained` from a `--device` value."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "auto"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise NexusError(f"--device {device}: not a device (expected cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NexusError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cpu":
+        return None  # from_pretrained's default placement
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    return {"": str(dev)}
+
+
+def load_for_inference(path: str, args, what: str = "--model"):
+    """An adapter (base + shared experts) or a plain model, placed and typed by --device/--dtype; eval mode.
+
+    `what` names the flag in errors (e.g. "--baseline").
+    """
+    from .adapter import is_adapter_dir, load_base_model, load_model
+
+    kwargs = dict(dtype=DTYPES[args.dtype], device_map=device_map(args.device),
+                  trust_remote_code=args.trust_remote_code)
+    if is_adapter_dir(path):
+        model = load_model(path, **kwargs)
+    else:
+        model = load_base_model(path, what=what, **kwargs)
+    return model.eval()

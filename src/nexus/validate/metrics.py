@@ -1,0 +1,281 @@
+"""Validation metrics: pure functions on logits and router outputs, and `evaluate`, which runs a
+model and its baseline on the same batches and accumulates everything the report needs.
+
+Definitions (shared/DESIGN.md):
+- perplexity = exp(mean next-token NLL over non-padding targets); computed from the logits, so no
+  auxiliary (router load-balancing) loss is ever included;
+- degradation % = (ppl_model / ppl_baseline - 1) x 100;
+- KL = forward KL(baseline || model) of the next-token distributions at temperature T, mean over
+  non-padding positions, times T^2;
+- router entropy = mean entropy (nats) of softmax(router logits) over all experts, per layer;
+- routing agreement = |A ∩ B| / k for the routed top-k sets A (model) and B (baseline), mean over tokens;
+- shared output ratio = Σ_t ‖shared_t‖₂ / Σ_t ‖routed_t‖₂ per layer, where "routed" is the block's
+  original output (routed experts, plus the family's own shared expert where it has one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NexusError
+from ..moe import find_moe_blocks
+from ..routing import entropy, router_hooks, router_probs
+from ..shared import SHARED_NAME, shared_experts_disabled
+
+# Rows of (tokens, vocab) processed at once in the KL, bounding its fp32 temporaries
+# (3 x 1024 x 201k x 4 bytes ≈ 2.4 GB for GPT-OSS's vocabulary).
+KL_CHUNK_ROWS = 1024
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL (nats) at each position, in fp32.
+
+    Args: logits (B, L, V); input_ids (B, L); attention_mask (B, L), 1 = real token.
+    Returns nll (B, L-1) (0 where not valid) and valid (B, L-1) bool. Position t predicts token t+1;
+    it counts when both token t (the context) and token t+1 (the target) are real.
+    """
+    b, length, vocab = logits.shape
+    targets = input_ids[:, 1:].to(logits.device)  # (B, L-1)
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1),
+                          reduction="none").view(b, length - 1)  # (B, L-1)
+    if attention_mask is None:
+        valid = torch.ones_like(nll, dtype=torch.bool)
+    else:
+        mask = attention_mask.to(logits.device).bool()
+        valid = mask[:, :-1] & mask[:, 1:]  # (B, L-1)
+    return nll.masked_fill(~valid, 0.0), valid
+
+
+def nll(logits: torch.Tensor, input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """Sum of next-token NLL (nats) over valid targets, and their count. Shapes as `token_nll`."""
+    values, valid = token_nll(logits, input_ids, attention_mask)
+    return float(values.double().sum()), int(valid.sum())
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """exp(mean NLL). `count` must be positive."""
+    if count <= 0:
+        raise ValueError("perplexity of zero tokens")
+    return math.exp(nll_sum / count)
+
+
+def degradation_pct(ppl: float, baseline_ppl: float) -> float:
+    """(ppl / baseline_ppl - 1) x 100: positive when the model is worse than the baseline."""
+    return (ppl / baseline_ppl - 1.0) * 100.0
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[float, int]:
+    """Σ over real positions of KL(p_teacher || p_student) at `temperature`, times T²; and the count.
+
+    Args: teacher_logits, student_logits (B, L, V) (devices may differ); attention_mask (B, L).
+    Divide the sum by the count for the mean the report shows.
+    """
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab:
+        raise NexusError(f"baseline and model have different vocabularies ({teacher_logits.shape[-1]} vs {vocab} "
+                         f"logits); KL and perplexity need the same tokenizer")
+    t_flat = teacher_logits.reshape(-1, vocab)  # (B*L, V)
+    s_flat = student_logits.reshape(-1, vocab)  # (B*L, V)
+    if attention_mask is None:
+        rows = torch.arange(s_flat.shape[0], device=s_flat.device)
+    else:
+        rows = attention_mask.reshape(-1).to(s_flat.device).bool().nonzero().squeeze(1)  # (N,)
+    total = torch.zeros((), dtype=torch.float64, device=s_flat.device)
+    for chunk in rows.split(KL_CHUNK_ROWS):
+        log_t = torch.log_softmax(t_flat[chunk.to(t_flat.device)].to(s_flat.device).float() / temperature, -1)
+        log_s = torch.log_softmax(s_flat[chunk].float() / temperature, -1)  # (n, V)
+        p_t = log_t.exp()
+        # where p_t == 0 the term is 0 (and log_t may be -inf: masked vocabulary entries)
+        terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t))
+        total += terms.sum(-1).double().sum()
+    return float(total) * temperature ** 2, int(rows.numel())
+
+
+def routing_agreement(indices: torch.Tensor, baseline_indices: torch.Tensor) -> torch.Tensor:
+    """|A ∩ B| / k per token, for routed top-k index sets. (T, k), (T, k') -> (T,) fp32, k = max(k, k')."""
+    hits = (indices.unsqueeze(-1) == baseline_indices.unsqueeze(-2)).any(-1)  # (T, k)
+    return hits.sum(-1).float() / max(indices.shape[-1], baseline_indices.shape[-1])
+
+
+@dataclass
+class Totals:
+    """Running sums for one evaluation; `merge` combines datasets (layer figures are token-weighted)."""
+
+    targets: int = 0  # next-token targets counted in the NLL sums
+    nll: float = 0.0
+    baseline_nll: float = 0.0
+    positions: int = 0  # positions counted in the KL sum
+    kl: float = 0.0
+    perplexity_computed: bool = True
+    # layer -> metric -> [sum, count]; metrics: router_entropy, baseline_router_entropy,
+    # routing_agreement, shared_norm, routed_norm
+    layers: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(lambda: [0.0, 0])))
+
+    def add(self, layer: int, metric: str, total: float, count: int) -> None:
+        entry = self.layers[layer][metric]
+        entry[0] += total
+        entry[1] += count
+
+    def merge(self, other: "Totals") -> "Totals":
+        self.targets += other.targets
+        self.nll += other.nll
+        self.baseline_nll += other.baseline_nll
+        self.positions += other.positions
+        self.kl += other.kl
+        self.perplexity_computed = self.perplexity_computed and other.perplexity_computed
+        for layer, metrics in other.layers.items():
+            for metric, (total, count) in metrics.items():
+                self.add(layer, metric, total, count)
+        return self
+
+    def summary(self) -> dict:
+        """{tokens, perplexity, baseline_perplexity, degradation_pct, kl}; perplexities None if not computed."""
+        out = {"tokens": self.targets, "perplexity": None, "baseline_perplexity": None, "degradation_pct": None,
+               "kl": self.kl / self.positions if self.positions else None}
+        if self.perplexity_computed and self.targets:
+            ppl, base = perplexity(self.nll, self.targets), perplexity(self.baseline_nll, self.targets)
+            out.update(perplexity=ppl, baseline_perplexity=base, degradation_pct=degradation_pct(ppl, base))
+        return out
+
+    def layer_summary(self) -> dict[str, dict]:
+        """{layer: {router_entropy, baseline_router_entropy, routing_agreement, shared_output_ratio}}."""
+        out = {}
+        for layer in sorted(self.layers):
+            m = self.layers[layer]
+
+            def mean(key):
+                total, count = m.get(key, (0.0, 0))
+                return total / count if count else None
+
+            shared, routed = m.get("shared_norm", (0.0, 0))[0], m.get("routed_norm", (0.0, 0))[0]
+            ratio = shared / routed if m.get("routed_norm", (0, 0))[1] and routed > 0 else None
+            out[str(layer)] = {"router_entropy": mean("router_entropy"),
+                               "baseline_router_entropy": mean("baseline_router_entropy"),
+                               "routing_agreement": mean("routing_agreement"),
+                               "shared_output_ratio": ratio}
+        return out
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], baseline: nn.Module | None = None,
+             compute_perplexity: bool = True, temperature: float = 1.0,
+             progress: Callable[[int], None] | None = None) -> Totals:
+    """Run `model` and its baseline on the same batches and accumulate every validation metric.
+
+    Args:
+        model: the model under test (usually with NEXUS shared experts attached).
+        batches: (input_ids (B, L), attention_mask (B, L)) pairs; 0 in the mask marks padding.
+        baseline: a separate baseline model; None runs `model` itself with its shared experts
+            switched off (the adapter's own base, without loading a second copy).
+        compute_perplexity: accumulate the NLL of both (KL and router metrics are always computed).
+        progress: called with the number of real tokens after each batch.
+    """
+    same = baseline is None
+    if same and not any(hasattr(m, SHARED_NAME) for m in model.modules()):
+        raise NexusError("the model has no NEXUS shared experts, so it cannot be its own baseline; give a baseline model")
+    blocks = find_moe_blocks(model)
+    base_blocks = blocks if same else find_moe_blocks(baseline)
+    totals = Totals(perplexity_computed=compute_perplexity)
+    state = {"pass": "model", "mask": None}
+    captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_router(which: str | None):
+        def fn(layer, logits, weights, indices):  # logits (T, E), indices (T, k)
+            captured[(which or state["pass"], layer)] = (logits.detach(), indices.detach())
+        return fn
+
+    def on_shared(layer: int):
+        def fn(routed, shared):  # (B, L, H) each
+            flat_r = routed.reshape(-1, routed.shape[-1]).float()  # (T, H)
+            flat_s = shared.reshape(-1, shared.shape[-1]).float()
+            mask = state["mask"]
+            if mask is not None and mask.numel() == flat_r.shape[0]:
+                keep = mask.to(flat_r.device)
+                flat_r, flat_s = flat_r[keep], flat_s[keep]
+            totals.add(layer, "routed_norm", float(flat_r.norm(dim=-1).double().sum()), flat_r.shape[0])
+            totals.add(layer, "shared_norm", float(flat_s.norm(dim=-1).double().sum()), flat_s.shape[0])
+        return fn
+
+    modes = [(m, m.training) for m in ([model] if same else [model, baseline])]
+    with contextlib.ExitStack() as stack:
+        if same:
+            stack.enter_context(router_hooks(model, on_router(None), blocks))
+        else:
+            stack.enter_context(router_hooks(model, on_router("model"), blocks))
+            stack.enter_context(router_hooks(baseline, on_router("baseline"), base_blocks))
+        for b in blocks:
+            if hasattr(b.block, SHARED_NAME):
+                previous = getattr(b.block, "_nexus_record", None)
+                b.block._nexus_record = on_shared(b.layer)
+                stack.callback(setattr, b.block, "_nexus_record", previous)
+        for m, _ in modes:
+            m.eval()
+        stack.callback(lambda: [m.train(flag) for m, flag in modes])
+        with torch.inference_mode():
+            for input_ids, attention_mask in batches:
+                captured.clear()
+                mask = attention_mask.bool()  # (B, L)
+                state["mask"] = mask.reshape(-1)  # (T,), T = B*L in row-major order, as the routers see it
+                state["pass"] = "baseline"
+                if same:
+                    with shared_experts_disabled(model):
+                        base_logits = _forward(model, input_ids, attention_mask)  # (B, L, V)
+                else:
+                    base_logits = _forward(baseline, input_ids, attention_mask)
+                state["pass"] = "model"
+                logits = _forward(model, input_ids, attention_mask)  # (B, L, V)
+                kl_sum, positions = kl_divergence(base_logits, logits, attention_mask, temperature)
+                totals.kl += kl_sum
+                totals.positions += positions
+                if compute_perplexity:
+                    s, n = nll(logits, input_ids, attention_mask)
+                    base_s, _ = nll(base_logits, input_ids, attention_mask)
+                    totals.nll += s
+                    totals.baseline_nll += base_s
+                    totals.targets += n
+                else:
+                    totals.targets += int((mask[:, :-1] & mask[:, 1:]).sum())
+                del base_logits, logits
+                _router_metrics(totals, captured, state["mask"])
+                if progress is not None:
+                    progress(int(mask.sum()))
+    return totals
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    device = _input_device(model)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    return out.logits  # (B, L, V)
+
+
+def _router_metrics(totals: Totals, captured: dict, mask: torch.Tensor) -> None:
+    """Add per-layer entropy and agreement of one batch; `mask` (T,) selects real tokens."""
+    layers = sorted({layer for _, layer in captured})
+    for layer in layers:
+        for which, key in (("model", "router_entropy"), ("baseline", "baseline_router_entropy")):
+            if (which, layer) in captured:
+                logits, _ = captured[(which, layer)]  # (T, E)
+                keep = mask.to(logits.device)
+                ent = entropy(router_probs(logits[keep]))  # (N,)
+                totals.add(layer, key, float(ent.double().sum()), ent.numel())
+        if ("model", layer) in captured and ("baseline", layer) in captured:
+            (m_logits, m_idx), (b_logits, b_idx) = captured[("model", layer)], captured[("baseline", layer)]
+            if m_logits.shape[-1] != b_logits.shape[-1]:
+                continue  # different numbers of experts: agreement is meaningless
+            keep = mask.to(m_idx.device)
+            agree = routing_agreement(m_idx[keep], b_idx.to(m_idx.device)[keep])  # (N,)
+            totals.add(layer, "routing_agreement", float(agree.double().sum()), agree.numel())

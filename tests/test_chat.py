@@ -1,0 +1,172 @@
+"""nexus chat: streaming, history, commands, pipes and terminals, --prompt, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nexus import cli
+from nexus.chat import ChatSession, Sampling, final_answer, harmony_display, run_session
+from tiny_dirs import ROOT, run_nexus, save_adapter_dir, save_base
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    base = save_base(root / "base")
+    return {"root": root, "base": base, "adapter": save_adapter_dir(base, root / "adapter", init="random"),
+            "plain": save_base(root / "plain", chat_template=False)}
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    import nexus
+    from transformers import AutoTokenizer
+
+    return nexus.load_model(dirs["adapter"]).eval(), AutoTokenizer.from_pretrained(dirs["base"])
+
+
+class Recorder(io.StringIO):
+    """An output stream that remembers each write (to see text arrive piece by piece)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return super().write(s)
+
+
+def test_reply_streams_word_by_word(loaded):
+    model, tok = loaded
+    out = Recorder()
+    reply = ChatSession(model, tok, GREEDY, out=out, err=io.StringIO()).reply("the word of")
+    assert len(reply.split()) == 5
+    pieces = [w for w in out.writes if w.strip()]
+    assert len(pieces) >= 4  # one write per finished word, while generating
+    assert "".join(out.writes).split() == reply.split()
+
+
+def test_history_reset_and_system(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GREEDY, out=io.StringIO(), err=io.StringIO())
+    first = session.reply("the word of")
+    assert session.history == [{"role": "user", "content": "the word of"}, {"role": "assistant", "content": first}]
+    second_prompt = tok.decode(session.prompt_ids("and to")[0])
+    assert "the word of" in second_prompt and first in second_prompt
+    fresh = ChatSession(model, tok, GREEDY, out=io.StringIO(), err=io.StringIO()).reply("and to")
+    assert session.handle("/reset") and session.history == []
+    assert session.reply("and to") == fresh  # after /reset the conversation starts over
+    assert session.handle("/system be one")
+    assert session.system == "be one" and session.history == []
+    assert tok.decode(session.prompt_ids("hi")[0]).startswith("<|system|> be one")
+    assert session.handle("/exit") is False
+
+
+def test_run_session_reads_until_exit_or_eof(loaded):
+    model, tok = loaded
+    out, err = io.StringIO(), io.StringIO()
+    session = ChatSession(model, tok, GREEDY, out=out, err=err)
+    run_session(session, io.StringIO("the word\n\n/bogus\n/exit\nnot read\n"))
+    assert len(session.history) == 2 and "unknown command /bogus" in err.getvalue()
+    session = ChatSession(model, tok, GREEDY, out=io.StringIO(), err=io.StringIO())
+    run_session(session, io.StringIO("the word\nof and"))  # EOF without /exit, last line unterminated
+    assert [m["content"] for m in session.history[::2]] == ["the word", "of and"]
+
+
+def test_no_chat_template_falls_back_to_continuation(dirs):
+    import nexus
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["plain"])
+    assert not tok.chat_template
+    err = io.StringIO()
+    session = ChatSession(nexus.load_model(dirs["plain"]), tok, GREEDY, out=io.StringIO(), err=err)
+    run_session(session, io.StringIO("the word\n"))
+    assert "no chat template" in err.getvalue() and session.history == []
+    assert tok.decode(session.prompt_ids("the word")[0]) == "the word"
+
+
+def test_harmony_final_answer():
+    raw = ("<|channel|>analysis<|message|>User greets.<|end|><|start|>assistant<|channel|>final<|message|>"
+           "Hello there!<|return|>")
+    assert final_answer(raw) == "Hello there!"
+    assert final_answer("  plain text ") == "plain text"
+    assert harmony_display(raw) == "[analysis] User greets.\n[final] Hello there!"
+
+
+def test_prompt_once(dirs):
+    r = run_nexus("chat", "--model", dirs["adapter"], "--prompt", "the word", "--temperature", "0",
+                  "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) == 6
+
+
+def test_pipe_session(dirs):
+    r = run_nexus("chat", "--model", dirs["adapter"], "--max-new-tokens", "4", "--seed", "0",
+                  input="the word\n/reset\nof and\n/exit\nnever answered\n")
+    assert r.returncode == 0, r.stderr
+    assert [len(line.split()) for line in r.stdout.splitlines()] == [4, 4]
+    assert "(conversation reset)" in r.stderr
+
+
+def test_terminal_session(dirs):
+    """Driven through a pseudo-terminal: prompt, streamed reply, /exit."""
+    leader, follower = os.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "-m", "nexus", "chat", "--model", str(dirs["base"]),
+                             "--temperature", "0", "--max-new-tokens", "3"],
+                            stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 90) -> bytes:
+        nonlocal seen
+        end = time.time() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([leader], [], [], max(0.0, end - time.time()))
+            if not ready:
+                raise AssertionError(f"timed out waiting for {marker!r}; got {seen!r}")
+            try:
+                seen += os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"terminal closed before {marker!r}; got {seen!r}") from None
+        head, _, seen = seen.partition(marker)
+        return head
+
+    try:
+        read_until(b"> ")
+        os.write(leader, b"the word\n")
+        reply = read_until(b"> ")
+        lines = [line for line in reply.decode().replace("\r", "").split("\n") if line.strip()]
+        assert lines[0].strip() == "the word"  # the terminal's echo of the input
+        assert len(lines[-1].split()) == 3  # the reply
+        os.write(leader, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_missing_or_empty_model(dirs, capsys, kind):
+    path = dirs["root"] / kind
+    if kind == "empty":
+        path.mkdir(exist_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["chat", "--model", str(path), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("error: --model") and str(path) in err
+    assert ("no such directory" if kind == "missing" else "no config.json") in err
