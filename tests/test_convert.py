@@ -178,3 +178,13 @@ def test_dry_run_writes_nothing(bases, stats, tmp_path):
     plan = result["plan"]
     assert plan.layers[0].read_bytes == 4 * ExpertReader(src).expert_nbytes(0)
     assert plan.read_bytes == 2 * plan.layers[0].read_bytes
+
+
+def test_plan_notes_a_selection_ranked_differently(bases, tmp_path):
+    src, _ = bases["qwen3_moe"]
+    stats = json.loads(write_pca_stats(tmp_path / "p.json").read_text())
+    stats["selection"] = {"top_k": 4, "importance": "pca"}
+    (tmp_path / "p.json").write_text(json.dumps(stats))
+    lines = []
+    convert(src, tmp_path / "out", "frequency_top2", pca_stats=tmp_path / "p.json", dry_run=True, log=lines.append)
+    assert "ranked experts by 'pca', the strategy is named frequency_top2" in "\n".join(lines)

@@ -197,7 +197,10 @@ class ExpertReader:
         return total
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Expert `expert` of MoE layer `layer`: {param name: fp32 tensor of the parameter's shape minus dim 0}."""
+        """Expert `expert` of MoE layer `layer`: {param name: fp32 tensor of the parameter's shape minus dim 0}.
+
+        Tensors decoded from MXFP4 are transposed views (call `.contiguous()` if you need a copy).
+        """
         params = self._param_keys(layer)
         if not 0 <= expert < self.blocks[layer].layout.num_experts:
             raise NexusError(f"expert {expert} out of range for layer {layer} "
@@ -210,7 +213,9 @@ class ExpertReader:
             elif isinstance(src, Mxfp4Source):
                 blocks, scales = self.files.read(src.blocks, expert), self.files.read(src.scales, expert)
                 try:
-                    t = mxfp4.decode(blocks, scales).T.contiguous()  # [out, in] -> the parameter's [in, out]
+                    # [out, in] -> the parameter's [in, out], as a view: merging works on [out, in] rows
+                    # (merge.to_units transposes back), so copying here would be two wasted transposes
+                    t = mxfp4.decode(blocks, scales).T
                 except ValueError as e:
                     raise NexusError(f"{self.files.tensors[src.blocks].file}: '{src.blocks}': {e}") from None
             else:

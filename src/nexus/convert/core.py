@@ -63,6 +63,7 @@ class ConvertPlan:
     base_load_bytes: int  # estimated memory to load the base with from_pretrained (sanity check)
     pca_stats: Path | None = None
     selection: dict[int, LayerSelection] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things the user should know before the run
 
     @property
     def read_bytes(self) -> int:
@@ -87,6 +88,7 @@ class ConvertPlan:
         lines.append(f"  sanity check: " + (f"loads the base (~{human(self.base_load_bytes)}{avail})" if check
                                              else "skipped (--skip-check): each shared expert is still probed"))
         lines.append(f"  adapter: {human(self.adapter_bytes)} (fp32)")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -141,9 +143,13 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
     """What convert will do: per-layer experts and weights, bytes to read, memory and output size."""
     blocks = [reader.blocks[layer] for layer in reader.layers]
     layout = blocks[0].layout
-    selection = {}
+    selection, notes = {}, []
     if strategy.reads_experts:
-        selection, _ = load_selection(pca_stats, strategy, reader.layers, reader.num_experts)
+        selection, stats = load_selection(pca_stats, strategy, reader.layers, reader.num_experts)
+        ranked_by = (stats.get("selection") or {}).get("importance")
+        if strategy.kind in ("pca", "frequency") and ranked_by not in (None, strategy.kind):
+            notes.append(f"{pca_stats} ranked experts by '{ranked_by}', the strategy is named {strategy.name}; "
+                         f"the merge uses the file's selection either way")
     layers, working = [], 0
     for b in blocks:
         expert = b.layout.expert_numel() * 4  # one expert in fp32
@@ -151,7 +157,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         sel = selection.get(b.layer, LayerSelection([], []))
         raw = reader.expert_nbytes(b.layer)
         if strategy.kind in ("pca", "frequency"):
-            work = 3 * expert + raw  # accumulator + expert read + its decoded/transposed temporary
+            work = 4 * expert + raw  # accumulator, expert read, decode scratch, the merged layout copy
         elif strategy.kind == "aligned":
             i = b.layout.intermediate_size
             work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
@@ -168,7 +174,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         checkpoint_bytes=sum(i.nbytes for i in reader.files.tensors.values()), working_bytes=working,
         adapter_bytes=sum(b.layout.expert_numel(width * b.layout.intermediate_size) * 4 for b in blocks),
         base_load_bytes=_base_load_bytes(reader), pca_stats=Path(pca_stats).resolve() if pca_stats else None,
-        selection=selection)
+        selection=selection, notes=notes)
 
 
 def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generator: torch.Generator,
@@ -246,6 +252,9 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     reader = ExpertReader(input_path)
     plan = make_plan(reader, strategy, width, scale, pca_stats)
     available = available_memory()
+    if not dry_run:
+        for note in plan.notes:
+            log(f"note: {note}")
     if dry_run:
         log(plan.describe(check, available))
         if output_dir.exists() and not overwrite:
@@ -259,7 +268,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
             for b in blocks for name, shape in b.layout.param_shapes(1, width * b.layout.intermediate_size).items()]
     generator = torch.Generator().manual_seed(seed)
     probe = torch.Generator().manual_seed(seed + 1)
-    delta = None
+    delta, layer_seconds = None, 0.0
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         with StreamingWriter(tmp / WEIGHTS_NAME, spec, metadata={"format": FORMAT, "version": str(VERSION)}) as w:
             for i, (b, lp) in enumerate(zip(blocks, plan.layers)):
@@ -268,9 +277,11 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
                 for name in b.layout.param_shapes(1, 1):
                     w.write(f"{b.path}.{SHARED_NAME}.{name}", tensors[name])
                 del tensors
+                layer_seconds += time.perf_counter() - t0
+                eta = layer_seconds / (i + 1) * (len(blocks) - i - 1)
                 log(f"layer {lp.layer} [{i + 1}/{len(blocks)}]: {len(lp.experts)} experts, "
                     f"{human(reader.bytes_read - read0)} read, {time.perf_counter() - t0:.2f} s, "
-                    f"peak RSS {human(peak_rss_bytes())}")
+                    f"peak RSS {human(peak_rss_bytes())}, ETA {eta:.0f} s")
         write_json(tmp / CONFIG_NAME, adapter_config(plan, reader, seed))
         if check:
             delta = sanity_forward(tmp)
@@ -279,12 +290,12 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in output_dir.iterdir())
     summary = {"layers": len(blocks), "experts_read": reader.experts_read, "bytes_read": reader.bytes_read,
-               "seconds": seconds, "adapter_bytes": size, "output": str(output_dir), "strategy": strategy.name,
-               "peak_rss_bytes": peak_rss_bytes(), "check_max_logit_change": delta}
-    rate = reader.bytes_read / GB / max(seconds, 1e-9)
+               "seconds": seconds, "layer_seconds": layer_seconds, "adapter_bytes": size, "output": str(output_dir),
+               "strategy": strategy.name, "peak_rss_bytes": peak_rss_bytes(), "check_max_logit_change": delta}
+    rate = reader.bytes_read / GB / max(layer_seconds, 1e-9)
     log(f"converted {len(blocks)} MoE layers ({strategy.name}): {reader.experts_read} experts, "
-        f"{human(reader.bytes_read)} read in {seconds:.1f} s ({rate:.3f} GB/s); "
-        f"adapter {human(size)} written to {output_dir}")
+        f"{human(reader.bytes_read)} read ({rate:.3f} GB/s over {layer_seconds:.1f} s of layer work), "
+        f"{seconds:.1f} s in all; adapter {human(size)} written to {output_dir}")
     return summary
 
 

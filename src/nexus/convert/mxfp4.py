@@ -20,6 +20,7 @@ import torch
 BLOCK_SIZE = 32  # values sharing one scale
 BYTES_PER_BLOCK = BLOCK_SIZE // 2  # two E2M1 values per byte
 SCALE_BIAS = 127  # E8M0 exponent bias
+SCALE_MAX = 255  # OCP reserves it for NaN; transformers' ldexp decodes it as 2^128, and so do we
 # E2M1 code -> value; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP4_MAX = 6.0
@@ -32,20 +33,41 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
     """Dequantize MXFP4. blocks uint8 [..., G, 16], scales uint8 [..., G] -> [..., G*32] in `dtype`.
 
     The result keeps the stored orientation (for GPT-OSS experts [.., out, in]); the caller transposes.
+    Each byte is looked up as its (low, high) value pair and multiplied by 2^(scale - 127): the same
+    products transformers' `ldexp` computes, so the same bits.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != BYTES_PER_BLOCK or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)} "
                          f"(expected blocks [..., G, {BYTES_PER_BLOCK}] and scales [..., G])")
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    pairs, powers = _tables(blocks.device)
     *prefix, groups, nbytes = blocks.shape
-    out = torch.empty(*prefix, groups, nbytes * 2, dtype=dtype, device=blocks.device)  # [..., G, 32]
-    out[..., 0::2] = lut[(blocks & 0x0F).int()]  # low nibble: the even element
-    out[..., 1::2] = lut[(blocks >> 4).int()]
-    exponent = scales.to(torch.int32).unsqueeze(-1) - SCALE_BIAS  # [..., G, 1]
-    torch.ldexp(out, exponent, out=out)
-    return out.reshape(*prefix, groups * nbytes * 2)
+    out = torch.nn.functional.embedding(blocks.int(), pairs)  # [..., G, 16, 2]: (low, high) per byte
+    out = out.reshape(*prefix, groups, nbytes * 2)  # [..., G, 32]: low nibble first
+    out.mul_(torch.nn.functional.embedding(scales.int(), powers))  # × 2^(scale - 127), [..., G, 1]
+    top = scales == SCALE_MAX
+    if top.any():  # 2^128 overflows fp32; ldexp gets x·2^128 as (x·2^127)·2, finite for x <= 1
+        out[top] *= 2
+    out = out.reshape(*prefix, groups * nbytes * 2)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+_TABLES: dict = {}
+
+
+def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """byte -> (low nibble's value, high nibble's value) [256, 2]; scale -> 2^(scale-127) [256, 1], fp32.
+
+    Scale 255 maps to 2^127 here; `decode` doubles those blocks afterwards.
+    """
+    if device not in _TABLES:
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        codes = torch.arange(256)
+        pairs = torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=1)
+        powers = torch.ldexp(torch.ones(256), (codes.clamp(max=SCALE_MAX - 1) - SCALE_BIAS).int()).unsqueeze(1)
+        _TABLES[device] = (pairs.to(device), powers.to(device))
+    return _TABLES[device]
 
 
 def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
