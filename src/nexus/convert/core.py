@@ -35,7 +35,10 @@ GB = 1e9
 MB = 1e6
 CHECK_TOKENS = 8  # tokens in the sanity forward of the converted model
 PROBE_TOKENS = 4  # random hidden states each shared expert is run on before it is written
-LOAD_OVERHEAD = 1.2  # from_pretrained's peak over the weights' size, for the "does the base fit" estimate
+# from_pretrained's peak over the loaded weights' size, for the "does the base fit" estimate; MXFP4
+# dequantization measured 1.8× its bf16 output (docs/benchmarks.md, "convert")
+LOAD_OVERHEAD = 1.2
+MXFP4_LOAD_OVERHEAD = 1.8
 
 
 @dataclass
@@ -113,13 +116,13 @@ def resolve_width(strategy: Strategy, width_multiplier: int | None) -> int:
 
 
 def _base_load_bytes(reader: ExpertReader) -> int:
-    total = 0
+    plain = dequantized = 0
     for key, info in reader.files.tensors.items():
         if key.endswith("_blocks"):
-            total += info.nbytes * 2 * 2  # two values per byte, loaded as bf16
+            dequantized += info.nbytes * 2 * 2  # two values per byte, loaded as bf16
         elif not key.endswith("_scales"):
-            total += info.nbytes
-    return int(total * LOAD_OVERHEAD)
+            plain += info.nbytes
+    return int(plain * LOAD_OVERHEAD + dequantized * MXFP4_LOAD_OVERHEAD)
 
 
 def available_memory() -> int | None:
