@@ -120,7 +120,8 @@ BAD = {
     "unknown strategy": (lambda base, t: dict(strategy="median_top3"), r"--init-strategy 'median_top3': unknown"),
     "no stats": (lambda base, t: dict(stats=None), r"--init-strategy pca_top3 merges .*: pass --pca-stats"),
     "missing shard": (lambda base, t: dict(base=_shard(base, t, "missing")),
-                      r"damaged/model-00001-of-00001\.safetensors: shard listed in model\.safetensors\.index\.json is missing"),
+                      r"damaged/model-00001-of-00001\.safetensors: shard listed in "
+                      r"model\.safetensors\.index\.json is missing"),
     "truncated shard": (lambda base, t: dict(base=_shard(base, t, "truncate")),
                         r"damaged/model-00001-of-00001\.safetensors: truncated or corrupted safetensors file"),
     "nan expert": (lambda base, t: dict(base=_nan_expert(base, t)), r"layer 0 \(pca_top3\): .* NaN/Inf"),

@@ -84,7 +84,8 @@ def test_aligned_average_of_permuted_copies_recovers_the_expert(family):
     g = torch.Generator().manual_seed(0)
     merger, plain = AlignedAverage(), Average()
     for k, w in enumerate([0.5, 0.3, 0.2]):
-        perm = torch.arange(layout.intermediate_size) if k == 0 else torch.randperm(layout.intermediate_size, generator=g)
+        inter = layout.intermediate_size
+        perm = torch.arange(inter) if k == 0 else torch.randperm(inter, generator=g)
         copy = permuted_in_family_layout(e0, layout, perm)
         merger.add(to_units(copy, layout), w)
         plain.add(to_units(copy, layout), w)

@@ -64,7 +64,8 @@ def load_config(model_dir: str | os.PathLike):
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
-        raise NexusError(f"--input {path}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise NexusError(f"--input {path}: cannot read config.json ({type(e).__name__}: {first_line})") from None
 
 
 def meta_model(config):

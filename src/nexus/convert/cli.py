@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random init and widening (default 0)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--skip-check", action="store_true",
-                   help="skip the sanity forward through the full converted model (for bases that do not fit in memory)")
+                   help="skip the sanity forward through the full converted model "
+                        "(for bases that do not fit in memory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 

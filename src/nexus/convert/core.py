@@ -75,7 +75,8 @@ class ConvertPlan:
     def describe(self, check: bool, available: int | None) -> str:
         s = self.strategy
         lines = [f"convert plan for {self.model_dir} ({self.model_type}: {len(self.layers)} MoE layers, "
-                 f"{self.num_experts} experts, hidden {self.hidden_size}, expert intermediate {self.intermediate_size})",
+                 f"{self.num_experts} experts, hidden {self.hidden_size}, "
+                 f"expert intermediate {self.intermediate_size})",
                  f"  init strategy {s.name}" + (f" from {self.pca_stats}" if self.pca_stats else "") +
                  f"; width multiplier {self.width_multiplier} (shared intermediate "
                  f"{self.width_multiplier * self.intermediate_size}); scale {self.scale:g}"]
@@ -84,11 +85,12 @@ class ConvertPlan:
             for lp in self.layers:
                 pairs = " ".join(f"{e}:{w:.3f}" for e, w in zip(lp.experts, lp.weights))
                 lines.append(f"  {lp.layer:<5d}  {human(lp.read_bytes):>10s}  {pairs}")
-        lines.append(f"  expert bytes to read: {human(self.read_bytes)} of {human(self.checkpoint_bytes)} in the checkpoint")
+        lines.append(f"  expert bytes to read: {human(self.read_bytes)} "
+                     f"of {human(self.checkpoint_bytes)} in the checkpoint")
         lines.append(f"  estimated memory: {human(self.working_bytes)} working set (largest layer) "
                      f"+ the Python/torch runtime")
         avail = f", {human(available)} available" if available else ""
-        lines.append(f"  sanity check: " + (f"loads the base (~{human(self.base_load_bytes)}{avail})" if check
+        lines.append("  sanity check: " + (f"loads the base (~{human(self.base_load_bytes)}{avail})" if check
                                              else "skipped (--skip-check): each shared expert is still probed"))
         lines.append(f"  adapter: {human(self.adapter_bytes)} (fp32)")
         lines += [f"  note: {n}" for n in self.notes]

@@ -61,7 +61,8 @@ def from_units(units: dict[str, torch.Tensor], layout: ExpertsLayout) -> dict[st
     out = {layout.up_name: rows.T if layout.is_transposed else rows,
            "down_proj": units["down"] if layout.is_transposed else units["down"].T}
     if "up_bias" in units:
-        out[f"{layout.up_name}_bias"] = join(units["gate_bias"], units["up_bias"]) if layout.has_gate else units["up_bias"]
+        bias = join(units["gate_bias"], units["up_bias"]) if layout.has_gate else units["up_bias"]
+        out[f"{layout.up_name}_bias"] = bias
     if "down_bias" in units:
         out["down_proj_bias"] = units["down_bias"]
     return {k: v.unsqueeze(0).contiguous() for k, v in out.items()}
@@ -132,8 +133,8 @@ class Concat:
     def add(self, units: dict[str, torch.Tensor], weight: float) -> None:
         inter = units["down"].shape[0]
         if self.acc is None:
-            self.acc = {key: (torch.zeros(self.k * inter, *v.shape[1:]) if key in UNIT_KEYS else torch.zeros_like(v.float()))
-                        for key, v in units.items()}
+            self.acc = {key: torch.zeros(self.k * inter, *v.shape[1:]) if key in UNIT_KEYS else torch.zeros(v.shape)
+                        for key, v in units.items()}  # [K·I, H] / [K·I] per unit piece, [H] for the down bias
         rows = slice(self.pos * inter, (self.pos + 1) * inter)
         for key, v in units.items():
             if key == "down":

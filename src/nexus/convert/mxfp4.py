@@ -71,7 +71,7 @@ def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize to MXFP4. weight [..., N] (N a multiple of 32) -> (blocks uint8 [..., N/32, 16], scales uint8 [..., N/32]).
+    """Quantize to MXFP4. weight [..., N], N a multiple of 32 -> blocks uint8 [..., N/32, 16], scales uint8 [..., N/32].
 
     Each block's scale is the smallest power of two that brings its largest magnitude within the
     E2M1 range (|x| <= 6); values round to the nearest E2M1 value (ties to the smaller magnitude).

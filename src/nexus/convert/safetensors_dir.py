@@ -182,7 +182,8 @@ class StreamingWriter:
             nbytes = DTYPE_BYTES[_TORCH_DTYPES[dtype]]
             for d in shape:
                 nbytes *= d
-            header[name] = {"dtype": _TORCH_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": _TORCH_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, tuple(shape), dtype))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

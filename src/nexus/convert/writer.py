@@ -24,7 +24,8 @@ from . import mxfp4
 from .safetensors_dir import INDEX_NAME
 
 MXFP4_QUANTIZATION_CONFIG = {
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
     "quant_method": "mxfp4",
 }
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
