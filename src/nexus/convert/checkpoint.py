@@ -1,0 +1,234 @@
+"""Read one routed expert of one layer straight from a model's safetensors checkpoint.
+
+    reader = ExpertReader("path/to/gpt-oss-120b")
+    tensors = reader.read_expert(layer=3, expert=17)   # {"gate_up_proj": [H, 2I], "down_proj": [I, H], ...}
+
+The result is expert j's slice of the family's fused experts parameters, in their in-memory layout
+(what `model.layers[3].mlp.experts.gate_up_proj[17]` holds after `from_pretrained`), in fp32.
+Nothing else is read. Three on-disk layouts, as real checkpoints store them:
+
+- fused 3-D tensors under the parameter's own name (bf16/fp32; what GPT-OSS `save_pretrained` writes):
+  expert j is the slice [j];
+- GPT-OSS MXFP4: `<param>_blocks` uint8 [E, out, in/32, 16] + `<param>_scales` uint8 [E, out, in/32],
+  decoded and transposed to the parameter's [in, out] (as transformers' `Mxfp4Dequantize` does);
+- one 2-D tensor per expert (`mlp.experts.{j}.gate_proj.weight` for Qwen-MoE, OLMoE, DeepSeek;
+  `block_sparse_moe.experts.{j}.w1.weight` for Mixtral): merged as transformers merges them.
+
+Key mapping is transformers' own: the model's conversion mapping (`conversion_mapping.py`) renames
+each checkpoint key and tells which `WeightConverter` collects it; its operations
+(`MergeModulelist(dim=0)`, then `Concatenate(dim=d)` over the source patterns in order) say how
+expert j's 2-D pieces form its slice: concatenated along d-1 in source-pattern order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import NexusError
+from ..moe import MoEBlock, find_moe_blocks
+from . import mxfp4
+from .safetensors_dir import SafetensorsDir
+
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+
+
+@dataclass
+class FusedSource:
+    key: str  # [E, ...] in the parameter's layout
+
+
+@dataclass
+class Mxfp4Source:
+    blocks: str  # uint8 [E, out, in/32, 16]
+    scales: str  # uint8 [E, out, in/32]
+
+
+@dataclass
+class PerExpertSource:
+    parts: list[dict[int, str]] = field(default_factory=list)  # one per source pattern, in order: expert -> key
+    concat_dim: int = 0  # dim of the 2-D per-expert pieces along which the parts are concatenated
+
+
+def load_config(model_dir: str | os.PathLike):
+    """The transformers config of a local model directory; errors name the directory."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise NexusError(f"--input {path}: no config.json (not a transformers model directory)")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise NexusError(f"--input {path}: cannot read config.json ({type(e).__name__}: {first_line})") from None
+
+
+def meta_model(config):
+    """The model built on the meta device: module paths and parameter shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _quant_method(config) -> str | None:
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    return q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+
+
+def _expert_index_regex(pattern: str) -> re.Pattern:
+    # "mlp.experts.*.gate_proj.weight" -> r"mlp\.experts\.(\d+)\.gate_proj\.weight"
+    return re.compile(re.escape(pattern).replace(re.escape("*."), r"(\d+)\.") + r"$")
+
+
+def map_expert_sources(keys: list[str], model, blocks: list[MoEBlock]) -> dict[str, object]:
+    """{full parameter name: source} for every experts parameter of `blocks`, from checkpoint `keys`."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
+                                                 apply_renamings, rename_source_key)
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta_sd = dict(model.named_parameters())
+    prefix = model.base_model_prefix
+    wanted = {f"{b.path}.{b.experts_name}.{p}" for b in blocks for p, _ in b.experts.named_parameters()}
+    sources: dict[str, object] = {}
+    mx: dict[str, dict[str, str]] = {}
+    for key in keys:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        if target not in meta_sd and key in meta_sd:  # transformers' loader does the same
+            target, pattern = key, None
+        if pattern is None:
+            if target in wanted:
+                sources[target] = FusedSource(key)
+                continue
+            for suffix in MXFP4_SUFFIXES:
+                stem = target[: -len(suffix)]
+                if target.endswith(suffix) and stem in wanted:
+                    mx.setdefault(stem, {})[suffix] = key
+            continue
+        if target not in wanted:
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        ops = converter.operations
+        if not (isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and
+                (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate)))):
+            raise NexusError(f"{key}: checkpoint conversion {[type(o).__name__ for o in ops]} for '{target}' is not "
+                             f"supported by convert (it handles per-expert tensors merged and concatenated)")
+        m = _expert_index_regex(pattern).search(apply_renamings(key, renamings))
+        if m is None:
+            raise NexusError(f"{key}: cannot tell which expert this checkpoint tensor belongs to (pattern '{pattern}')")
+        src = sources.setdefault(target, PerExpertSource(
+            parts=[{} for _ in converter.source_patterns], concat_dim=ops[1].dim - 1 if len(ops) == 2 else 0))
+        src.parts[converter.source_patterns.index(pattern)][int(m.group(1))] = key
+    for stem, pair in mx.items():
+        if len(pair) != 2:
+            raise NexusError(f"MXFP4 tensor '{stem}' has {sorted(pair)} in the checkpoint but not both "
+                             f"_blocks and _scales")
+        sources.setdefault(stem, Mxfp4Source(pair["_blocks"], pair["_scales"]))
+    return sources
+
+
+class ExpertReader:
+    """Reads single experts of a model directory's checkpoint. Sizes come from the config.
+
+    Attributes: `layers` (MoE decoder-layer indices), `blocks` {layer: MoEBlock on the meta model},
+    `model` (the meta model), `config`, `files` (the `SafetensorsDir`), `experts_read`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        self.config = load_config(self.model_dir)
+        method = _quant_method(self.config)
+        if method not in (None, "mxfp4"):
+            raise NexusError(f"--input {self.model_dir}: '{method}' quantized checkpoints are not supported by convert "
+                             f"(it reads bf16/fp16/fp32 and GPT-OSS MXFP4 experts); dequantize the model first")
+        self.model = meta_model(self.config)
+        self.blocks = {b.layer: b for b in find_moe_blocks(self.model)}
+        self.layers = sorted(self.blocks)
+        self.files = SafetensorsDir(self.model_dir)
+        self.sources = map_expert_sources(self.files.keys(), self.model, list(self.blocks.values()))
+        self.experts_read = 0
+        for b in self.blocks.values():
+            for pname, p in b.experts.named_parameters():
+                name = f"{b.path}.{b.experts_name}.{pname}"
+                if name not in self.sources:
+                    raise NexusError(f"{self.model_dir}: no checkpoint tensors for '{name}' (looked for the fused "
+                                     f"tensor, MXFP4 {name}_blocks/_scales and per-expert tensors)")
+                src = self.sources[name]
+                if isinstance(src, PerExpertSource):
+                    for part in src.parts:
+                        missing = sorted(set(range(p.shape[0])) - set(part))
+                        if missing:
+                            raise NexusError(f"{self.model_dir}: checkpoint lacks experts {missing[:5]} of '{name}'")
+
+    @property
+    def num_experts(self) -> int:
+        return self.blocks[self.layers[0]].layout.num_experts
+
+    @property
+    def bytes_read(self) -> int:
+        return self.files.bytes_read
+
+    def _param_keys(self, layer: int) -> list[tuple[str, str, object]]:
+        if layer not in self.blocks:
+            raise NexusError(f"layer {layer} is not an MoE layer of {self.model_dir} (MoE layers: {self.layers})")
+        b = self.blocks[layer]
+        return [(pname, f"{b.path}.{b.experts_name}.{pname}", p) for pname, p in b.experts.named_parameters()]
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes on disk of one expert of `layer` (what `read_expert` reads)."""
+        total = 0
+        for _, name, _ in self._param_keys(layer):
+            src = self.sources[name]
+            if isinstance(src, FusedSource):
+                total += self.files.slice_nbytes(src.key, 0)
+            elif isinstance(src, Mxfp4Source):
+                total += self.files.slice_nbytes(src.blocks, 0) + self.files.slice_nbytes(src.scales, 0)
+            else:
+                total += sum(self.files.slice_nbytes(part[0]) for part in src.parts)
+        return total
+
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Expert `expert` of MoE layer `layer`: {param name: fp32 tensor of the parameter's shape minus dim 0}.
+
+        Tensors decoded from MXFP4 are transposed views (call `.contiguous()` if you need a copy).
+        """
+        params = self._param_keys(layer)
+        if not 0 <= expert < self.blocks[layer].layout.num_experts:
+            raise NexusError(f"expert {expert} out of range for layer {layer} "
+                             f"({self.blocks[layer].layout.num_experts} experts)")
+        out = {}
+        for pname, name, param in params:
+            src = self.sources[name]
+            if isinstance(src, FusedSource):
+                t = self.files.read(src.key, expert).float()
+            elif isinstance(src, Mxfp4Source):
+                blocks, scales = self.files.read(src.blocks, expert), self.files.read(src.scales, expert)
+                try:
+                    # [out, in] -> the parameter's [in, out], as a view: merging works on [out, in] rows
+                    # (merge.to_units transposes back), so copying here would be two wasted transposes
+                    t = mxfp4.decode(blocks, scales).T
+                except ValueError as e:
+                    raise NexusError(f"{self.files.tensors[src.blocks].file}: '{src.blocks}': {e}") from None
+            else:
+                pieces = [self.files.read(part[expert]).float() for part in src.parts]
+                t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=src.concat_dim)
+            if tuple(t.shape) != tuple(param.shape[1:]):
+                raise NexusError(f"{self.model_dir}: expert {expert} of '{name}' reads as {tuple(t.shape)} from the "
+                                 f"checkpoint, the config implies {tuple(param.shape[1:])}")
+            out[pname] = t
+        self.experts_read += 1
+        return out
+
+    def release(self) -> None:
+        """Drop the memory maps (call between layers to keep resident memory bounded)."""
+        self.files.release()

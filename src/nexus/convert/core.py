@@ -1,0 +1,318 @@
+"""Base model + pca_stats.json -> adapter directory, reading only the selected experts from disk.
+
+    summary = convert("gpt-oss-120b/", "adapter/", "pca_top24", pca_stats="pca_stats.json")
+
+Layer by layer: read each selected expert (memory-mapped, MXFP4 decoded one expert at a time),
+fold it into the layer's merge, build the family's one-expert module from the result (scale
+applied), check it is finite and computes finite outputs, and append its tensors to the adapter
+file. Peak memory is one layer's merge working set, not the model. The adapter goes to a temporary
+directory that is renamed into place only after the sanity forward of the converted model passed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..adapter import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME
+from ..errors import NexusError
+from ..fsutil import atomic_dir, write_json
+from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
+from .checkpoint import ExpertReader
+from .merge import from_units, make_merger, to_units, widen
+from .safetensors_dir import StreamingWriter
+from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
+
+GB = 1e9
+MB = 1e6
+CHECK_TOKENS = 8  # tokens in the sanity forward of the converted model
+PROBE_TOKENS = 4  # random hidden states each shared expert is run on before it is written
+# from_pretrained's peak over the loaded weights' size, for the "does the base fit" estimate; MXFP4
+# dequantization measured 1.8× its bf16 output (docs/benchmarks.md, "convert")
+LOAD_OVERHEAD = 1.2
+MXFP4_LOAD_OVERHEAD = 1.8
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    experts: list[int]
+    weights: list[float]
+    read_bytes: int  # expert bytes on disk
+
+
+@dataclass
+class ConvertPlan:
+    model_dir: Path
+    model_type: str
+    strategy: Strategy
+    width_multiplier: int
+    scale: float
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int  # of one routed expert
+    layers: list[LayerPlan]
+    checkpoint_bytes: int
+    working_bytes: int  # estimated peak of one layer's merge, beyond the Python/torch runtime
+    adapter_bytes: int
+    base_load_bytes: int  # estimated memory to load the base with from_pretrained (sanity check)
+    pca_stats: Path | None = None
+    selection: dict[int, LayerSelection] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things the user should know before the run
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(lp.read_bytes for lp in self.layers)
+
+    def describe(self, check: bool, available: int | None) -> str:
+        s = self.strategy
+        lines = [f"convert plan for {self.model_dir} ({self.model_type}: {len(self.layers)} MoE layers, "
+                 f"{self.num_experts} experts, hidden {self.hidden_size}, "
+                 f"expert intermediate {self.intermediate_size})",
+                 f"  init strategy {s.name}" + (f" from {self.pca_stats}" if self.pca_stats else "") +
+                 f"; width multiplier {self.width_multiplier} (shared intermediate "
+                 f"{self.width_multiplier * self.intermediate_size}); scale {self.scale:g}"]
+        if s.reads_experts:
+            lines.append("  layer  read        experts:weights (most important first)")
+            for lp in self.layers:
+                pairs = " ".join(f"{e}:{w:.3f}" for e, w in zip(lp.experts, lp.weights))
+                lines.append(f"  {lp.layer:<5d}  {human(lp.read_bytes):>10s}  {pairs}")
+        lines.append(f"  expert bytes to read: {human(self.read_bytes)} "
+                     f"of {human(self.checkpoint_bytes)} in the checkpoint")
+        lines.append(f"  estimated memory: {human(self.working_bytes)} working set (largest layer) "
+                     f"+ the Python/torch runtime")
+        avail = f", {human(available)} available" if available else ""
+        lines.append("  sanity check: " + (f"loads the base (~{human(self.base_load_bytes)}{avail})" if check
+                                             else "skipped (--skip-check): each shared expert is still probed"))
+        lines.append(f"  adapter: {human(self.adapter_bytes)} (fp32)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    """Bytes for people: 1.23 GB, 45.6 MB, 7.8 KB, 12 B."""
+    for unit, div in (("GB", GB), ("MB", MB), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def resolve_width(strategy: Strategy, width_multiplier: int | None) -> int:
+    if strategy.kind == "concat":
+        if width_multiplier not in (None, strategy.top_k):
+            raise NexusError(f"--width-multiplier {width_multiplier}: {strategy.name} builds a {strategy.top_k}×-wide "
+                             f"shared expert; leave --width-multiplier out or pass {strategy.top_k}")
+        return strategy.top_k
+    width = 1 if width_multiplier is None else width_multiplier
+    if not isinstance(width, int) or width < 1:
+        raise NexusError(f"--width-multiplier must be a positive integer, got {width_multiplier}")
+    return width
+
+
+def _base_load_bytes(reader: ExpertReader) -> int:
+    plain = dequantized = 0
+    for key, info in reader.files.tensors.items():
+        if key.endswith("_blocks"):
+            dequantized += info.nbytes * 2 * 2  # two values per byte, loaded as bf16
+        elif not key.endswith("_scales"):
+            plain += info.nbytes
+    return int(plain * LOAD_OVERHEAD + dequantized * MXFP4_LOAD_OVERHEAD)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float,
+              pca_stats: str | os.PathLike | None) -> ConvertPlan:
+    """What convert will do: per-layer experts and weights, bytes to read, memory and output size."""
+    blocks = [reader.blocks[layer] for layer in reader.layers]
+    layout = blocks[0].layout
+    selection, notes = {}, []
+    if strategy.reads_experts:
+        selection, stats = load_selection(pca_stats, strategy, reader.layers, reader.num_experts)
+        ranked_by = (stats.get("selection") or {}).get("importance")
+        if strategy.kind in ("pca", "frequency") and ranked_by not in (None, strategy.kind):
+            notes.append(f"{pca_stats} ranked experts by '{ranked_by}', the strategy is named {strategy.name}; "
+                         f"the merge uses the file's selection either way")
+    layers, working = [], 0
+    for b in blocks:
+        expert = b.layout.expert_numel() * 4  # one expert in fp32
+        shared = b.layout.expert_numel(width * b.layout.intermediate_size) * 4
+        sel = selection.get(b.layer, LayerSelection([], []))
+        raw = reader.expert_nbytes(b.layer)
+        if strategy.kind in ("pca", "frequency"):
+            work = 4 * expert + raw  # accumulator, expert read, decode scratch, the merged layout copy
+        elif strategy.kind == "aligned":
+            i = b.layout.intermediate_size
+            work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
+        elif strategy.kind == "concat":
+            work = (strategy.top_k + 2) * expert + raw
+        else:
+            work = 0
+        working = max(working, work + 2 * shared)  # the built module and the tensors copied into it
+        layers.append(LayerPlan(b.layer, sel.experts, sel.weights, raw * len(sel.experts)))
+    return ConvertPlan(
+        model_dir=reader.model_dir, model_type=reader.config.model_type, strategy=strategy, width_multiplier=width,
+        scale=scale, num_experts=reader.num_experts, hidden_size=layout.hidden_size,
+        intermediate_size=layout.intermediate_size, layers=layers,
+        checkpoint_bytes=sum(i.nbytes for i in reader.files.tensors.values()), working_bytes=working,
+        adapter_bytes=sum(b.layout.expert_numel(width * b.layout.intermediate_size) * 4 for b in blocks),
+        base_load_bytes=_base_load_bytes(reader), pca_stats=Path(pca_stats).resolve() if pca_stats else None,
+        selection=selection, notes=notes)
+
+
+def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generator: torch.Generator,
+                probe: torch.Generator) -> dict[str, torch.Tensor]:
+    """The shared expert of one layer: {param name: [1, ...] fp32 tensor}, checked finite."""
+    block = reader.blocks[lp.layer]
+    layout, strategy = block.layout, plan.strategy
+    std = float(getattr(reader.config, "initializer_range", 0.02))
+    tensors = None
+    if strategy.reads_experts:
+        merger = make_merger(strategy.kind, strategy.top_k)
+        for expert, weight in zip(lp.experts, lp.weights):
+            merger.add(to_units(reader.read_expert(lp.layer, expert), layout), weight)
+        units = merger.result()
+        if strategy.kind != "concat":
+            units = widen(units, plan.width_multiplier * layout.intermediate_size, std, generator)
+        tensors = from_units(units, layout)
+        del merger, units
+        reader.release()
+    shared = build_shared_expert(block, reader.model, plan.width_multiplier)
+    init_shared_expert(shared, strategy.kind, std, tensors, plan.scale, generator)
+    where = f"layer {lp.layer} ({strategy.name})"
+    for name, p in shared.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NexusError(f"{where}: the shared expert's {name} has NaN/Inf values (non-finite expert weights in "
+                             f"{reader.model_dir}?); nothing written")
+    with torch.no_grad():
+        out = run_shared_expert(shared, torch.randn(PROBE_TOKENS, layout.hidden_size, generator=probe))
+    if not torch.isfinite(out).all():
+        raise NexusError(f"{where}: the shared expert computes NaN/Inf on random inputs; nothing written")
+    return {name: p.detach() for name, p in shared.named_parameters()}
+
+
+def sanity_forward(adapter_dir: Path) -> float:
+    """Load the adapter the normal way (nexus.load_model) and run a few tokens; NaN/Inf is an error.
+
+    Returns the largest |logit change| the shared experts cause on those tokens.
+    """
+    from ..adapter import load_model
+    from ..shared import shared_experts_disabled
+
+    model = load_model(adapter_dir, dtype="auto").eval()
+    ids = torch.randint(model.config.vocab_size, (1, CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        with shared_experts_disabled(model):
+            base = model(input_ids=ids).logits.float()
+    if not torch.isfinite(logits).all():
+        raise NexusError(f"sanity check failed: the converted model gives NaN/Inf logits on {CHECK_TOKENS} tokens; "
+                         f"nothing written")
+    return float((logits - base).abs().max())
+
+
+def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_strategy: str,
+            pca_stats: str | os.PathLike | None = None, width_multiplier: int | None = None, scale: float = 1.0,
+            seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print) -> dict:
+    """Convert `input_dir` (a transformers model directory) into an adapter at `output_dir`.
+
+    Returns a summary (layers, experts_read, bytes_read, seconds, adapter_bytes, ...); with
+    `dry_run` only the plan, and nothing is written.
+    """
+    start = time.perf_counter()
+    strategy = parse_strategy(init_strategy)
+    if strategy.reads_experts and not pca_stats:
+        raise NexusError(f"--init-strategy {strategy.name} merges the experts pca_stats.json selects: pass --pca-stats")
+    if not math.isfinite(scale):
+        raise NexusError(f"--scale must be a finite number, got {scale}")
+    width = resolve_width(strategy, width_multiplier)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite and not dry_run:
+        raise NexusError(f"--output {output_dir}: output directory exists (pass --overwrite to replace it)")
+    input_path = Path(input_dir)
+    if not input_path.is_dir():
+        raise NexusError(f"--input {input_dir}: no such model directory")
+    reader = ExpertReader(input_path)
+    plan = make_plan(reader, strategy, width, scale, pca_stats)
+    available = available_memory()
+    if not dry_run:
+        for note in plan.notes:
+            log(f"note: {note}")
+    if dry_run:
+        log(plan.describe(check, available))
+        if output_dir.exists() and not overwrite:
+            log(f"  output: {output_dir} exists; a real run needs --overwrite")
+        return {"dry_run": True, "plan": plan}
+    if check and available is not None and plan.base_load_bytes > available:
+        raise NexusError(f"the sanity check loads the base model (~{human(plan.base_load_bytes)}), more than the "
+                         f"{human(available)} available: pass --skip-check to convert without it")
+    blocks = [reader.blocks[lp.layer] for lp in plan.layers]
+    spec = [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32)
+            for b in blocks for name, shape in b.layout.param_shapes(1, width * b.layout.intermediate_size).items()]
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.Generator().manual_seed(seed + 1)
+    delta, layer_seconds = None, 0.0
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        with StreamingWriter(tmp / WEIGHTS_NAME, spec, metadata={"format": FORMAT, "version": str(VERSION)}) as w:
+            for i, (b, lp) in enumerate(zip(blocks, plan.layers)):
+                t0, read0 = time.perf_counter(), reader.bytes_read
+                tensors = build_layer(reader, plan, lp, generator, probe)
+                for name in b.layout.param_shapes(1, 1):
+                    w.write(f"{b.path}.{SHARED_NAME}.{name}", tensors[name])
+                del tensors
+                layer_seconds += time.perf_counter() - t0
+                eta = layer_seconds / (i + 1) * (len(blocks) - i - 1)
+                log(f"layer {lp.layer} [{i + 1}/{len(blocks)}]: {len(lp.experts)} experts, "
+                    f"{human(reader.bytes_read - read0)} read, {time.perf_counter() - t0:.2f} s, "
+                    f"peak RSS {human(peak_rss_bytes())}, ETA {eta:.0f} s")
+        write_json(tmp / CONFIG_NAME, adapter_config(plan, reader, seed))
+        if check:
+            delta = sanity_forward(tmp)
+            log(f"sanity check: {CHECK_TOKENS} tokens through the converted model, all logits finite "
+                f"(max |change| from the shared experts {delta:.4g})")
+    seconds = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in output_dir.iterdir())
+    summary = {"layers": len(blocks), "experts_read": reader.experts_read, "bytes_read": reader.bytes_read,
+               "seconds": seconds, "layer_seconds": layer_seconds, "adapter_bytes": size, "output": str(output_dir),
+               "strategy": strategy.name, "peak_rss_bytes": peak_rss_bytes(), "check_max_logit_change": delta}
+    rate = reader.bytes_read / GB / max(layer_seconds, 1e-9)
+    log(f"converted {len(blocks)} MoE layers ({strategy.name}): {reader.experts_read} experts, "
+        f"{human(reader.bytes_read)} read ({rate:.3f} GB/s over {layer_seconds:.1f} s of layer work), "
+        f"{seconds:.1f} s in all; adapter {human(size)} written to {output_dir}")
+    return summary
+
+
+def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> dict:
+    """nexus_config.json as `nexus.save_adapter` writes it, plus the init's provenance."""
+    s = plan.strategy
+    init = {"strategy": s.name, "seed": seed, "scale": plan.scale, "width_multiplier": plan.width_multiplier}
+    if s.reads_experts:
+        init["pca_stats"] = str(plan.pca_stats)
+        init["layers"] = {str(lp.layer): {"experts": lp.experts, "weights": lp.weights} for lp in plan.layers}
+    return {"format": FORMAT, "version": VERSION, "base_model_name_or_path": str(reader.model_dir.resolve()),
+            "model_type": reader.config.model_type, "moe_layers": [lp.layer for lp in plan.layers],
+            "num_experts": plan.num_experts, "intermediate_size": plan.width_multiplier * plan.intermediate_size,
+            "width_multiplier": plan.width_multiplier, "init_strategy": s.name, "gate": False,
+            "trainable_router": False, "scale": float(plan.scale), "nexus_version": __version__, "init": init}

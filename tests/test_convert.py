@@ -1,0 +1,190 @@
+"""`convert` end to end (Python API): each strategy's adapter against tensors computed here from the model."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+from test_convert_checkpoint import write_mxfp4_gpt_oss
+from test_convert_merge import permuted_in_family_layout, run_expert
+
+import nexus
+from nexus.adapter import CONFIG_NAME, WEIGHTS_NAME
+from nexus.convert.core import convert
+from nexus.moe import find_moe_blocks
+from nexus.shared import SHARED_NAME, run_shared_expert
+
+SELECTION = {"0": {"selected_experts": [3, 1, 6, 0], "weights": [0.4, 0.3, 0.2, 0.1]},
+             "1": {"selected_experts": [0, 7, 2, 5], "weights": [0.25, 0.25, 0.25, 0.25]}}
+
+
+def write_pca_stats(path, layers=SELECTION, num_experts=8):
+    """A hand-written pca_stats.json: only format, version, num_experts and the selection per layer."""
+    path.write_text(json.dumps({"format": "nexus-pca-stats", "version": 1, "num_experts": num_experts,
+                                "layers": layers}))
+    return path
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """{name: (checkpoint dir, reference model holding exactly what the checkpoint stores)}."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    root = tmp_path_factory.mktemp("bases")
+    write_mxfp4_gpt_oss(root / "gpt_oss_mxfp4")
+    mx_ref = AutoModelForCausalLM.from_pretrained(root / "gpt_oss_mxfp4", dtype=torch.float32,
+                                                  quantization_config=Mxfp4Config(dequantize=True))
+    qwen = tiny_model("qwen3_moe")
+    qwen.save_pretrained(root / "qwen3_moe")
+    return {"gpt_oss_mxfp4": (root / "gpt_oss_mxfp4", mx_ref.eval()), "qwen3_moe": (root / "qwen3_moe", qwen)}
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory):
+    return write_pca_stats(tmp_path_factory.mktemp("stats") / "pca_stats.json")
+
+
+def adapter_tensors(out, block):
+    state = load_file(str(out / WEIGHTS_NAME))
+    prefix = f"{block.path}.{SHARED_NAME}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def selection(layer, k):
+    sel = SELECTION[str(layer)]
+    w = sel["weights"][:k]
+    return sel["selected_experts"][:k], [x / sum(w) for x in w]
+
+
+@pytest.mark.parametrize("base", ["gpt_oss_mxfp4", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["pca", "frequency"])
+def test_average_strategies_write_the_weighted_average(bases, stats, tmp_path, base, kind):
+    src, ref = bases[base]
+    out = tmp_path / "adapter"
+    summary = convert(src, out, f"{kind}_top3", pca_stats=stats, check=False, log=quiet)
+    assert summary["experts_read"] == 6 and summary["layers"] == 2
+    for block in find_moe_blocks(ref):
+        experts, weights = selection(block.layer, 3)
+        got = adapter_tensors(out, block)
+        for name, p in block.experts.named_parameters():
+            want = sum(w * p[j].detach() for j, w in zip(experts, weights)).unsqueeze(0)
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-7)
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["init_strategy"] == f"{kind}_top3" and cfg["init"]["pca_stats"] == str(stats.resolve())
+    assert cfg["init"]["layers"]["1"] == {"experts": [0, 7, 2], "weights": pytest.approx([1 / 3] * 3)}
+
+
+@pytest.mark.parametrize("base", ["gpt_oss_mxfp4", "qwen3_moe"])
+def test_concat_adapter_computes_the_weighted_sum_exactly(bases, stats, tmp_path, base):
+    src, ref = bases[base]
+    out = tmp_path / "adapter"
+    convert(src, out, "concat_top4", pca_stats=stats, log=quiet)  # sanity forward included
+    model = nexus.load_model(out, dtype=torch.float32)
+    assert json.loads((out / CONFIG_NAME).read_text())["width_multiplier"] == 4
+    x = torch.randn(12, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for ref_block, block in zip(find_moe_blocks(ref), find_moe_blocks(model)):
+        experts, weights = selection(ref_block.layer, 4)
+        with torch.no_grad():
+            want = sum(w * run_expert(ref_block, j, x) for j, w in zip(experts, weights))
+            got = run_shared_expert(getattr(block.block, SHARED_NAME), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_aligned_recovers_an_expert_from_permuted_copies(tmp_path, family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every expert becomes a permutation of expert 0
+        for block in find_moe_blocks(model):
+            e0 = {n: p[0].clone() for n, p in block.experts.named_parameters()}
+            for j in range(1, block.layout.num_experts):
+                perm = torch.randperm(block.layout.intermediate_size, generator=g)
+                for n, t in permuted_in_family_layout(e0, block.layout, perm).items():
+                    getattr(block.experts, n)[j] = t
+    model.save_pretrained(tmp_path / "base")
+    stats = write_pca_stats(tmp_path / "pca.json")
+    convert(tmp_path / "base", tmp_path / "adapter", "aligned_top4", pca_stats=stats, check=False, log=quiet)
+    for block in find_moe_blocks(model):
+        got = adapter_tensors(tmp_path / "adapter", block)
+        anchor = selection(block.layer, 4)[0][0]  # the most important expert sets the unit order
+        for n, p in block.experts.named_parameters():
+            torch.testing.assert_close(got[n], p[anchor].detach().unsqueeze(0), rtol=0, atol=1e-6)
+
+
+def test_width_multiplier_and_scale(bases, stats, tmp_path):
+    src, ref = bases["gpt_oss_mxfp4"]
+    convert(src, tmp_path / "w1", "pca_top2", pca_stats=stats, check=False, log=quiet)
+    convert(src, tmp_path / "w2", "pca_top2", pca_stats=stats, width_multiplier=2, scale=0.5, check=False, log=quiet)
+    block = find_moe_blocks(ref)[0]
+    one, two = adapter_tensors(tmp_path / "w1", block), adapter_tensors(tmp_path / "w2", block)
+    inter = block.layout.intermediate_size
+    assert two["gate_up_proj"].shape == (1, block.layout.hidden_size, 4 * inter)
+    torch.testing.assert_close(two["down_proj"][:, :inter], 0.5 * one["down_proj"], rtol=0, atol=0)
+    assert two["down_proj"][:, inter:].abs().sum() == 0  # extra units add nothing until trained
+    torch.testing.assert_close(two["down_proj_bias"], 0.5 * one["down_proj_bias"], rtol=0, atol=0)
+    assert json.loads((tmp_path / "w2" / CONFIG_NAME).read_text())["intermediate_size"] == 2 * inter
+
+
+def test_zero_and_random(bases, tmp_path):
+    src, ref = bases["qwen3_moe"]
+    convert(src, tmp_path / "zero", "zero", check=False, log=quiet)
+    convert(src, tmp_path / "random", "random", seed=3, check=False, log=quiet)
+    block = find_moe_blocks(ref)[1]
+    assert all(t.abs().sum() == 0 for t in adapter_tensors(tmp_path / "zero", block).values())
+    rnd = adapter_tensors(tmp_path / "random", block)["gate_up_proj"]
+    assert abs(rnd.std().item() - ref.config.initializer_range) < 0.005
+
+
+def test_adapter_matches_save_adapter_and_loads(bases, stats, tmp_path):
+    """The adapter equals what attach_shared_experts + save_adapter write for the same tensors, and runs."""
+    src, ref = bases["qwen3_moe"]
+    out = tmp_path / "adapter"
+    convert(src, out, "pca_top4", pca_stats=stats, log=quiet)
+    ours = json.loads((out / CONFIG_NAME).read_text())
+    state = load_file(str(out / WEIGHTS_NAME))
+    base = nexus.load_model(src, dtype=torch.float32)
+    tensors = {b.layer: adapter_tensors(out, b) for b in find_moe_blocks(base)}
+    nexus.attach_shared_experts(base, tensors=tensors)
+    nexus.save_adapter(base, tmp_path / "reference")
+    reference = json.loads((tmp_path / "reference" / CONFIG_NAME).read_text())
+    assert {k: v for k, v in ours.items() if k not in ("init_strategy", "init")} == \
+        {k: v for k, v in reference.items() if k != "init_strategy"}
+    ref_state = load_file(str(tmp_path / "reference" / WEIGHTS_NAME))
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+
+    model = nexus.load_model(out, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        base_logits = ref(input_ids=ids).logits
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, base_logits)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(t.numel() for t in state.values())
+
+
+def test_dry_run_writes_nothing(bases, stats, tmp_path):
+    from nexus.convert.checkpoint import ExpertReader
+
+    src, _ = bases["gpt_oss_mxfp4"]
+    lines = []
+    result = convert(src, tmp_path / "out", "aligned_top4", pca_stats=stats, dry_run=True, log=lines.append)
+    text = "\n".join(lines)
+    assert result["dry_run"] and list(tmp_path.iterdir()) == []
+    assert "3:0.400 1:0.300 6:0.200 0:0.100" in text and "expert bytes to read" in text and "estimated memory" in text
+    plan = result["plan"]
+    assert plan.layers[0].read_bytes == 4 * ExpertReader(src).expert_nbytes(0)
+    assert plan.read_bytes == 2 * plan.layers[0].read_bytes
+
+
+def test_plan_notes_a_selection_ranked_differently(bases, tmp_path):
+    src, _ = bases["qwen3_moe"]
+    stats = json.loads(write_pca_stats(tmp_path / "p.json").read_text())
+    stats["selection"] = {"top_k": 4, "importance": "pca"}
+    (tmp_path / "p.json").write_text(json.dumps(stats))
+    lines = []
+    convert(src, tmp_path / "out", "frequency_top2", pca_stats=tmp_path / "p.json", dry_run=True, log=lines.append)
+    assert "ranked experts by 'pca', the strategy is named frequency_top2" in "\n".join(lines)
