@@ -20,6 +20,8 @@ from .errors import NexusError
 # verb -> module (relative to the package). Order is the pipeline order shown in --help.
 VERBS = {
     "plan": ".plan",
+    "train": ".train.cli",
+    "plot-metrics": ".train.plots",
 }
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--use-ddp)
     try:
         code = args._run(args)
     except NexusError as e:
