@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
 from train_helpers import make_model_dir, nexus_cmd, subprocess_env, write_text_dataset
+from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
@@ -25,16 +26,17 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
                           *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--output-dir", tmp_path / "ddp")[1:]],
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run(nexus_cmd(*args, "--gradient-accumulation-steps", 4, "--output-dir", tmp_path / "one"),
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    with pytest.raises(SystemExit) as e:  # one process, in this one
+        main([str(a) for a in args] + ["--gradient-accumulation-steps", "4", "--output-dir", str(tmp_path / "one")])
+    assert e.value.code == 0
 
     a = load_file(str(tmp_path / "ddp" / "final" / "nexus_adapter.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "nexus_adapter.safetensors"))
     assert a.keys() == b.keys() and any("gate.weight" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    for ra, rb in zip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")):
+    rows = zip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"))
+    for ra, rb in rows:
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["tokens_per_s"] > 0
     state = json.loads((tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_batch"] == 4 and state["router"]["frozen"] is True

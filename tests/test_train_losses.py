@@ -13,6 +13,7 @@ from nexus.train.recipe import Trainer
 from nexus.train.step import batch_loss
 from nexus.train.stream import trim_padding
 from train_helpers import make_model_dir, write_text_dataset
+from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 def test_next_token_positions_skip_padding_and_sequence_ends():

@@ -14,6 +14,7 @@ from nexus.train.config import TrainConfig
 from nexus.train.metrics import FIELDS, read_metrics
 from nexus.train.recipe import Trainer
 from train_helpers import base_state, make_model_dir, make_tokenizer, write_text_dataset
+from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,13 @@ import signal
 import subprocess
 import time
 
+import pytest
 from safetensors.torch import load_file
 
+from nexus.cli import main
 from nexus.train.metrics import read_metrics
 from train_helpers import make_model_dir, nexus_cmd, subprocess_env, write_text_dataset
+from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 STEPS, INTERVAL, KILL_AFTER = 40, 8, 10
 
@@ -22,8 +25,10 @@ def test_kill_and_resume_continues_exactly(tmp_path):
             "--router-kl-weight", 0.1, "--logging-steps", 1000, "--device", "cpu"]
     env = subprocess_env()
 
-    ref = tmp_path / "ref"
-    subprocess.run(nexus_cmd(*args, "--output-dir", ref), env=env, check=True, capture_output=True)
+    ref = tmp_path / "ref"  # the uninterrupted run, in this process (single-threaded like the subprocesses)
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args] + ["--output-dir", str(ref)])
+    assert e.value.code == 0
 
     victim = tmp_path / "victim"
     proc = subprocess.Popen(nexus_cmd(*args, "--output-dir", victim), env=env, stdout=subprocess.DEVNULL,

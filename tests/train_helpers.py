@@ -12,6 +12,7 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
@@ -21,6 +22,18 @@ WORDS = ("the cat dog bird fish sat ran flew swam on in under over mat log tree 
          "one two three and then").split()
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models train fastest on one thread: more oversubscribe a small shared machine (often 10×+).
+
+    Import this into a test module to make it autouse there; the previous setting is restored after.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:

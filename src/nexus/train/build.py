@@ -95,10 +95,10 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
         teacher_tok = load_tokenizer(teacher_path)
     except NexusError:
         return  # a teacher directory without tokenizer files: the sizes matched
-    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
-        raise NexusError(f"--teacher-model {teacher_path}: its tokenizer differs from the student's "
-                         f"(fingerprints {tokenizer_fingerprint(teacher_tok)} vs {tokenizer_fingerprint(student_tok)}); "
-                         f"distillation needs the same vocabulary")
+    ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
+    if ft != fs:
+        raise NexusError(f"--teacher-model {teacher_path}: its tokenizer differs from the student's (fingerprints "
+                         f"{ft} vs {fs}); distillation needs the same vocabulary")
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -4,10 +4,10 @@
         --batch-size 1 --gradient-accumulation-steps 4 --max-steps 10000 --learning-rate 1e-5 \
         --use-advanced-scheduler --output-dir out/
 
-    nexus train --student-model base/ --init-strategy random ...        # attach shared experts on the fly
-    nexus train ... --use-ddp --nproc 2                                 # = torchrun --nproc-per-node 2 -m nexus train ...
-    nexus train ... --precomputed-teacher cache/                        # offline distillation
-    nexus train ... --resume-from-checkpoint latest                     # continue exactly
+    nexus train --student-model base/ --init-strategy random ...   # attach shared experts on the fly
+    nexus train ... --use-ddp --nproc 2              # = torchrun --nproc-per-node 2 -m nexus train ...
+    nexus train ... --precomputed-teacher cache/     # offline distillation
+    nexus train ... --resume-from-checkpoint latest  # continue exactly
 
 The teacher is the student's own base (shared experts switched off; no second copy) unless
 --teacher-model names another model. Writes OUTPUT_DIR/metrics.jsonl, checkpoint-N/ (each an adapter
