@@ -111,7 +111,7 @@ def precompute(cfg: PrecomputeConfig) -> Path:
     rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.output)
     tokenizer = load_tokenizer(cfg.model)
-    spec = DataSpec(dataset=str(cfg.dataset), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
+    spec = DataSpec(dataset=str(Path(cfg.dataset).resolve()), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)
     stream = SequenceStream(seqs, cfg.seed)

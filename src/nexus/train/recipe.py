@@ -165,23 +165,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
-        cfg = self.cfg
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            row = self._optimizer_step(self.step)
-            self.step += 1
-            if self._apply_router_freeze():
-                self._wrap()  # DDP over the parameters that still train
-            if cfg.sfa_interval and self.step % cfg.sfa_interval == 0:
-                self.params.sfa_blend(self.anchor, cfg.sfa_alpha)
-            row["tokens_per_s"] = row.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
-            if self.eval_seqs is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                               or self.step == cfg.max_steps):
-                row.update(self.evaluate())
-            self.metrics.write(row)
-            if self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
+        while self.step < self.cfg.max_steps:
+            self.train_step()
         self.save_checkpoint(final=True)
+
+    def train_step(self) -> dict:
+        """One optimizer step with its bookkeeping (freeze, SFA, eval, metrics, checkpoint); returns its row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        row = self._optimizer_step(self.step)
+        self.step += 1
+        if self._apply_router_freeze():
+            self._wrap()  # DDP over the parameters that still train
+        if cfg.sfa_interval and self.step % cfg.sfa_interval == 0:
+            self.params.sfa_blend(self.anchor, cfg.sfa_alpha)
+        row["tokens_per_s"] = row.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
+        if self.eval_seqs is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                           or self.step == cfg.max_steps):
+            row.update(self.evaluate())
+        self.metrics.write(row)
+        if self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
+            self.save_checkpoint()
+        return row
 
     def _micro_batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of `step`; with a cache, its ids checked against our own pipeline."""
