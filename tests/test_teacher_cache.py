@@ -130,6 +130,14 @@ def test_mismatched_caches_are_refused(files, cache, tmp_path):
     finally:
         t.cleanup()
 
+    t = Trainer(_train_cfg(files, tmp_path / "e", dataset=None, precomputed_teacher=str(cache)))
+    try:
+        t.setup()  # without --dataset: the dataset the cache records, checked like any other
+        assert t.spec.dataset == str(files[1].resolve())
+        t._optimizer_step(0)
+    finally:
+        t.cleanup()
+
     with pytest.raises(NexusError, match="holds 40 sequences; --max-steps 11"):
         Trainer(_train_cfg(files, tmp_path / "d", max_steps=11, precomputed_teacher=str(cache))).setup()
 

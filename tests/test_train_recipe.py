@@ -165,6 +165,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_pat
     assert (out / "checkpoint-1").is_dir() and not (out / "final").exists()
 
 
+def test_every_family_trains_with_a_trainable_router(family, tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", family)
+    data = write_text_dataset(tmp_path / "data.jsonl", n=12)
+    t = _run(_config((model_dir, data), tmp_path / "out", max_steps=2, freeze_router=False, router_kl_weight=0.1,
+                     checkpoint_interval=1))
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["router_kl"] is not None and r["grad_norm"] > 0 for r in rows)
+    loaded = nexus.load_model(tmp_path / "out" / "final").state_dict()
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+
+
 def _cli_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)

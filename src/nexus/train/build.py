@@ -17,7 +17,7 @@ from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
 from .config import TrainConfig
-from .forward import RouterCapture, router_params
+from .forward import RouterCapture, check_head_split, router_params
 from .stream import DataSpec, SequenceSet, build_sequences
 from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
 
@@ -125,6 +125,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
                          device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)
     check_same_vocab(model, teacher, tokenizer, cfg.teacher_model)
     check_seq_len(teacher, cfg.seq_len, "teacher model")
+    check_head_split(teacher, tdev)
     try:
         tblocks = find_moe_blocks(teacher)
     except NexusError:
@@ -178,7 +179,5 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[DataSpec, SequenceSet]:
         if dataset is None or not Path(dataset).exists():
             raise NexusError(f"--precomputed-teacher {cfg.precomputed_teacher}: records dataset {dataset!r}, which "
                              f"is not here; pass --dataset (the trainer checks the cache against its own data)")
-    if dataset is None:
-        raise NexusError("--dataset is required")
     spec = data_spec(cfg, dataset)
     return spec, build_sequences(spec, tokenizer)

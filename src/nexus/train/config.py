@@ -128,5 +128,7 @@ class TrainConfig:
         if self.precomputed_teacher and self.teacher_model:
             raise NexusError("pass either --teacher-model (online distillation) or --precomputed-teacher "
                              "(offline), not both")
+        if not self.dataset and not self.precomputed_teacher:
+            raise NexusError("--dataset is required (with --precomputed-teacher it defaults to the cache's dataset)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise NexusError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")

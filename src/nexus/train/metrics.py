@@ -116,7 +116,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}" if not k.startswith("eval_") else f"eval/{k[5:]}", v, row["step"])
         step = row["step"]
         for kind, message in health_warnings(row, self.t):
