@@ -1,6 +1,7 @@
 """`nexus train` end to end on tiny models, in process: learning, frozen base, checkpoints, router modes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from nexus.train.checkpoint import OPTIMIZER
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import FIELDS, read_metrics
 from nexus.train.recipe import Trainer
+from nexus.train.teachers import ModelTeacher, SelfTeacher
 from train_helpers import base_state, make_model_dir, make_tokenizer, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
@@ -175,6 +177,23 @@ def test_every_family_trains_with_a_trainable_router(family, tmp_path):
     loaded = nexus.load_model(tmp_path / "out" / "final").state_dict()
     for k, v in t.model.state_dict().items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_a_separate_teacher_model(files, tmp_path):
+    copy = tmp_path / "teacher"
+    shutil.copytree(files[0], copy)  # the same weights under another path: loaded as a second model
+    t = Trainer(_config(files, tmp_path / "out", init_strategy="zero", teacher_model=str(copy)))
+    t.setup()
+    try:
+        assert isinstance(t.teacher, ModelTeacher) and t.teacher.model is not t.model
+        row = t._optimizer_step(0)
+        assert row["kl"] == 0.0 and row["router_l1"] == 0.0 and row["teacher_router_entropy"] is not None
+    finally:
+        t.cleanup()
+    t = Trainer(_config(files, tmp_path / "out2", teacher_model=str(files[0])))  # the student's own base
+    t.setup()
+    assert isinstance(t.teacher, SelfTeacher)
+    t.cleanup()
 
 
 def _cli_error(argv, capsys) -> str:

@@ -91,7 +91,7 @@ def check_plan(directory: Path, header: dict) -> None:
     plan = directory / PLAN
     if plan.is_file():
         old = read_json(plan, "teacher cache plan")
-        diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+        diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k) and k != "nexus_version")
         if diff:
             raise NexusError(f"--output {directory}: holds a partial teacher cache made with different settings "
                              f"({', '.join(f'{k}: {old.get(k)!r} -> {header.get(k)!r}' for k in diff[:4])}); "
@@ -141,11 +141,30 @@ class TeacherCache:
     def __len__(self) -> int:
         return int(self.manifest["num_sequences"])
 
-    def __getattr__(self, key):
-        if key in ("seq_len", "top_k", "tokenizer_fingerprint", "router_topk", "moe_layers", "data", "teacher_model",
-                   "vocab_size"):
-            return self.manifest.get(key)
-        raise AttributeError(key)
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer_fingerprint"]
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.manifest.get("vocab_size")
+
+    @property
+    def router_topk(self) -> int | None:
+        return self.manifest.get("router_topk")
+
+    @property
+    def moe_layers(self) -> list[int] | None:
+        return self.manifest.get("moe_layers")
+
+    @property
+    def data(self) -> dict:
+        """The data spec the cache was made from (dataset, seq_len, pack, seed, shuffle, text_field, split)."""
+        return self.manifest.get("data") or {}
 
     def _handle(self, entry: dict):
         name = entry["file"]

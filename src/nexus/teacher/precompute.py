@@ -128,7 +128,8 @@ def precompute(cfg: PrecomputeConfig) -> Path:
             raise NexusError(f"--router-topk {cfg.router_topk} is above the {blocks[0].layout.num_experts} experts")
         capture, layers = RouterCapture(model, blocks), [b.layer for b in blocks]
 
-    header = {"teacher_model": str(cfg.model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+    teacher = Path(cfg.model).resolve() if Path(cfg.model).exists() else cfg.model
+    header = {"teacher_model": str(teacher), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
               "vocab_size": vocab, "seq_len": cfg.seq_len, "top_k": cfg.top_k, "router_topk": cfg.router_topk,
               "moe_layers": layers, "num_sequences": cfg.total, "shard_size": cfg.shard_size,
               "logprob_temperature": 1.0, "data": spec.describe(), "data_fingerprint": seqs.fingerprint(),

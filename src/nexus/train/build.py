@@ -103,7 +103,7 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
 
 def _same_path(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve() or a == b
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
 def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str, torch.Tensor],
@@ -151,7 +151,7 @@ def check_cache(cache, cfg: TrainConfig, model: nn.Module, tokenizer) -> None:
         raise NexusError(f"{where}: made with --seq-len {cache.seq_len}, this run uses --seq-len {cfg.seq_len}")
     if cache.vocab_size is not None and cache.vocab_size != vocab_size(model):
         raise NexusError(f"{where}: made for a vocabulary of {cache.vocab_size}, the student's has {vocab_size(model)}")
-    data = cache.data or {}
+    data = cache.data
     for key, flag in (("pack", "--no-pack"), ("seed", "--seed"), ("shuffle", None), ("text_field", "--text-field")):
         ours = {"pack": cfg.pack, "seed": cfg.seed, "shuffle": True, "text_field": cfg.text_field}[key]
         if key in data and data[key] != ours:
@@ -175,7 +175,7 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[DataSpec, SequenceSet]:
     if dataset is None and cfg.precomputed_teacher:
         from ..teacher.cache import TeacherCache
 
-        dataset = (TeacherCache(cfg.precomputed_teacher, verify=False).data or {}).get("dataset")
+        dataset = TeacherCache(cfg.precomputed_teacher, verify=False).data.get("dataset")
         if dataset is None or not Path(dataset).exists():
             raise NexusError(f"--precomputed-teacher {cfg.precomputed_teacher}: records dataset {dataset!r}, which "
                              f"is not here; pass --dataset (the trainer checks the cache against its own data)")
