@@ -1,4 +1,4 @@
-"""Precompute a teacher's top-k next-token log-probabilities for offline distillation.
+r"""Precompute a teacher's top-k next-token log-probabilities for offline distillation.
 
     nexus precompute-teacher --model base/ --dataset data.jsonl --seq-len 1024 \
         --num-steps 10000 --batch-size 4 --top-k 64 --output cache/

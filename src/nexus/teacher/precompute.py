@@ -198,8 +198,10 @@ def precompute(cfg: PrecomputeConfig) -> Path:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """Bytes in binary units: 1000 B, 1.5 KiB, 389.0 GiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return f"{n:.1f} TB"
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"

@@ -1,4 +1,4 @@
-"""Train the shared experts by distillation from the unmodified model plus LM loss.
+r"""Train the shared experts by distillation from the unmodified model plus LM loss.
 
     nexus train --student-model adapter/ --dataset data.jsonl --seq-len 1024 \
         --batch-size 1 --gradient-accumulation-steps 4 --max-steps 10000 --learning-rate 1e-5 \
