@@ -158,10 +158,10 @@ class Trainer:
         self.student = StudentBackbone(self.model)
         if self.world > 1:
             frozen = [n for n, p in self.student.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in self.student.named_buffers()]
+            frozen += [n for n, _ in self.student.named_buffers()]  # nothing to sync: all ranks load the same
             DDP._set_params_and_buffers_to_ignore_for_model(self.student, frozen)  # the base: loaded identically
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DDP(self.student, device_ids=ids, broadcast_buffers=False)
+            self.student = DDP(self.student, device_ids=ids)
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
