@@ -106,8 +106,8 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
 
 def precompute(cfg: PrecomputeConfig) -> Path:
     cfg.check()
-    device = resolve_device(cfg.device)
-    dist.init(device)
+    dist.init(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
     rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.output)
     tokenizer = load_tokenizer(cfg.model)

@@ -26,6 +26,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """--device (default: cuda when available); `cuda` means this rank's GPU once torch.distributed is up."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(name).type == "cuda" and not torch.cuda.is_available():

@@ -56,8 +56,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = resolve_device(cfg.device)
-        dist.init(self.device)
+        dist.init(resolve_device(cfg.device))
+        self.device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.seed)
         resume = self._resume_point()
