@@ -21,8 +21,11 @@ from .errors import NexusError
 VERBS = {
     "plan": ".plan",
     "convert": ".convert",
+    "precompute-teacher": ".teacher.cli",
+    "train": ".train.cli",
     "validate": ".validate.cli",
     "chat": ".chat",
+    "plot-metrics": ".train.plots",
 }
 
 
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--use-ddp)
     try:
         code = args._run(args)
     except NexusError as e:

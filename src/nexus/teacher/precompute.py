@@ -1,0 +1,207 @@
+"""Precompute a teacher's top-k next-token log-probabilities over the training stream.
+
+The sequences are the *training stream* (`nexus.train.stream`) with the same dataset, tokenizer,
+--seq-len, packing and --seed as `nexus train`: cache row p holds the teacher's outputs for stream
+position p, which is what training step s reads as positions s × G … (s + 1) × G − 1. Shards are
+assigned round-robin to torchrun ranks; each is written atomically, and a rerun skips complete ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__, dist
+from ..adapter import load_model
+from ..data import load_tokenizer, tokenizer_fingerprint
+from ..errors import NexusError
+from ..fsutil import read_json
+from ..moe import find_moe_blocks
+from ..train.build import DTYPES, check_seq_len, resolve_device, vocab_size
+from ..train.forward import RouterCapture, backbone_of, check_head_split, hidden_states, lm_head_of
+from ..train.losses import default_chunk_size
+from ..train.metrics import format_eta
+from ..train.stream import DataSpec, SequenceStream, build_sequences
+from . import cache as fmt
+
+log = logging.getLogger("nexus.teacher")
+DISK_MARGIN = 1.05  # refuse unless the disk has 5% more room than the remaining shards need
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str
+    dataset: str
+    output: str
+    num_sequences: int | None = None
+    num_steps: int | None = None
+    batch_size: int = 1
+    seq_len: int = 1024
+    top_k: int = 64
+    router_topk: int | None = None
+    seed: int = 0
+    pack: bool = True
+    text_field: str = "text"
+    split: str | None = None
+    shard_size: int = 1024
+    device: str | None = None
+    dtype: str = "auto"
+
+    @property
+    def total(self) -> int:
+        return self.num_sequences if self.num_sequences is not None else self.num_steps * self.batch_size
+
+    def check(self) -> None:
+        if (self.num_sequences is None) == (self.num_steps is None):
+            raise NexusError("pass exactly one of --num-sequences and --num-steps (× --batch-size)")
+        for flag, v in {"--batch-size": self.batch_size, "--top-k": self.top_k, "--shard-size": self.shard_size,
+                        "--num-sequences / --num-steps": self.total}.items():
+            if v < 1:
+                raise NexusError(f"{flag} must be at least 1, got {v}")
+        if self.router_topk is not None and self.router_topk < 1:
+            raise NexusError(f"--router-topk must be at least 1, got {self.router_topk}")
+
+
+@torch.no_grad()
+def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, chunk: int,
+                 capture: RouterCapture | None = None, router_k: int | None = None) -> dict[str, torch.Tensor]:
+    """Top-k log-probs at T = 1 of every position of a batch, padding zeroed. (B, L) -> (B, L, k) ×2 [+ router]."""
+    b, length = input_ids.shape
+    head = lm_head_of(model)
+    if capture is not None:
+        with capture.recording() as router_logits:
+            h = hidden_states(backbone_of(model), input_ids, attention_mask)  # (B, L, H)
+    else:
+        h = hidden_states(backbone_of(model), input_ids, attention_mask)
+    flat = h.reshape(-1, h.shape[-1])  # (B*L, H)
+    values = torch.empty(flat.shape[0], k, dtype=torch.float16)
+    indices = torch.empty(flat.shape[0], k, dtype=torch.int32)
+    for start in range(0, flat.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        logp = torch.log_softmax(head(flat[sl]).float(), dim=-1)  # (n, V)
+        v, i = logp.topk(k, dim=-1)  # sorted, largest first
+        values[sl], indices[sl] = v.half().cpu(), i.int().cpu()
+    pad = ~attention_mask.reshape(-1).bool().cpu()  # (B*L,)
+    values[pad], indices[pad] = 0, 0
+    out = {"input_ids": input_ids.int().cpu(), "attention_mask": attention_mask.to(torch.uint8).cpu(),
+           "topk_logprobs": values.view(b, length, k), "topk_indices": indices.view(b, length, k)}
+    if capture is not None:
+        lps, idxs = [], []
+        for layer in sorted(router_logits):
+            v, i = torch.log_softmax(router_logits[layer].float(), dim=-1).topk(router_k, dim=-1)  # (B*L, R)
+            lps.append(v.half().cpu())
+            idxs.append(i.to(torch.int16).cpu())
+        lp, idx = torch.stack(lps, 1), torch.stack(idxs, 1)  # (B*L, layers, R)
+        lp[pad], idx[pad] = 0, 0
+        out["router_topk_logprobs"] = lp.view(b, length, *lp.shape[1:])
+        out["router_topk_indices"] = idx.view(b, length, *idx.shape[1:])
+    return out
+
+
+def precompute(cfg: PrecomputeConfig) -> Path:
+    cfg.check()
+    dist.init(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(cfg.output)
+    tokenizer = load_tokenizer(cfg.model)
+    spec = DataSpec(dataset=str(Path(cfg.dataset).resolve()), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
+                    text_field=cfg.text_field, split=cfg.split)
+    seqs = build_sequences(spec, tokenizer)
+    stream = SequenceStream(seqs, cfg.seed)
+    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype]).to(device).eval()
+    check_seq_len(model, cfg.seq_len, "model")
+    check_head_split(model, device)
+    vocab = vocab_size(model)
+    if cfg.top_k > vocab:
+        raise NexusError(f"--top-k {cfg.top_k} is above the vocabulary size {vocab}")
+    capture, layers = None, None
+    if cfg.router_topk:
+        blocks = find_moe_blocks(model)
+        if cfg.router_topk > blocks[0].layout.num_experts:
+            raise NexusError(f"--router-topk {cfg.router_topk} is above the {blocks[0].layout.num_experts} experts")
+        capture, layers = RouterCapture(model, blocks), [b.layer for b in blocks]
+
+    teacher = Path(cfg.model).resolve() if Path(cfg.model).exists() else cfg.model
+    header = {"teacher_model": str(teacher), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+              "vocab_size": vocab, "seq_len": cfg.seq_len, "top_k": cfg.top_k, "router_topk": cfg.router_topk,
+              "moe_layers": layers, "num_sequences": cfg.total, "shard_size": cfg.shard_size,
+              "logprob_temperature": 1.0, "data": spec.describe(), "data_fingerprint": seqs.fingerprint(),
+              "bytes_per_token": fmt.bytes_per_token(cfg.top_k, len(layers or []), cfg.router_topk or 0),
+              "nexus_version": __version__}
+    if (out / fmt.MANIFEST).is_file():
+        old = read_json(out / fmt.MANIFEST, "teacher cache manifest")
+        if all(old.get(k) == v for k, v in header.items() if k != "nexus_version"):
+            if rank == 0:
+                print(f"{out}: cache already complete ({old['num_sequences']} sequences)")
+            return out
+        raise NexusError(f"--output {out}: holds a complete teacher cache made with other settings")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        fmt.check_plan(out, header)
+    dist.barrier()
+    fmt.check_plan(out, header)  # every rank refuses a mismatched plan, not only rank 0
+
+    num_shards = math.ceil(cfg.total / cfg.shard_size)
+    done = fmt.completed_shards(out)
+    todo = [i for i in range(num_shards) if i not in done]
+    bpt = header["bytes_per_token"]
+    need = sum(min(cfg.shard_size, cfg.total - i * cfg.shard_size) for i in todo) * cfg.seq_len * bpt
+    if rank == 0:
+        print(f"teacher cache: {cfg.total} sequences × {cfg.seq_len} positions, {bpt} bytes/token "
+              f"(top-k {cfg.top_k}: k × 6 + 5{f' + router {len(layers)} × {cfg.router_topk} × 4' if layers else ''})"
+              f" = {_size(cfg.total * cfg.seq_len * bpt)} in {num_shards} shard(s); "
+              f"{len(done)} already written, {_size(need)} to write", flush=True)
+    free = shutil.disk_usage(out).free
+    if need * DISK_MARGIN > free:
+        raise NexusError(f"--output {out}: the cache needs {_size(need)} more, the disk has {_size(free)} free")
+
+    mine = [i for i in todo if i % world == rank]
+    start, written = time.perf_counter(), 0
+    for n, i in enumerate(mine):
+        first = i * cfg.shard_size
+        count = min(cfg.shard_size, cfg.total - first)
+        parts = []
+        for b0 in range(first, first + count, cfg.batch_size):
+            ids, mask = stream.batch(range(b0, min(b0 + cfg.batch_size, first + count)))
+            parts.append(teacher_topk(model, ids.to(device), mask.to(device), cfg.top_k,
+                                      default_chunk_size(vocab), capture, cfg.router_topk))
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        fmt.write_shard(out, i, first, tensors)
+        written += count * cfg.seq_len
+        elapsed = time.perf_counter() - start
+        if rank == 0:
+            rate = written / elapsed
+            left = (len(mine) - n - 1) * cfg.shard_size * cfg.seq_len / rate if rate else float("inf")
+            print(f"shard {i + 1}/{num_shards} | {rate * world:,.0f} positions/s | ETA {format_eta(left)}",
+                  flush=True)
+    if capture is not None:
+        capture.close()
+    dist.barrier()
+    if rank == 0:
+        done = fmt.completed_shards(out)
+        missing = [i for i in range(num_shards) if i not in done]
+        if missing:
+            raise NexusError(f"--output {out}: shards {missing[:5]} were not written; run again to complete")
+        manifest = fmt.write_manifest(out, header, done)
+        total_bytes = sum(e["bytes"] for e in manifest["shards"])
+        print(f"wrote {out}: {cfg.total} sequences, {manifest['tokens']:,} tokens, {_size(total_bytes)} "
+              f"in {num_shards} shard(s)")
+    dist.barrier()
+    return out
+
+
+def _size(n: float) -> str:
+    """Bytes in binary units: 1000 B, 1.5 KiB, 389.0 GiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"

@@ -1,0 +1,184 @@
+"""Building what a training run needs: the student, its teacher, the data. All checks happen here,
+before any step runs, and errors name the flag to fix."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..adapter import (_resolve_base, attach_from_config, is_adapter_dir, load_adapter_weights, load_base_model,
+                       load_model, read_adapter_config)
+from ..data import load_tokenizer, tokenizer_fingerprint
+from ..errors import NexusError
+from ..moe import find_moe_blocks
+from ..shared import attach_shared_experts
+from .config import TrainConfig
+from .forward import RouterCapture, check_head_split, router_params
+from .stream import DataSpec, SequenceSet, build_sequences
+from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
+
+log = logging.getLogger("nexus.train")
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device (default: cuda when available); `cuda` means this rank's GPU once torch.distributed is up."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise NexusError(f"--device {name}: CUDA is not available")
+    return dist.local_device(name)
+
+
+def student_base_path(student: str) -> str:
+    """The base model a student stands on: the adapter's recorded base, or the model itself."""
+    if is_adapter_dir(student):
+        return _resolve_base(Path(student), read_adapter_config(student)["base_model_name_or_path"])
+    return student
+
+
+def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The student (base frozen, shared experts trainable in fp32) and a copy of the base's routers.
+
+    The router copy is taken before any adapter weights are loaded: it is the unmodified base's
+    routing, which the self-teacher needs once the student's routers have been trained.
+    """
+    dtype = DTYPES[cfg.dtype]
+    adapter = is_adapter_dir(cfg.student_model)
+    if adapter and cfg.init_strategy:
+        raise NexusError(f"--init-strategy applies to a base model; --student-model {cfg.student_model} is an "
+                         f"adapter (its weights are the initialization)")
+    if not adapter and not cfg.init_strategy:
+        raise NexusError(f"--student-model {cfg.student_model} is a base model: pass --init-strategy zero|random, "
+                         f"or an adapter directory made by `nexus convert`")
+    base = student_base_path(cfg.student_model)
+    device_map = {"": str(device)} if device.type == "cuda" else None  # load straight onto the GPU
+    model = load_base_model(base, dtype=dtype, device_map=device_map, what="--student-model" if not adapter else
+                            f"base model of --student-model {cfg.student_model}").to(device)
+    blocks = find_moe_blocks(model)
+    original = {n: p.detach().clone() for n, p in router_params(blocks).items()}
+    if adapter:
+        acfg = read_adapter_config(cfg.student_model)
+        attach_from_config(model, acfg, source=cfg.student_model)
+        load_adapter_weights(model, cfg.student_model)
+    else:
+        attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
+        if cfg.init_strategy == "zero":
+            log.warning("warning: --init-strategy zero: an all-zero shared expert gets zero gradients (its output "
+                        "and both projections are 0) and will not learn; use random or a converted adapter")
+    model._nexus_config["trainable_router"] = bool(model._nexus_config["trainable_router"] or cfg.train_router)
+    for p in router_params(blocks).values():
+        p.requires_grad_(cfg.train_router)
+    model.config.use_cache = False
+    return model, original
+
+
+def check_seq_len(model: nn.Module, seq_len: int, what: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise NexusError(f"--seq-len {seq_len} is above the {what}'s limit (max_position_embeddings = {limit})")
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teacher_path: str) -> None:
+    vs, vt = vocab_size(student), vocab_size(teacher)
+    if vs != vt:
+        raise NexusError(f"--teacher-model {teacher_path}: its vocabulary has {vt} tokens, the student's {vs}; "
+                         f"distillation needs the same vocabulary")
+    try:
+        teacher_tok = load_tokenizer(teacher_path)
+    except NexusError:
+        return  # a teacher directory without tokenizer files: the sizes matched
+    ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
+    if ft != fs:
+        raise NexusError(f"--teacher-model {teacher_path}: its tokenizer differs from the student's (fingerprints "
+                         f"{ft} vs {fs}); distillation needs the same vocabulary")
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str, torch.Tensor],
+                 capture: RouterCapture, tokenizer, device: torch.device):
+    """The teacher: the cache (--precomputed-teacher), a separate model, or the student's own base."""
+    if cfg.precomputed_teacher:
+        from ..teacher.cache import TeacherCache
+
+        cache = TeacherCache(cfg.precomputed_teacher)
+        check_cache(cache, cfg, model, tokenizer)
+        return CacheTeacher(cache, device, model._nexus_config["moe_layers"])
+    tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device else device
+    base = student_base_path(cfg.student_model)
+    if cfg.teacher_model is None or (_same_path(cfg.teacher_model, base) and tdev == device):
+        blocks = find_moe_blocks(model)
+        swap = model._nexus_config["trainable_router"]
+        return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
+    teacher = load_model(cfg.teacher_model, dtype=DTYPES[cfg.dtype],
+                         device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)
+    check_same_vocab(model, teacher, tokenizer, cfg.teacher_model)
+    check_seq_len(teacher, cfg.seq_len, "teacher model")
+    check_head_split(teacher, tdev)
+    try:
+        tblocks = find_moe_blocks(teacher)
+    except NexusError:
+        tblocks = None
+    if tblocks is None or [b.layer for b in tblocks] != model._nexus_config["moe_layers"] or \
+            tblocks[0].layout.num_experts != model._nexus_config["num_experts"]:
+        if cfg.router_kl_weight > 0:
+            raise NexusError(f"--router-kl-weight needs a teacher with the student's MoE layers and experts; "
+                             f"--teacher-model {cfg.teacher_model} has a different layout")
+        log.info("teacher has a different MoE layout: router metrics are not computed")
+        tblocks = None
+    return ModelTeacher(teacher, tdev, tblocks)
+
+
+def check_cache(cache, cfg: TrainConfig, model: nn.Module, tokenizer) -> None:
+    """A cache must match the student's tokenizer, --seq-len and data stream (clear errors otherwise)."""
+    where = f"--precomputed-teacher {cfg.precomputed_teacher}"
+    fp = tokenizer_fingerprint(tokenizer)
+    if cache.tokenizer_fingerprint != fp:
+        raise NexusError(f"{where}: made with a different tokenizer (fingerprint {cache.tokenizer_fingerprint}, "
+                         f"the student's is {fp})")
+    if cache.seq_len != cfg.seq_len:
+        raise NexusError(f"{where}: made with --seq-len {cache.seq_len}, this run uses --seq-len {cfg.seq_len}")
+    if cache.vocab_size is not None and cache.vocab_size != vocab_size(model):
+        raise NexusError(f"{where}: made for a vocabulary of {cache.vocab_size}, the student's has {vocab_size(model)}")
+    data = cache.data
+    for key, flag in (("pack", "--no-pack"), ("seed", "--seed"), ("shuffle", None), ("text_field", "--text-field")):
+        ours = {"pack": cfg.pack, "seed": cfg.seed, "shuffle": True, "text_field": cfg.text_field}[key]
+        if key in data and data[key] != ours:
+            raise NexusError(f"{where}: made with {key}={data[key]!r}, this run has {key}={ours!r}"
+                             + (f" ({flag})" if flag else ""))
+    if cfg.router_kl_weight > 0 and not cache.router_topk:
+        raise NexusError(f"{where}: holds no router outputs; --router-kl-weight needs a cache made with --router-topk")
+    if cache.router_topk and cache.moe_layers != model._nexus_config["moe_layers"]:
+        raise NexusError(f"{where}: router outputs for MoE layers {cache.moe_layers}, the student has "
+                         f"{model._nexus_config['moe_layers']}")
+
+
+def data_spec(cfg: TrainConfig, dataset: str | None = None) -> DataSpec:
+    return DataSpec(dataset=str(dataset or cfg.dataset), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
+                    text_field=cfg.text_field, split=cfg.split)
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[DataSpec, SequenceSet]:
+    """The training sequences; with a cache and no --dataset, the dataset the cache records."""
+    dataset = cfg.dataset
+    if dataset is None and cfg.precomputed_teacher:
+        from ..teacher.cache import TeacherCache
+
+        dataset = TeacherCache(cfg.precomputed_teacher, verify=False).data.get("dataset")
+        if dataset is None or not Path(dataset).exists():
+            raise NexusError(f"--precomputed-teacher {cfg.precomputed_teacher}: records dataset {dataset!r}, which "
+                             f"is not here; pass --dataset (the trainer checks the cache against its own data)")
+    spec = data_spec(cfg, dataset)
+    return spec, build_sequences(spec, tokenizer)

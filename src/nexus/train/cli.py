@@ -1,0 +1,135 @@
+r"""Train the shared experts by distillation from the unmodified model plus LM loss.
+
+    nexus train --student-model adapter/ --dataset data.jsonl --seq-len 1024 \
+        --batch-size 1 --gradient-accumulation-steps 4 --max-steps 10000 --learning-rate 1e-5 \
+        --use-advanced-scheduler --output-dir out/
+
+    nexus train --student-model base/ --init-strategy random ...   # attach shared experts on the fly
+    nexus train ... --use-ddp --nproc 2              # = torchrun --nproc-per-node 2 -m nexus train ...
+    nexus train ... --precomputed-teacher cache/     # offline distillation
+    nexus train ... --resume-from-checkpoint latest  # continue exactly
+
+The teacher is the student's own base (shared experts switched off; no second copy) unless
+--teacher-model names another model. Writes OUTPUT_DIR/metrics.jsonl, checkpoint-N/ (each an adapter
+directory) and final/. See docs/train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .config import TrainConfig
+
+_D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--student-model", required=True,
+                   help="adapter directory (its base is resolved), or a base model with --init-strategy")
+    g.add_argument("--init-strategy", choices=("zero", "random"), help="initialize shared experts on a base model")
+    g.add_argument("--width-multiplier", type=int, default=1, help="shared expert width × a routed expert's (base)")
+    g.add_argument("--teacher-model", help="teacher (default: the student's own base, run without shared experts)")
+    g.add_argument("--teacher-device", help="device of a separate --teacher-model (default: --device)")
+    g.add_argument("--precomputed-teacher", metavar="DIR", help="teacher cache from `nexus precompute-teacher`")
+    g.add_argument("--dataset", help="training data: .txt/.jsonl/.json/.parquet file, folder, or saved HF dataset")
+    g.add_argument("--text-field", default=_D["text_field"], help="record field holding the text (else `messages`)")
+    g.add_argument("--split", help="split of a saved HF DatasetDict")
+    g.add_argument("--eval-dataset", help="held-out data for eval_loss")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    g.add_argument("--seq-len", type=int, default=_D["seq_len"], help="tokens per sequence")
+    g.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one document per sequence, right-padded (padding is masked out), instead of packing")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the frozen base (trainable weights are always fp32)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun, this rank's GPU)")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--ce-weight", type=float, default=_D["ce_weight"])
+    g.add_argument("--kl-weight", type=float, default=_D["kl_weight"], help="0 disables the teacher")
+    g.add_argument("--router-kl-weight", type=float, default=_D["router_kl_weight"],
+                   help="KL between teacher and student router probabilities, mean over layers")
+    g.add_argument("--temperature", type=float, default=_D["temperature"])
+    g.add_argument("--final-temperature", type=float, default=_D["final_temperature"],
+                   help="with --use-advanced-scheduler")
+    g.add_argument("--temperature-anneal-start", type=float, default=_D["temperature_anneal_start"],
+                   help="fraction of --max-steps where annealing starts (advanced scheduler)")
+    g.add_argument("--kl-weight-warmup", action="store_true", help="ramp the KL weight 0 -> --kl-weight over warmup")
+    g.add_argument("--kl-chunk-size", type=int, default=0, help="positions per LM-head chunk (0: from the vocab size)")
+
+    g = p.add_argument_group("router")
+    g.add_argument("--freeze-router", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep routers frozen (the default; --no-freeze-router trains them)")
+    g.add_argument("--bias-freeze-ratio", type=float,
+                   help="trainable router is frozen after this fraction of --max-steps (default 0.5); "
+                        "implies --no-freeze-router unless --freeze-router is given")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--learning-rate", type=float, default=_D["learning_rate"])
+    g.add_argument("--weight-decay", type=float, default=_D["weight_decay"])
+    g.add_argument("--batch-size", type=int, default=_D["batch_size"], help="sequences per micro-batch per rank")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=_D["gradient_accumulation_steps"])
+    g.add_argument("--max-steps", type=int, default=_D["max_steps"])
+    g.add_argument("--gradient-clip-val", type=float, default=_D["gradient_clip_val"], help="0 disables clipping")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--use-advanced-scheduler", action="store_true",
+                   help="DeepSeek-V3 style: warmup, stable, cosine decay; temperature annealing")
+    g.add_argument("--warmup-ratio", type=float, default=_D["warmup_ratio"])
+    g.add_argument("--stable-ratio", type=float, default=_D["stable_ratio"], help="advanced scheduler")
+    g.add_argument("--final-lr-ratio", type=float, default=_D["final_lr_ratio"], help="advanced scheduler")
+    g.add_argument("--sfa-interval", type=int, default=0,
+                   help="every N steps set trainable = α·anchor + (1−α)·current (anchor: the initial weights)")
+    g.add_argument("--sfa-alpha", type=float, default=_D["sfa_alpha"])
+    g.add_argument("--seed", type=int, default=_D["seed"], help="data order, init and RNG")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--checkpoint-interval", type=int, default=_D["checkpoint_interval"])
+    g.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--resume-from-checkpoint", metavar="PATH|latest")
+    g.add_argument("--logging-steps", type=int, default=_D["logging_steps"], help="console line every N steps")
+    g.add_argument("--kl-warn-threshold", type=float, default=_D["kl_warn_threshold"])
+    g.add_argument("--grad-spike-threshold", type=float, default=_D["grad_spike_threshold"])
+    g.add_argument("--router-l1-warn-threshold", type=float, default=_D["router_l1_warn_threshold"])
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--use-ddp", action="store_true", help="launch torchrun with --nproc processes for this command")
+    g.add_argument("--nproc", type=int, help="processes for --use-ddp (default: GPU count, or 2 on CPU)")
+
+
+def _launch_ddp(args) -> int:
+    import torch
+
+    nproc = args.nproc or torch.cuda.device_count() or 2
+    argv = list(getattr(args, "_argv", sys.argv[1:]))
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--use-ddp":
+            continue
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "nexus",
+           *out]
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=dict(os.environ))
+
+
+def run(args) -> int:
+    if args.use_ddp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch_ddp(args)
+    from .recipe import Trainer
+
+    trainer = Trainer(TrainConfig.from_args(args))
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return 0

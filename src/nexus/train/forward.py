@@ -1,0 +1,126 @@
+"""Running a causal LM as backbone + LM head, and capturing what its routers compute.
+
+Training never asks the model for its (B, L, V) logits: the backbone gives the final hidden states
+and the losses apply the LM head chunk by chunk (`losses.chunked_head_loss`). Labels are never
+passed to the model, so no auxiliary load-balancing loss can sneak into the objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import NexusError
+from ..moe import MoEBlock
+from ..routing import router_hooks
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The decoder stack of a CausalLM (`model.model` for every supported family)."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        raise NexusError(f"{type(model).__name__}: cannot find its decoder stack (base_model_prefix)")
+    return backbone
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise NexusError(f"{type(model).__name__}: output embeddings are {type(head).__name__}, expected nn.Linear")
+    return head
+
+
+def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, L, H) for right-padded (B, L) ids and mask."""
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def check_head_split(model: nn.Module, device) -> None:
+    """Make sure logits == lm_head(backbone(x)) for this family (no softcapping or logit scaling).
+
+    One forward of 8 tokens; a family that post-processes logits would otherwise train on the wrong
+    distribution silently.
+    """
+    vocab = lm_head_of(model).weight.shape[0]
+    ids = (torch.arange(8, device=device) * 7919 % vocab)[None]  # (1, 8) arbitrary tokens
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        split = lm_head_of(model)(hidden_states(backbone_of(model), ids, mask)).float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(full, split, rtol=1e-3, atol=1e-3 * float(full.abs().max().clamp_min(1))):
+        raise NexusError(f"{type(model).__name__}: its logits are not lm_head(hidden states) (logit scaling or "
+                         f"softcapping?); NEXUS training does not support this family yet")
+
+
+class StudentBackbone(nn.Module):
+    """The student's decoder stack as the module DDP wraps: (ids, mask) -> hidden (B, L, H)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = backbone_of(model)
+
+    def forward(self, input_ids, attention_mask):
+        return hidden_states(self.backbone, input_ids, attention_mask)
+
+
+class RouterCapture:
+    """Router logits of one forward, per MoE layer, kept only while `recording()` is active.
+
+    Gradient checkpointing re-runs layer forwards during backward; those re-runs are not recorded.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock]):
+        self.logits: dict[int, torch.Tensor] = {}
+        self._on = False
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(router_hooks(model, self._record, blocks))
+
+    def _record(self, layer, logits, weights, indices):
+        if self._on:
+            self.logits[layer] = logits  # (B*L, E), not detached
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, torch.Tensor]]:
+        self.logits = {}
+        self._on = True
+        try:
+            yield self.logits
+        finally:
+            self._on = False
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def router_params(blocks: list[MoEBlock]) -> dict[str, nn.Parameter]:
+    """{full name: parameter} of every router."""
+    out = {}
+    for b in blocks:
+        if b.router is None:
+            raise NexusError(f"{b.path}: no router found")
+        for name, p in b.router.named_parameters():
+            out[f"{b.path}.{b.router_name}.{name}"] = p
+    return out
+
+
+@contextlib.contextmanager
+def swapped_weights(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give `params` the tensors in `values` (no copy; for no-grad forwards only)."""
+    saved = {}
+    try:
+        for name, p in params.items():
+            saved[name] = p.data
+            p.data = values[name]
+        yield
+    finally:
+        for name, data in saved.items():
+            params[name].data = data

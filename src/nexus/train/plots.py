@@ -1,0 +1,98 @@
+"""Plot a training run's metrics: losses, LR and temperature, grad norm, router drift, throughput.
+
+    nexus plot-metrics OUTPUT_DIR [--output OUTPUT_DIR/plots/metrics.png]
+
+Reads OUTPUT_DIR/metrics.jsonl (and run_config.json, to draw the planned LR / temperature schedule
+over the whole run next to the values actually used). Writes one PNG with five panels.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import NexusError
+from ..fsutil import atomic_path, read_json
+from .metrics import read_metrics
+from .schedule import Schedule
+
+# (title, keys on the left axis, keys on the right axis: a different scale)
+PANELS = (
+    ("losses", ("loss", "ce", "eval_loss"), ("kl", "router_kl")),
+    ("learning rate / temperature", ("lr",), ("temperature", "kl_weight")),
+    ("gradient norm (before clipping)", ("grad_norm",), ()),
+    ("router: L1 drift / entropy", ("router_l1",), ("router_entropy", "teacher_router_entropy")),
+    ("throughput (tokens/s)", ("tokens_per_s",), ()),
+)
+
+
+def planned_schedule(run_config: dict) -> tuple[list[int], list[float], list[float]] | None:
+    """(steps 1..max, lr, temperature) of the run's schedule, from run_config.json."""
+    s = run_config.get("schedule")
+    if not s:
+        return None
+    sched = Schedule(**s)
+    steps = list(range(1, sched.max_steps + 1))
+    return steps, [sched.lr(i - 1) for i in steps], [sched.temp(i - 1) for i in steps]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return (list(zip(*pts))) if pts else ([], [])
+
+
+def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(9, 2.8 * len(PANELS)), sharex=True)
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    plan = planned_schedule(run_config) if run_config else None
+    for ax, (name, left, right) in zip(axes, PANELS):
+        twin = ax.twinx() if any(_series(rows, k)[0] for k in right) else None
+        for target, keys in ((ax, left), (twin, right)):
+            for key in keys:
+                x, y = _series(rows, key)
+                if x:
+                    target.plot(x, y, "o" if key.startswith("eval_") else "-", label=key, markersize=3,
+                                color=next(colors))
+        if plan and name.startswith("learning"):
+            ax.plot(plan[0], plan[1], ":", color="gray", label="planned lr")
+            if twin is not None:
+                twin.plot(plan[0], plan[2], ":", color="salmon", label="planned temperature")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if twin is not None:
+            h2, l2 = twin.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + [f"{lab} (right)" for lab in l2]
+        if handles:
+            ax.legend(handles, labels, fontsize=8, loc="best")
+    axes[-1].set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a `nexus train` output directory (holding metrics.jsonl)")
+    p.add_argument("--output", help="PNG path (default: OUTPUT_DIR/plots/metrics.png)")
+
+
+def run(args) -> int:
+    out = Path(args.output_dir)
+    rows = read_metrics(out / "metrics.jsonl")
+    if not rows:
+        raise NexusError(f"{out}: no metrics.jsonl with rows (is it a `nexus train` --output-dir?)")
+    run_config = read_json(out / "run_config.json", "run config") if (out / "run_config.json").is_file() else None
+    path = Path(args.output) if args.output else out / "plots" / "metrics.png"
+    plot_metrics(rows, path, run_config, title=str(out))
+    print(f"wrote {path} ({len(rows)} steps)")
+    return 0

@@ -1,0 +1,335 @@
+"""The training recipe: setup -> train -> save_checkpoint -> cleanup.
+
+    trainer = Trainer(TrainConfig(student_model="adapter/", dataset="data.jsonl", output_dir="out", ...))
+    trainer.setup(); trainer.train(); trainer.cleanup()
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size` sequences on each of
+W ranks. The loss of a step is a mean over all its target tokens on all ranks:
+
+    loss = ce_weight × CE + kl_weight × T² × KL(teacher ‖ student)_T + router_kl_weight × router KL
+
+Each micro-batch contributes its token *sums* divided by the step's global token count (known
+before the first forward), times W because DDP averages gradients over ranks; so W ranks with
+accumulation A compute the same gradient as one process with accumulation W × A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import __version__, dist
+from ..adapter import load_adapter_weights
+from ..data import load_tokenizer
+from ..errors import NexusError
+from ..fsutil import write_json
+from ..moe import find_moe_blocks
+from ..shared import format_parameter_summary
+from . import checkpoint as ckpt
+from .build import check_seq_len, data_spec, load_data, load_student, make_teacher, resolve_device, vocab_size
+from .config import TrainConfig
+from .forward import RouterCapture, StudentBackbone, check_head_split, lm_head_of, router_params
+from .losses import default_chunk_size
+from .metrics import MetricsLog, Thresholds
+from .optim import TrainableParams, build_optimizer, set_lr
+from .step import STATS, batch_loss, metrics_row
+from .stream import SequenceStream, StepLayout, build_sequences, trim_padding
+
+log = logging.getLogger("nexus.train")
+RUN_CONFIG = "run_config.json"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        dist.init(resolve_device(cfg.device))
+        self.device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
+        self.rank, self.world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.seed)
+        resume = self._resume_point()
+
+        self.tokenizer = load_tokenizer(cfg.student_model)
+        self.model, original_routers = load_student(cfg, self.device)
+        check_seq_len(self.model, cfg.seq_len, "student model")
+        check_head_split(self.model, self.device)
+        self.blocks = find_moe_blocks(self.model)
+        self.routers = router_params(self.blocks)
+        self.capture = RouterCapture(self.model, self.blocks)
+        self.teacher = make_teacher(cfg, self.model, original_routers, self.capture, self.tokenizer, self.device)
+        self.spec, self.seqs = load_data(cfg, self.tokenizer)
+        self.stream = SequenceStream(self.seqs, cfg.seed)
+        self.layout = StepLayout(cfg.batch_size, cfg.gradient_accumulation_steps, self.world)
+        self.eval_seqs = build_sequences(data_spec(cfg, cfg.eval_dataset), self.tokenizer, "--eval-dataset") \
+            if cfg.eval_dataset else None
+        if not self.teacher.online and self.layout.global_batch * cfg.max_steps > len(self.teacher.cache):
+            raise NexusError(f"--precomputed-teacher holds {len(self.teacher.cache)} sequences; --max-steps "
+                             f"{cfg.max_steps} × global batch {self.layout.global_batch} needs "
+                             f"{cfg.max_steps * self.layout.global_batch}")
+
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = TrainableParams(named)
+        self.optimizer = build_optimizer(self.params, cfg.learning_rate, cfg.weight_decay)
+        self.schedule = cfg.schedule()
+        self.head = lm_head_of(self.model)
+        self.chunk = cfg.kl_chunk_size or default_chunk_size(vocab_size(self.model))
+        self.anchor = self.params.values() if cfg.sfa_interval else None
+        if cfg.gradient_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        if resume is not None:
+            self._load_checkpoint(resume)
+        self.router_frozen = False
+        self._apply_router_freeze()
+        self._wrap()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                write_json(self.out / RUN_CONFIG, self._run_config())
+        self.metrics = MetricsLog(self.out, cfg.max_steps, cfg.logging_steps,
+                                  Thresholds(cfg.kl_warn_threshold, cfg.grad_spike_threshold,
+                                             cfg.router_l1_warn_threshold), enabled=self.rank == 0,
+                                  resume_step=self.step)
+        if self.rank == 0:
+            log.info(format_parameter_summary(self.model))
+            log.info(f"data: {len(self.seqs)} sequences of {cfg.seq_len} tokens; global batch "
+                     f"{self.layout.global_batch} sequences ({self.world} rank(s) × {cfg.batch_size} × "
+                     f"{cfg.gradient_accumulation_steps}); {cfg.max_steps} steps = "
+                     f"{cfg.max_steps * self.layout.global_batch / len(self.seqs):.2f} epochs; teacher: "
+                     f"{type(self.teacher).__name__}")
+
+    def _resume_point(self) -> Path | None:
+        cfg = self.cfg
+        if cfg.resume_from_checkpoint:
+            path = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.out)
+            if path is None and self.rank == 0:
+                log.info(f"no checkpoint in {self.out} yet: starting from step 0")
+            return path
+        if self.out.exists() and any((self.out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final")) or \
+                ckpt.checkpoints(self.out):
+            raise NexusError(f"--output-dir {self.out} holds another run; pass --resume-from-checkpoint latest "
+                             f"to continue it, or choose another --output-dir")
+        return None
+
+    def _run_config(self) -> dict:
+        return {"format": "nexus-train-run", "version": 1, "nexus_version": __version__, "config": self.cfg.to_dict(),
+                "world_size": self.world, "global_batch": self.layout.global_batch, "data": self.spec.describe(),
+                "data_fingerprint": self.seqs.fingerprint(), "schedule": vars(self.schedule).copy(),
+                "router_freeze_step": self.cfg.router_freeze_step, "trainable_parameters": self.params.numel()}
+
+    def _apply_router_freeze(self) -> bool:
+        """Freeze the routers once `router_freeze_step` steps are done (also right after a resume).
+
+        Returns True when this call froze them. The optimizer keeps their state; with no gradient
+        AdamW leaves them untouched, and a checkpoint records the freeze.
+        """
+        freeze_at = self.cfg.router_freeze_step
+        if freeze_at is None or self.router_frozen or self.step < freeze_at:
+            return False
+        for p in self.routers.values():
+            p.requires_grad_(False)
+            p.grad = None
+        self.router_frozen = True
+        if self.rank == 0 and self.step > 0:
+            log.info(f"step {self.step}: router frozen (--bias-freeze-ratio)")
+        return True
+
+    def _wrap(self) -> None:
+        """(Re)build the DDP wrapper over the parameters that currently require grad."""
+        self.student = None
+        gc.collect()  # a replaced DDP wrapper must release its gradient hooks before the next backward
+        self.student = StudentBackbone(self.model)
+        if self.world > 1:
+            frozen = [n for n, p in self.student.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in self.student.named_buffers()]  # nothing to sync: all ranks load the same
+            DDP._set_params_and_buffers_to_ignore_for_model(self.student, frozen)  # the base: loaded identically
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = DDP(self.student, device_ids=ids)
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        while self.step < self.cfg.max_steps:
+            self.train_step()
+        self.save_checkpoint(final=True)
+
+    def train_step(self) -> dict:
+        """One optimizer step with its bookkeeping (freeze, SFA, eval, metrics, checkpoint); returns its row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        row = self._optimizer_step(self.step)
+        self.step += 1
+        if self._apply_router_freeze():
+            self._wrap()  # DDP over the parameters that still train
+        if cfg.sfa_interval and self.step % cfg.sfa_interval == 0:
+            self.params.sfa_blend(self.anchor, cfg.sfa_alpha)
+        row["tokens_per_s"] = row.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
+        if self.eval_seqs is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                           or self.step == cfg.max_steps):
+            row.update(self.evaluate())
+        self.metrics.write(row)
+        if self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
+            self.save_checkpoint()
+        return row
+
+    def _micro_batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of `step`; with a cache, its ids checked against our own pipeline."""
+        out = []
+        for m in range(self.cfg.gradient_accumulation_steps):
+            positions = self.layout.positions(step, m, self.rank)
+            ids, mask = self.stream.batch(positions)
+            cached = None
+            if not self.teacher.online:
+                cached = self.teacher.batch(positions)
+                if not (torch.equal(cached["input_ids"], ids) and torch.equal(cached["attention_mask"], mask)):
+                    raise NexusError(f"--precomputed-teacher: the cached input ids at stream positions "
+                                     f"{positions.start}..{positions.stop - 1} differ from what this run's data "
+                                     f"pipeline produces (different --dataset, --seed or data order)")
+                length = int(mask.sum(1).max())
+                cached = {k: v[:, :length] for k, v in cached.items()}
+            ids, mask = trim_padding(ids, mask)
+            out.append({"ids": ids.to(self.device), "mask": mask.to(self.device), "cached": cached,
+                        "positions": positions})
+        return out
+
+    def _optimizer_step(self, step: int) -> dict:
+        cfg, sched = self.cfg, self.schedule.at(step)
+        temperature, kl_w = sched["temperature"], sched["kl_weight"]
+        batches = self._micro_batches(step)
+        # The step's global token counts, before any forward: every micro-batch divides by them.
+        counts = sum(torch.stack([(b["mask"][:, :-1] * b["mask"][:, 1:]).sum(), b["mask"].sum()]).double()
+                     for b in batches)
+        n_targets, n_tokens = dist.all_reduce_sum(counts).tolist()
+        use_teacher = kl_w > 0 or cfg.router_kl_weight > 0
+        weights = {"ce": cfg.ce_weight * self.world / n_targets,
+                   "kl": kl_w * temperature ** 2 * self.world / n_targets}
+        router_w = cfg.router_kl_weight * self.world / (n_tokens * len(self.blocks))
+        sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        for m, b in enumerate(batches):
+            sync = m == len(batches) - 1 or not isinstance(self.student, DDP)
+            with contextlib.nullcontext() if sync else self.student.no_sync():
+                loss, stats = batch_loss(self.student, self.head, self.capture, self.teacher, b["ids"], b["mask"],
+                                         weights, router_w, temperature, self.chunk, use_teacher, b["positions"],
+                                         b["cached"])
+                loss.backward()
+            sums += stats
+        sums = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+        row = {"step": step + 1, **metrics_row(sums, len(self.blocks), temperature, cfg.ce_weight, kl_w,
+                                               cfg.router_kl_weight, self._router_kind() if use_teacher else None)}
+        self.params.grads_to_masters()
+        grad_norm = float(self.params.grad_norm_and_clip(cfg.gradient_clip_val))
+        if not (math.isfinite(row["loss"]) and math.isfinite(grad_norm)):
+            last = ckpt.checkpoints(self.out)
+            raise NexusError(f"step {step + 1}: loss is {row['loss']} (grad norm {grad_norm}); stopped before the "
+                             f"update. Last good checkpoint: {last[-1][1] if last else 'none'}. Lower "
+                             f"--learning-rate or check the data, then resume from that checkpoint")
+        set_lr(self.optimizer, sched["lr"])
+        self.optimizer.step()
+        self.params.masters_to_model()
+        self.params.zero_grad()
+        row.update(lr=sched["lr"], temperature=temperature, kl_weight=kl_w, grad_norm=grad_norm, _tokens=n_tokens)
+        return row
+
+    def _router_kind(self) -> str | None:
+        if not self.teacher.provides_router:
+            return None
+        return "dense" if self.teacher.online else "sparse"
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out CE (and KL against an online teacher) over the whole --eval-dataset, all ranks."""
+        self.model.eval()
+        temperature, kl_w = self.schedule.temp(self.step - 1), self.schedule.kl_w(self.step - 1)
+        sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        idx = list(range(self.rank, len(self.eval_seqs), self.world))
+        stream = SequenceStream(self.eval_seqs, shuffle=False)
+        backbone = StudentBackbone(self.model)  # not the DDP wrapper: ranks may run different batch counts
+        for i in range(0, len(idx), self.cfg.batch_size):
+            ids, mask = trim_padding(*stream.batch(idx[i:i + self.cfg.batch_size]))
+            _, stats = batch_loss(backbone, self.head, self.capture, self.teacher, ids.to(self.device),
+                                  mask.to(self.device), {"ce": 1.0, "kl": 0.0}, 0.0, temperature, self.chunk,
+                                  use_teacher=self.teacher.online)
+            sums += stats
+        self.model.train()
+        s = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+        out = {"eval_ce": s["ce"] / max(s["targets"], 1)}
+        if self.teacher.online:
+            out["eval_kl"] = temperature ** 2 * s["kl"] / max(s["targets"], 1)
+        out["eval_loss"] = self.cfg.ce_weight * out["eval_ce"] + kl_w * out.get("eval_kl", 0.0)
+        return out
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict:
+        cfg = self.cfg
+        return {"format": "nexus-trainer-state", "version": 1, "step": self.step, "max_steps": cfg.max_steps,
+                "consumed_sequences": self.step * self.layout.global_batch, "global_batch": self.layout.global_batch,
+                "world_size": self.world, "batch_size": cfg.batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
+                "data": self.spec.describe(), "data_fingerprint": self.seqs.fingerprint(),
+                "router": {"trainable": cfg.train_router, "freeze_step": cfg.router_freeze_step,
+                           "frozen": self.router_frozen},
+                "schedule": {"step": self.step, **self.schedule.at(max(self.step - 1, 0))},
+                "trainable_parameters": self.params.names}
+
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """checkpoint-N/ (or final/): adapter + optimizer, RNG, data position; rank 0 writes."""
+        path = self.out / ("final" if final else f"checkpoint-{self.step}")
+        rng = dist.all_gather_object(ckpt.capture_rng())
+        if self.rank == 0:
+            extra = {"training": {"step": self.step, "output_dir": str(self.out.resolve())}}
+            if final:
+                ckpt.save(path, self.model, self._trainer_state(), extra)
+            else:
+                ckpt.save(path, self.model, self._trainer_state(), extra, self.optimizer.state_dict(), rng,
+                          self.params.master_state(), self.anchor)
+            removed = [] if final else ckpt.rotate(self.out, self.cfg.save_total_limit)
+            log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        dist.barrier()
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        data = ckpt.load(path)
+        state = data["state"]
+        if state["global_batch"] != self.layout.global_batch:
+            raise NexusError(f"--resume-from-checkpoint {path}: made with a global batch of {state['global_batch']} "
+                             f"sequences, this run has {self.layout.global_batch} (batch × accumulation × ranks)")
+        if state["data_fingerprint"] != self.seqs.fingerprint() or state["seed"] != self.cfg.seed:
+            raise NexusError(f"--resume-from-checkpoint {path}: the training data or --seed differ from the run "
+                             f"being resumed; resuming would replay or skip data")
+        if state["trainable_parameters"] != self.params.names:
+            raise NexusError(f"--resume-from-checkpoint {path}: trains other parameters than this run "
+                             f"(router trainable there: {state['router']['trainable']})")
+        load_adapter_weights(self.model, path)
+        self.params.load_master_state(data["masters"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        if data["anchor"] is not None and self.anchor is not None:
+            self.anchor = data["anchor"]
+        rng = data["rng"]
+        if rng is not None and len(rng) == self.world:
+            ckpt.restore_rng(rng[self.rank])
+        self.step = int(state["step"])
+        if self.rank == 0:
+            log.info(f"resumed from {path} at step {self.step}")
+
+    def cleanup(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "capture", None) is not None:
+            self.capture.close()
+        dist.shutdown()

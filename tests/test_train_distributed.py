@@ -1,0 +1,57 @@
+"""DDP on CPU (gloo): 2 ranks × accumulation A give the weights of 1 process × accumulation 2A."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nexus.cli import main
+from nexus.train.metrics import read_metrics
+from train_helpers import make_model_dir, nexus_cmd, subprocess_env, write_text_dataset
+from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+
+
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_text_dataset(tmp_path / "data.jsonl", n=24)
+    # A trainable router frozen mid-run: DDP is rebuilt at the freeze without unused-parameter errors.
+    args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
+            "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
+            "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu"]
+    env = subprocess_env()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--output-dir", tmp_path / "ddp")[1:]],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    with pytest.raises(SystemExit) as e:  # one process, in this one
+        main([str(a) for a in args] + ["--gradient-accumulation-steps", "4", "--output-dir", str(tmp_path / "one")])
+    assert e.value.code == 0
+
+    a = load_file(str(tmp_path / "ddp" / "final" / "nexus_adapter.safetensors"))
+    b = load_file(str(tmp_path / "one" / "final" / "nexus_adapter.safetensors"))
+    assert a.keys() == b.keys() and any("gate.weight" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    rows = zip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"))
+    for ra, rb in rows:
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["tokens_per_s"] > 0
+    state = json.loads((tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch"] == 4 and state["router"]["frozen"] is True
+    assert ddp.stderr.count("saved ") == 2  # only rank 0 writes: checkpoint-2 and final
+
+
+def test_use_ddp_relaunches_under_torchrun(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: calls.append(cmd) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--student-model", "m", "--dataset", "d", "--output-dir", str(tmp_path), "--use-ddp",
+              "--nproc", "3", "--max-steps", "5"])
+    assert e.value.code == 0
+    cmd = calls[0]
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
+    assert cmd[6:] == ["nexus", "train", "--student-model", "m", "--dataset", "d", "--output-dir", str(tmp_path),
+                       "--max-steps", "5"]
