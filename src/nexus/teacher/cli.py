@@ -32,17 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--num-steps", type=int, help="store --num-steps × --batch-size sequences")
     p.add_argument("--batch-size", type=int, default=_D["batch_size"],
                    help="sequences per forward, and per step for --num-steps")
-    p.add_argument("--seq-len", type=int, default=_D["seq_len"])
+    p.add_argument("--seq-len", type=int, default=_D["seq_len"],
+                   help="tokens per sequence; must equal train's --seq-len")
     p.add_argument("--top-k", type=int, default=_D["top_k"], help="log-probabilities stored per position")
     p.add_argument("--router-topk", type=int, help="also store the top-R router log-probs of every MoE layer "
                                                    "(for --router-kl-weight and router metrics offline)")
     p.add_argument("--seed", type=int, default=_D["seed"], help="data order; must equal train's --seed")
     p.add_argument("--no-pack", dest="pack", action="store_false", help="as train's --no-pack")
-    p.add_argument("--text-field", default=_D["text_field"])
-    p.add_argument("--split")
+    p.add_argument("--text-field", default=_D["text_field"],
+                   help='record field holding the text (chat records use "messages")')
+    p.add_argument("--split",
+                   help='split of a saved Hugging Face dataset (default: train)')
     p.add_argument("--shard-size", type=int, default=_D["shard_size"], help="sequences per shard")
-    p.add_argument("--device")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device",
+                   help="cpu, cuda or cuda:N (default: cuda if available); under torchrun, each rank's GPU")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help='dtype of the teacher weights (default: as stored)')
 
 
 def run(args) -> int:

@@ -48,11 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun, this rank's GPU)")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--ce-weight", type=float, default=_D["ce_weight"])
+    g.add_argument("--ce-weight", type=float, default=_D["ce_weight"],
+                   help='weight of the cross-entropy (LM) loss on the data')
     g.add_argument("--kl-weight", type=float, default=_D["kl_weight"], help="0 disables the teacher")
     g.add_argument("--router-kl-weight", type=float, default=_D["router_kl_weight"],
                    help="KL between teacher and student router probabilities, mean over layers")
-    g.add_argument("--temperature", type=float, default=_D["temperature"])
+    g.add_argument("--temperature", type=float, default=_D["temperature"],
+                   help='distillation temperature T (start value when annealing)')
     g.add_argument("--final-temperature", type=float, default=_D["final_temperature"],
                    help="with --use-advanced-scheduler")
     g.add_argument("--temperature-anneal-start", type=float, default=_D["temperature_anneal_start"],
@@ -68,32 +70,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "implies --no-freeze-router unless --freeze-router is given")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=float, default=_D["learning_rate"])
-    g.add_argument("--weight-decay", type=float, default=_D["weight_decay"])
+    g.add_argument("--learning-rate", type=float, default=_D["learning_rate"],
+                   help='peak learning rate of AdamW')
+    g.add_argument("--weight-decay", type=float, default=_D["weight_decay"],
+                   help='AdamW weight decay on the trainable weights')
     g.add_argument("--batch-size", type=int, default=_D["batch_size"], help="sequences per micro-batch per rank")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=_D["gradient_accumulation_steps"])
-    g.add_argument("--max-steps", type=int, default=_D["max_steps"])
+    g.add_argument("--gradient-accumulation-steps", type=int, default=_D["gradient_accumulation_steps"],
+                   help='micro-batches accumulated per optimizer step')
+    g.add_argument("--max-steps", type=int, default=_D["max_steps"],
+                   help='optimizer steps to train for')
     g.add_argument("--gradient-clip-val", type=float, default=_D["gradient_clip_val"], help="0 disables clipping")
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help='recompute decoder layers in backward to save activation memory')
     g.add_argument("--use-advanced-scheduler", action="store_true",
                    help="DeepSeek-V3 style: warmup, stable, cosine decay; temperature annealing")
-    g.add_argument("--warmup-ratio", type=float, default=_D["warmup_ratio"])
+    g.add_argument("--warmup-ratio", type=float, default=_D["warmup_ratio"],
+                   help='fraction of --max-steps with linear LR warmup, in [0, 1)')
     g.add_argument("--stable-ratio", type=float, default=_D["stable_ratio"], help="advanced scheduler")
     g.add_argument("--final-lr-ratio", type=float, default=_D["final_lr_ratio"], help="advanced scheduler")
     g.add_argument("--sfa-interval", type=int, default=0,
                    help="every N steps set trainable = α·anchor + (1−α)·current (anchor: the initial weights)")
-    g.add_argument("--sfa-alpha", type=float, default=_D["sfa_alpha"])
+    g.add_argument("--sfa-alpha", type=float, default=_D["sfa_alpha"],
+                   help='SFA anchor weight: trainable = alpha * anchor + (1 - alpha) * current')
     g.add_argument("--seed", type=int, default=_D["seed"], help="data order, init and RNG")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--checkpoint-interval", type=int, default=_D["checkpoint_interval"])
+    g.add_argument("--output-dir", required=True,
+                   help='run directory: metrics.jsonl, checkpoint-N/, final/')
+    g.add_argument("--checkpoint-interval", type=int, default=_D["checkpoint_interval"],
+                   help='save checkpoint-N/ every this many steps')
     g.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
-    g.add_argument("--resume-from-checkpoint", metavar="PATH|latest")
+    g.add_argument("--resume-from-checkpoint", metavar="PATH|latest",
+                   help='continue exactly from a checkpoint directory, or the latest in --output-dir')
     g.add_argument("--logging-steps", type=int, default=_D["logging_steps"], help="console line every N steps")
-    g.add_argument("--kl-warn-threshold", type=float, default=_D["kl_warn_threshold"])
-    g.add_argument("--grad-spike-threshold", type=float, default=_D["grad_spike_threshold"])
-    g.add_argument("--router-l1-warn-threshold", type=float, default=_D["router_l1_warn_threshold"])
+    g.add_argument("--kl-warn-threshold", type=float, default=_D["kl_warn_threshold"],
+                   help='warn when the KL exceeds this (possible collapse or divergence)')
+    g.add_argument("--grad-spike-threshold", type=float, default=_D["grad_spike_threshold"],
+                   help='warn when the pre-clip gradient norm exceeds this')
+    g.add_argument("--router-l1-warn-threshold", type=float, default=_D["router_l1_warn_threshold"],
+                   help='warn when router L1 drift from the teacher exceeds this')
 
     g = p.add_argument_group("distributed")
     g.add_argument("--use-ddp", action="store_true", help="launch torchrun with --nproc processes for this command")
