@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .errors import NexusError
 
 STAGES = ("sample", "collect", "analyze", "convert", "precompute-teacher", "train", "validate")
 OPTIONAL_STAGES = ("precompute-teacher",)
-TOP_KEYS = ("model", "dataset", "eval_datasets", "work_dir", "stages")
+TOP_KEYS = ("model", "dataset", "work_dir", "stages")
 
 
 @dataclass
@@ -70,14 +71,17 @@ class Context:
     def __init__(self, cfg: dict, base_dir: Path):
         self.cfg = cfg
         self.base_dir = base_dir
-        self.work_dir = self.path(cfg.get("work_dir", "nexus_out"))
+        self.work_dir = self._abs(cfg.get("work_dir", "nexus_out"))
         self.model = self.path(cfg["model"])
         self.dataset = self.path(cfg["dataset"]) if cfg.get("dataset") else None
         self.table = _stage_table()
 
-    def path(self, value) -> str:
+    def _abs(self, value) -> str:
         p = Path(str(value)).expanduser()
         return str(p if p.is_absolute() else (self.base_dir / p))
+
+    def path(self, value) -> str:
+        return self._abs(resolve_builtin(str(value), self.work_dir))
 
     def stage_opt(self, stage: str, key: str, default=None):
         return (self.cfg["stages"].get(stage) or {}).get(key, default)
@@ -88,6 +92,30 @@ class Context:
     def out(self, stage: str) -> str:
         given = self.stage_opt(stage, self.table[stage].output_flag.lstrip("-").replace("-", "_"))
         return self.path(given) if given else str(Path(self.work_dir) / self.table[stage].output_name)
+
+
+_BUILTIN = re.compile(r"nexus-demo:(model|data/(\w+))")
+
+
+def resolve_builtin(value: str, work_dir: str | None) -> str:
+    """Replace `nexus-demo:model` by the bundled demo model's directory and `nexus-demo:data/SPLIT`
+    by a JSONL file of that split of the demo corpus (written once under `work_dir/data/`)."""
+    def sub(m: re.Match) -> str:
+        from . import demo_data
+
+        if m.group(1) == "model":
+            return str(demo_data.DEMO_MODEL_DIR)
+        split = m.group(2)
+        if split not in demo_data.SPLITS:
+            raise NexusError(f"{m.group(0)}: unknown demo split (expected one of {', '.join(demo_data.SPLITS)})")
+        if work_dir is None:
+            raise NexusError(f"{m.group(0)}: demo data needs a work_dir")
+        path = Path(work_dir) / "data" / f"{split}.jsonl"
+        if not path.is_file():
+            demo_data.write_split(split, path)
+        return str(path)
+
+    return _BUILTIN.sub(sub, value)
 
 
 def load_config(path: str | Path) -> dict:
@@ -119,7 +147,7 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def _argv(options: dict) -> list[str]:
+def _argv(options: dict, work_dir: str) -> list[str]:
     """`{"target_tokens": 10, "pack": True}` -> `["--target-tokens", "10", "--pack"]`."""
     argv = []
     for key, value in options.items():
@@ -129,9 +157,9 @@ def _argv(options: dict) -> list[str]:
                 argv.append(flag)
         elif isinstance(value, list):
             for v in value:
-                argv += [flag, str(v)]
+                argv += [flag, resolve_builtin(str(v), work_dir)]
         elif value is not None:
-            argv += [flag, str(value)]
+            argv += [flag, resolve_builtin(str(value), work_dir)]
     return argv
 
 
@@ -150,7 +178,7 @@ def stage_argv(ctx: Context, name: str) -> list[str]:
     out_key = stage.output_flag.lstrip("-").replace("-", "_")
     opts.pop(out_key, None)
     argv += [stage.output_flag, ctx.out(name)]
-    return argv + _argv(opts)
+    return argv + _argv(opts, ctx.work_dir)
 
 
 def build_stage_args(name: str, argv: list[str]) -> argparse.Namespace:
@@ -187,11 +215,10 @@ def plan_stages(cfg: dict, start: str | None = None, only: str | None = None) ->
     return names
 
 
-def run_pipeline(config_path: str | Path, start: str | None = None, only: str | None = None,
-                 dry_run: bool = False) -> list[str]:
-    """Run the stages of a config; returns the names of the stages that ran."""
-    cfg = load_config(config_path)
-    ctx = Context(cfg, Path(config_path).resolve().parent)
+def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only: str | None = None,
+                 dry_run: bool = False, timings: dict | None = None) -> list[str]:
+    """Run the stages of a loaded config (paths relative to `base_dir`); returns the stages that ran."""
+    ctx = Context(cfg, Path(base_dir))
     Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
     forced = set(plan_stages(cfg, start, only)) if (start or only) else set()
     ran = []
@@ -214,7 +241,10 @@ def run_pipeline(config_path: str | Path, start: str | None = None, only: str | 
         code = mod.run(args)
         if code:
             raise NexusError(f"pipeline stage '{name}' failed with exit code {code}")
-        print(f"[pipeline] {name}: done in {time.time() - t0:.1f}s -> {ctx.out(name)}")
+        elapsed = time.time() - t0
+        if timings is not None:
+            timings[name] = elapsed
+        print(f"[pipeline] {name}: done in {elapsed:.1f}s -> {ctx.out(name)}")
         ran.append(name)
     return ran
 
@@ -236,5 +266,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    run_pipeline(args.config, args.start, args.only, args.dry_run)
+    run_pipeline(load_config(args.config), Path(args.config).resolve().parent, args.start, args.only, args.dry_run)
     return 0
