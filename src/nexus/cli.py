@@ -20,6 +20,7 @@ from .errors import NexusError
 # verb -> module (relative to the package). Order is the pipeline order shown in --help.
 VERBS = {
     "plan": ".plan",
+    "sample": ".stats.sample",
 }
 
 
