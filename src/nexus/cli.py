@@ -21,6 +21,7 @@ from .errors import NexusError
 VERBS = {
     "plan": ".plan",
     "sample": ".stats.sample",
+    "collect": ".stats.collect",
 }
 
 
