@@ -12,7 +12,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 from tiny_assets import ROOT, random_text, run_main, save_tiny_model, write_jsonl
 
-from nexus.data import tokenize
+from nexus.data import pad_batch, tokenize
+from nexus.moe import find_moe_blocks
 from nexus.routing import router_hooks
 from nexus.stats import collect as collect_mod
 from nexus.stats.accumulate import FIELDS, Collector, RouterStats
@@ -36,7 +37,7 @@ def reference_moments(model, seqs: list[list[int]]) -> dict[int, dict[str, torch
     """Mean, covariance, entropy and token count per MoE layer from transformers' router_logits output,
     one unpadded sequence at a time (so no padding can be involved)."""
     per_layer: dict[int, list[torch.Tensor]] = {}
-    layers = [b.layer for b in __import__("nexus").moe.find_moe_blocks(model)]
+    layers = [b.layer for b in find_moe_blocks(model)]
     with torch.no_grad():
         for s in seqs:
             out = model(input_ids=torch.tensor([s]), output_router_logits=True)
@@ -93,7 +94,7 @@ def collect(model_dir, data, out, *extra):
 def test_collect_equals_statistics_of_transformers_router_logits(family, models, dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nexus.data import load_tokenizer, load_documents
+    from nexus.data import load_documents, load_tokenizer
 
     stats = collect(models[family], dataset, tmp_path / "rs.safetensors")
     tok = load_tokenizer(models[family])
@@ -115,7 +116,7 @@ def test_padding_does_not_change_statistics():
     for pad_to in (None, 12):
         stats = RouterStats.for_model(model)
         collector = Collector(stats)
-        ids, mask = __import__("nexus").data.pad_batch(seqs, pad_id=0, seq_len=pad_to)
+        ids, mask = pad_batch(seqs, pad_id=0, seq_len=pad_to)
         with router_hooks(model, collector), torch.no_grad():
             collector.set_batch(mask)
             model(input_ids=ids, attention_mask=mask)
@@ -201,7 +202,7 @@ def test_torchrun_two_processes_equal_one(models, dataset, tmp_path):
     assert "over 2 processes" in r.stdout
     two = RouterStats.load(tmp_path / "two.safetensors")[0]
     assert_same_stats(two, single)
-    a, b = RawReservoir.load(raw_path(tmp_path / "one.safetensors")), RawReservoir.load(raw_path(tmp_path / "two.safetensors"))
+    a, b = (RawReservoir.load(raw_path(tmp_path / name)) for name in ("one.safetensors", "two.safetensors"))
     for i in a.moe_layers:
         assert torch.equal(a.keys[i], b.keys[i])
         torch.testing.assert_close(a.probs[i], b.probs[i], rtol=1e-5, atol=1e-6)

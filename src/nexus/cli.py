@@ -22,6 +22,7 @@ VERBS = {
     "plan": ".plan",
     "sample": ".stats.sample",
     "collect": ".stats.collect",
+    "analyze": ".stats.analyze",
 }
 
 

@@ -75,11 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model or adapter directory")
     p.add_argument("--dataset", help="the sample JSONL from `nexus sample`, or any dataset `nexus sample` reads")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--output", default="router_stats.safetensors", help="statistics file (default router_stats.safetensors)")
+    p.add_argument("--output", default="router_stats.safetensors",
+                   help="statistics file (default router_stats.safetensors)")
     p.add_argument("--target-tokens", type=int, default=1_000_000,
                    help="real (non-padding) tokens to collect; 0 = the whole dataset (default 1000000)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--seq-len", type=int, default=1024, help="longest sequence; longer documents are split (default 1024)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="longest sequence; longer documents are split (default 1024)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype; auto = the checkpoint's on GPU, float32 on CPU (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -160,7 +162,8 @@ def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
         raise NexusError(f"--resume {partial}: the partial run used other settings ("
                          + ", ".join(f"{k}: {recorded.get(k)!r} then, {plan[k]!r} now" for k in changed) + ")")
     if reservoir is not None and not raw_path(partial).is_file():
-        raise NexusError(f"--resume {partial}: --keep-raw was not used by the partial run ({raw_path(partial)} missing)")
+        raise NexusError(f"--resume {partial}: the partial run did not use --keep-raw "
+                         f"({raw_path(partial)} missing)")
     if dist.is_main():  # rank 0 holds the past; the reduction adds everyone's new tokens
         stats.merge_(done)
         if reservoir is not None:

@@ -62,7 +62,8 @@ def _backend(tokenizer):
     return copy
 
 
-def tokenize_truncated(texts: list[str], tokenizer, seq_len: int, workers: int = 1) -> tuple[list[np.ndarray], list[str]]:
+def tokenize_truncated(texts: list[str], tokenizer, seq_len: int,
+                       workers: int = 1) -> tuple[list[np.ndarray], list[str]]:
     """Token ids (no special tokens) of each text cut to `seq_len`, and each text cut to match."""
     backend = _backend(tokenizer)
 
@@ -95,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop once the selection holds this many tokens (default 1000000)")
     p.add_argument("--max-candidates", type=int, default=10_000,
                    help="documents drawn from the dataset as the candidate pool (default 10000)")
-    p.add_argument("--seq-len", type=int, default=1024, help="truncate each document to this many tokens (default 1024)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="truncate each document to this many tokens (default 1024)")
     p.add_argument("--objective", choices=OBJECTIVES, default="distribution",
                    help="distribution: min KL(selected || pool) unigram (default); coverage: max distinct tokens")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
@@ -139,7 +141,8 @@ def run(args) -> int:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-    short = "" if sel.tokens >= args.target_tokens else f" (pool exhausted before --target-tokens {args.target_tokens:,})"
+    short = "" if sel.tokens >= args.target_tokens else \
+        f" (pool exhausted before --target-tokens {args.target_tokens:,})"
     print(f"sampled {len(sel.order):,} of {pool.num_candidates:,} candidates, {sel.tokens:,} tokens{short}; "
           f"coverage {100 * sel.coverage:.1f}% of the pool's {len(pool.vocab):,} token ids; "
           f"KL(selected || pool) {sel.kl:.4f} nats [{args.objective}; read+tokenize {tokenized - start:.1f} s, "
