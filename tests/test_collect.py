@@ -98,8 +98,9 @@ def test_collect_equals_statistics_of_transformers_router_logits(family, models,
 
     stats = collect(models[family], dataset, tmp_path / "rs.safetensors")
     tok = load_tokenizer(models[family])
+    # Documents + EOS in pieces of 16 tokens; a piece would hold only the EOS of a 16-word document: none.
     seqs = [ids[i:i + 16] for ids in tokenize([d.text for d in load_documents(dataset)], tok)
-            for i in range(0, len(ids), 16)]
+            for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
     model = AutoModelForCausalLM.from_pretrained(models[family]).eval()
     assert_same_moments(stats, reference_moments(model, seqs))
     assert stats.tokens == sum(map(len, seqs)) and stats.model_type == family and stats.top_k == 2
@@ -219,6 +220,8 @@ def test_target_tokens_and_batches():
     batches = list(collect_mod.iter_batches(["5 6 7 8 9", "10 11", "12 13 14"], Tok(), seq_len=4, batch_size=2,
                                             target_tokens=9))
     assert batches == [[[5, 6, 7, 8], [9, 1]], [[10, 11, 1]]]
+    exact = list(collect_mod.iter_batches(["5 6 7 8", "9"], Tok(), seq_len=4, batch_size=8))
+    assert exact == [[[5, 6, 7, 8], [9, 1]]]  # no piece holding only the EOS of a full-length document
 
 
 def _outputs(tmp_path):

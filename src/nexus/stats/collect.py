@@ -51,6 +51,8 @@ def iter_batches(texts, tokenizer, seq_len: int, batch_size: int, target_tokens:
     batch: list[list[int]] = []
     for text in texts:
         ids = tokenize([text], tokenizer)[0]
+        if len(ids) > seq_len and len(ids) % seq_len == 1:
+            ids = ids[:-1]  # a document of exactly k x seq_len tokens: no sequence of a lone EOS
         for start in range(0, len(ids), seq_len):
             piece = ids[start:start + min(seq_len, budget)]
             budget -= len(piece)
