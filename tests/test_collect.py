@@ -22,15 +22,27 @@ from nexus.stats.reservoir import RawReservoir, raw_path
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_router_logits_are_the_raw_router_outputs(family):
-    """The reference below relies on `output_router_logits=True` returning the routers' raw logits."""
+    """The reference below relies on `output_router_logits=True` returning the routers' raw logits;
+    the collector, fed by the same hooks, counts every token of every MoE layer of every family."""
     model = tiny_model(family)
     seen = {}
+    stats = RouterStats.for_model(model)
+    collector = Collector(stats)
+
+    def hook(layer, logits, weights, indices):
+        seen[layer] = logits.detach()
+        collector(layer, logits, weights, indices)
+
     ids = torch.randint(4, 90, (2, 5))
-    with router_hooks(model, lambda layer, logits, w, i: seen.__setitem__(layer, logits.detach())) as blocks:
+    collector.set_batch(torch.ones_like(ids))
+    with router_hooks(model, hook) as blocks, torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
-    assert len(out.router_logits) == len(blocks)
+    assert len(out.router_logits) == len(blocks) and stats.moe_layers == [b.layer for b in blocks]
     for logits, block in zip(out.router_logits, blocks):
         assert logits.shape == (10, block.layout.num_experts) and torch.equal(logits, seen[block.layer])
+        s = stats.sums[block.layer]
+        assert s["count"].item() == 10 and s["topk_count"].sum().item() == 10 * stats.top_k == 20
+        torch.testing.assert_close(s["prob_sum"], torch.softmax(logits.double(), -1).sum(0))
 
 
 def reference_moments(model, seqs: list[list[int]]) -> dict[int, dict[str, torch.Tensor]]:

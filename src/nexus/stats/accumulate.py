@@ -82,13 +82,14 @@ class RouterStats:
     def update(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Add tokens: logits (T, E), routing weights (T, k), routed expert indices (T, k). Returns p (T, E) float64."""
         s = self.sums[layer]
-        p = torch.softmax(logits.detach().to(torch.float64), dim=-1)  # (T, E)
+        device = s["count"].device  # routers of a model split over devices all feed one set of sums
+        p = torch.softmax(logits.detach().to(device, torch.float64), dim=-1)  # (T, E)
         s["count"] += p.shape[0]
         s["prob_sum"] += p.sum(0)
         s["prob_outer"].addmm_(p.T, p)  # one (E, T) @ (T, E) matmul per layer and batch
-        flat_idx = indices.detach().reshape(-1).long()  # (T k,)
+        flat_idx = indices.detach().reshape(-1).to(device, torch.long)  # (T k,)
         s["topk_count"] += torch.bincount(flat_idx, minlength=self.num_experts).to(torch.float64)
-        s["gate_sum"].index_add_(0, flat_idx, weights.detach().reshape(-1).to(torch.float64))
+        s["gate_sum"].index_add_(0, flat_idx, weights.detach().reshape(-1).to(device, torch.float64))
         s["entropy_sum"] += -(p * torch.log(p.clamp_min(1e-300))).sum()
         return p
 

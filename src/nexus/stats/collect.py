@@ -192,7 +192,9 @@ def run(args) -> int:
         raise NexusError(f"--dataset {args.dataset}: no non-empty documents")
     from ..adapter import load_model
 
-    model = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
+    device_map = {"": str(device)} if device.type == "cuda" else None
+    model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code).eval()
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)
     reservoir = RawReservoir(stats.moe_layers, stats.num_experts, args.keep_raw, args.seed, device) \
