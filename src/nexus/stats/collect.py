@@ -145,6 +145,8 @@ def _save(path: Path, stats: RouterStats, reservoir: RawReservoir | None, meta: 
     if dist.is_main():
         if reservoir is not None:
             reservoir.save(raw_path(path))
+        else:
+            raw_path(path).unlink(missing_ok=True)  # a raw sample left by an earlier run is not this one's
         stats.save(path, meta)
     dist.barrier()
 
@@ -269,9 +271,13 @@ def run_merge(args) -> int:
     raws = [raw_path(p) for p in args.merge]
     raw = None
     if all(r.is_file() for r in raws):
-        raw = RawReservoir.load(raws[0])
-        for r in raws[1:]:
-            raw.merge_(RawReservoir.load(r))
+        samples = [RawReservoir.load(r) for r in raws]
+        if len({r.seed for r in samples}) < len(samples):
+            print("note: some raw samples were drawn with the same --seed, so their random keys repeat and the "
+                  "merged raw sample is not uniform; use a different --seed per shard")
+        raw = samples[0]
+        for other in samples[1:]:
+            raw.merge_(other)
     elif any(r.is_file() for r in raws):
         print("note: only some inputs have a raw sample (*.raw.safetensors); the merge has none")
     if raw is not None:

@@ -3,8 +3,9 @@
 Bottom-k sampling: every token gets a random key in [0, 1) and the N tokens with the smallest keys
 are kept. That is a uniform sample without replacement, and it merges exactly: the union of two
 reservoirs cut back to the N smallest keys is the reservoir of the union. Keys come from a
-generator seeded by (seed, global batch index, layer), so a resumed run, a merge of shards and a
-`torchrun` run keep the very same tokens as one uninterrupted process.
+generator seeded by (seed, global batch index, layer), so a resumed run and a `torchrun` run keep
+the very same tokens as one uninterrupted process. Shards collected in separate runs need distinct
+seeds, or their keys repeat.
 
 Stored beside the statistics as `<stem>.raw.safetensors` (e.g. `router_stats.raw.safetensors`):
 `layers.{i}.probs` float32 (n, E) and `layers.{i}.keys` float64 (n,), rows in key order, n <= N;
