@@ -20,12 +20,16 @@ from .errors import NexusError
 # verb -> module (relative to the package). Order is the pipeline order shown in --help.
 VERBS = {
     "plan": ".plan",
+    "sample": ".stats.sample",
+    "collect": ".stats.collect",
+    "analyze": ".stats.analyze",
     "convert": ".convert",
     "precompute-teacher": ".teacher.cli",
     "train": ".train.cli",
     "validate": ".validate.cli",
     "chat": ".chat",
     "plot-metrics": ".train.plots",
+    "pipeline": ".pipeline",
 }
 
 

@@ -79,6 +79,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` from every rank, in rank order (same shape on every rank); `[t]` in one process."""
+    if not is_distributed():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    tdist.all_gather(out, t.contiguous())
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         tdist.barrier()

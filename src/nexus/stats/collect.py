@@ -1,0 +1,288 @@
+"""Router statistics: run the model over a sample and accumulate streaming statistics per MoE layer.
+
+    nexus collect --model path/to/model --dataset sample.jsonl --output router_stats.safetensors
+    nexus collect --model path/to/model --dataset sample.jsonl --resume          # after an interruption
+    torchrun --nproc-per-node 2 -m nexus collect --model ... --dataset ...         # batches sharded over ranks
+    nexus collect --merge a.safetensors b.safetensors --output all.safetensors
+
+Documents (the JSONL written by `nexus sample`, or any --dataset) are tokenized with EOS appended,
+cut into pieces of at most --seq-len tokens (no packing across documents) and batched in order until
+--target-tokens real tokens; padding never enters the statistics. For every MoE layer the router
+logits are taken from the router module itself and accumulated as float64 sums (count, prob_sum,
+prob_outer, topk_count, gate_sum, entropy_sum; see DESIGN.md), so memory does not grow with tokens.
+
+Every --flush-every batches the running sums are written atomically to `<stem>.partial.safetensors`
+with the data position; `--resume` continues from there and ends with the same statistics as an
+uninterrupted run. Under torchrun, global batch b goes to rank b mod world size and the sums are
+all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
+`<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .. import dist
+from ..data import iter_documents, load_tokenizer, pad_batch, tokenize
+from ..errors import NexusError
+from ..routing import router_hooks
+from .accumulate import Collector, RouterStats
+from .reservoir import RawReservoir, raw_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def partial_path(output: str | Path) -> Path:
+    """`router_stats.safetensors` -> `router_stats.partial.safetensors`."""
+    p = Path(output)
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(f"{stem}.partial.safetensors")
+
+
+def iter_batches(texts, tokenizer, seq_len: int, batch_size: int, target_tokens: int = 0) -> Iterator[list[list[int]]]:
+    """Batches of token-id sequences, in data order, holding `target_tokens` tokens in all (0: everything)."""
+    budget = target_tokens if target_tokens > 0 else float("inf")
+    batch: list[list[int]] = []
+    for text in texts:
+        ids = tokenize([text], tokenizer)[0]
+        if len(ids) > seq_len and len(ids) % seq_len == 1:
+            ids = ids[:-1]  # a document of exactly k x seq_len tokens: no sequence of a lone EOS
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start:start + min(seq_len, budget)]
+            budget -= len(piece)
+            batch.append(piece)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+            if budget <= 0:
+                break
+        if budget <= 0:
+            break
+    if batch:
+        yield batch
+
+
+def _forward(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """One forward of the decoder stack (the LM head is not needed for router statistics)."""
+    decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model or adapter directory")
+    p.add_argument("--dataset", help="the sample JSONL from `nexus sample`, or any dataset `nexus sample` reads")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--output", default="router_stats.safetensors",
+                   help="statistics file (default router_stats.safetensors)")
+    p.add_argument("--target-tokens", type=int, default=1_000_000,
+                   help="real (non-padding) tokens to collect; 0 = the whole dataset (default 1000000)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="longest sequence; longer documents are split (default 1024)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model dtype; auto = the checkpoint's on GPU, float32 on CPU (default auto)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--flush-every", type=int, default=50,
+                   help="write the partial statistics every N batches, for --resume (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from <output stem>.partial.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--keep-raw", type=int, default=0, metavar="N",
+                   help="also keep a uniform sample of N raw probability vectors per layer (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --keep-raw sample (default 0)")
+    p.add_argument("--text-field", default="text", help="record field holding the text (default text)")
+    p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict")
+    p.add_argument("--merge", nargs="+", metavar="STATS", help="merge these statistics files into --output and exit")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code (off by default)")
+
+
+def _check_args(args) -> None:
+    if args.merge:
+        return
+    if not args.model or not args.dataset:
+        raise NexusError("--model and --dataset are required (or --merge FILES --output FILE)")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
+                             ("--flush-every", args.flush_every, 1), ("--target-tokens", args.target_tokens, 0),
+                             ("--keep-raw", args.keep_raw, 0)):
+        if value < low:
+            raise NexusError(f"{flag} must be at least {low}, got {value}")
+    if Path(args.output).exists() and not (args.overwrite or args.resume):
+        raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
+
+
+def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NexusError(f"--device {args.device}: not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NexusError(f"--device {args.device}: CUDA is not available")
+    dtype = DTYPES.get(args.dtype) or ("auto" if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _reduced(stats: RouterStats, reservoir: RawReservoir | None):
+    """The sums over all ranks (a copy; every rank calls this) and the merged reservoir."""
+    total = stats.copy()
+    total.load_flat_(dist.all_reduce_sum(total.flat()))
+    merged = None
+    if reservoir is not None:
+        merged = RawReservoir(reservoir.moe_layers, reservoir.num_experts, reservoir.size, reservoir.seed,
+                              reservoir.keys[reservoir.moe_layers[0]].device)
+        for i in reservoir.moe_layers:
+            for keys, probs in zip(dist.all_gather(reservoir.keys[i]), dist.all_gather(reservoir.probs[i])):
+                merged._keep(i, keys, probs)
+    return total, merged
+
+
+def _save(path: Path, stats: RouterStats, reservoir: RawReservoir | None, meta: dict | None = None) -> None:
+    """Rank 0 writes (statistics first, then the raw sample); every rank waits for it."""
+    if dist.is_main():
+        if reservoir is not None:
+            reservoir.save(raw_path(path))
+        else:
+            raw_path(path).unlink(missing_ok=True)  # a raw sample left by an earlier run is not this one's
+        stats.save(path, meta)
+    dist.barrier()
+
+
+def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
+    """Load the partial run into rank 0's sums. Returns (batches done, tokens done)."""
+    partial = partial_path(args.output)
+    if not args.resume or not partial.is_file():
+        if args.resume and dist.is_main():
+            print(f"--resume: no {partial}, starting from the beginning")
+        return 0, 0
+    done, meta = RouterStats.load(partial)
+    stats.check_compatible(done, what=f"--resume {partial} (this model: {stats.num_experts} experts)")
+    recorded = json.loads(meta.get("plan", "{}"))
+    changed = sorted(k for k in plan if recorded.get(k) != plan[k])
+    if changed:
+        raise NexusError(f"--resume {partial}: the partial run used other settings ("
+                         + ", ".join(f"{k}: {recorded.get(k)!r} then, {plan[k]!r} now" for k in changed) + ")")
+    if reservoir is not None and not raw_path(partial).is_file():
+        raise NexusError(f"--resume {partial}: the partial run did not use --keep-raw "
+                         f"({raw_path(partial)} missing)")
+    if dist.is_main():  # rank 0 holds the past; the reduction adds everyone's new tokens
+        stats.merge_(done)
+        if reservoir is not None:
+            reservoir.merge_(RawReservoir.load(raw_path(partial), reservoir.keys[reservoir.moe_layers[0]].device))
+    return int(meta["batches_done"]), done.tokens
+
+
+def run(args) -> int:
+    _check_args(args)
+    if args.merge:
+        return run_merge(args)
+    if args.resume and Path(args.output).is_file() and not partial_path(args.output).is_file():
+        print(f"--resume: {args.output} is complete (no {partial_path(args.output)}); nothing to do")
+        return 0
+    device, dtype = _device_and_dtype(args)
+    distributed = dist.init(device)
+    device = dist.local_device(str(device))
+    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
+
+    def texts():
+        return (d.text for d in iter_documents(args.dataset, tokenizer, args.text_field, args.split))
+
+    if next(texts(), None) is None:  # fail before loading the model or writing anything
+        raise NexusError(f"--dataset {args.dataset}: no non-empty documents")
+    from ..adapter import load_model
+
+    # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
+    device_map = {"": str(device)} if device.type == "cuda" else None
+    model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code).eval()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    stats = RouterStats.for_model(model, source_model=str(args.model), device=device)
+    reservoir = RawReservoir(stats.moe_layers, stats.num_experts, args.keep_raw, args.seed, device) \
+        if args.keep_raw else None
+    plan = {"dataset": str(Path(args.dataset).resolve()), "text_field": args.text_field, "split": args.split,
+            "seq_len": args.seq_len, "batch_size": args.batch_size, "target_tokens": args.target_tokens,
+            "keep_raw": args.keep_raw, "seed": args.seed}
+    start_batch, tokens_before = _resume_state(args, stats, reservoir, plan)
+
+    from tqdm.auto import tqdm
+
+    world, rank = dist.world_size(), dist.rank()
+    partial = partial_path(args.output)
+    collector = Collector(stats, reservoir)
+    bar = tqdm(total=args.target_tokens or None, initial=tokens_before, unit="tok", unit_scale=True,
+               disable=not dist.is_main(), desc="collect", mininterval=1.0, dynamic_ncols=True)
+    t0, round_tokens, batches_done, new_tokens = time.perf_counter(), 0, start_batch, 0
+    with router_hooks(model, collector), torch.no_grad():
+        for b, seqs in enumerate(iter_batches(texts(), tokenizer, args.seq_len, args.batch_size, args.target_tokens)):
+            if b < start_batch:
+                continue
+            k = b - start_batch
+            if k % world == rank:
+                ids, mask = pad_batch(seqs, tokenizer.pad_token_id)  # (B, L), (B, L)
+                collector.set_batch(mask, batch_index=b)
+                _forward(decoder, ids.to(device), mask.to(device))
+            round_tokens += sum(len(s) for s in seqs)
+            batches_done = b + 1
+            if (k + 1) % world == 0:  # every rank has finished this round of batches
+                bar.update(round_tokens)
+                new_tokens += round_tokens
+                round_tokens = 0
+                if ((k + 1) // world) % args.flush_every == 0:
+                    total, raw = _reduced(stats, reservoir)
+                    _save(partial, total, raw, {"batches_done": batches_done, "plan": json.dumps(plan),
+                                                "world_size": world})
+    bar.update(round_tokens)
+    new_tokens += round_tokens
+    bar.close()
+    total, raw = _reduced(stats, reservoir)
+    if total.tokens == 0:
+        raise NexusError(f"--dataset {args.dataset}: no tokens to collect")
+    _save(Path(args.output), total, raw)
+    if dist.is_main():
+        for stale in (partial, raw_path(partial)):
+            stale.unlink(missing_ok=True)
+        elapsed = time.perf_counter() - t0
+        short = "" if not args.target_tokens or total.tokens >= args.target_tokens else \
+            f" (the dataset ran out before --target-tokens {args.target_tokens:,})"
+        size = Path(args.output).stat().st_size
+        print(f"collected router statistics of {total.tokens:,} tokens{short}: {len(total.moe_layers)} MoE layers x "
+              f"{total.num_experts} experts (top-{total.top_k}), {new_tokens / max(elapsed, 1e-9):,.0f} tok/s over "
+              f"{world} process{'es' if world > 1 else ''} -> {args.output} ({size / 1024:,.0f} KiB)"
+              + (f" + {raw_path(args.output)}" if raw is not None else ""))
+    if distributed:
+        dist.shutdown()
+    return 0
+
+
+def run_merge(args) -> int:
+    """`--merge A B ... --output C`: C holds the sums of A, B, ... (and their raw samples when all have one)."""
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NexusError(f"--output {out} exists (pass --overwrite to replace it)")
+    loaded = [RouterStats.load(p)[0] for p in args.merge]
+    total = loaded[0]
+    for path, other in zip(args.merge[1:], loaded[1:]):
+        total.check_compatible(other, what=f"--merge {path} vs {args.merge[0]}")
+        total.merge_(other)
+    sources = sorted({s.source_model for s in loaded})
+    total.source_model = sources[0] if len(sources) == 1 else "; ".join(sources)
+    raws = [raw_path(p) for p in args.merge]
+    raw = None
+    if all(r.is_file() for r in raws):
+        samples = [RawReservoir.load(r) for r in raws]
+        if len({r.seed for r in samples}) < len(samples):
+            print("note: some raw samples were drawn with the same --seed, so their random keys repeat and the "
+                  "merged raw sample is not uniform; use a different --seed per shard")
+        raw = samples[0]
+        for other in samples[1:]:
+            raw.merge_(other)
+    elif any(r.is_file() for r in raws):
+        print("note: only some inputs have a raw sample (*.raw.safetensors); the merge has none")
+    if raw is not None:
+        raw.save(raw_path(out))
+    total.save(out)
+    print(f"merged {len(loaded)} statistics files: {total.tokens:,} tokens, {len(total.moe_layers)} MoE layers x "
+          f"{total.num_experts} experts -> {out}")
+    return 0

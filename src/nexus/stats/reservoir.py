@@ -1,0 +1,111 @@
+"""A uniform sample of raw router probability vectors per layer (`nexus collect --keep-raw N`).
+
+Bottom-k sampling: every token gets a random key in [0, 1) and the N tokens with the smallest keys
+are kept. That is a uniform sample without replacement, and it merges exactly: the union of two
+reservoirs cut back to the N smallest keys is the reservoir of the union. Keys come from a
+generator seeded by (seed, global batch index, layer), so a resumed run and a `torchrun` run keep
+the very same tokens as one uninterrupted process. Shards collected in separate runs need distinct
+seeds, or their keys repeat.
+
+Stored beside the statistics as `<stem>.raw.safetensors` (e.g. `router_stats.raw.safetensors`):
+`layers.{i}.probs` float32 (n, E) and `layers.{i}.keys` float64 (n,), rows in key order, n <= N;
+header metadata `format=nexus-router-raw`, `version=1`, `size` (N), `num_experts`, `moe_layers`.
+The statistics file itself stays exactly as DESIGN.md specifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import NexusError
+from ..fsutil import atomic_path
+
+FORMAT = "nexus-router-raw"
+VERSION = 1
+
+
+def raw_path(stats_path: str | os.PathLike) -> Path:
+    """`router_stats.safetensors` -> `router_stats.raw.safetensors`."""
+    p = Path(stats_path)
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(f"{stem}.raw.safetensors")
+
+
+class RawReservoir:
+    """Up to `size` probability vectors per layer, with their keys (empty slots hold key = inf)."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, size: int, seed: int = 0, device="cpu"):
+        self.moe_layers = [int(i) for i in moe_layers]
+        self.num_experts = int(num_experts)
+        self.size = int(size)
+        self.seed = int(seed)
+        self.keys = {i: torch.full((self.size,), float("inf"), dtype=torch.float64, device=device)
+                     for i in self.moe_layers}  # (N,)
+        self.probs = {i: torch.zeros(self.size, self.num_experts, dtype=torch.float32, device=device)
+                      for i in self.moe_layers}  # (N, E)
+
+    def _keys_for(self, layer: int, batch_index: int, n: int, device) -> torch.Tensor:
+        state = np.random.SeedSequence([self.seed, int(batch_index), int(layer)]).generate_state(2)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return torch.rand(n, generator=gen, dtype=torch.float64).to(device)  # (n,)
+
+    def offer(self, layer: int, probs: torch.Tensor, batch_index: int) -> None:
+        """Consider the tokens of one batch: probs (T, E)."""
+        self._keep(layer, self._keys_for(layer, batch_index, probs.shape[0], probs.device), probs)
+
+    def _keep(self, layer: int, keys: torch.Tensor, probs: torch.Tensor) -> None:
+        all_keys = torch.cat([self.keys[layer], keys.to(self.keys[layer].device)])  # (N + T,)
+        all_probs = torch.cat([self.probs[layer], probs.to(self.probs[layer].device, torch.float32)])
+        kept, idx = torch.topk(all_keys, self.size, largest=False, sorted=True)
+        self.keys[layer], self.probs[layer] = kept, all_probs[idx]
+
+    def merge_(self, other: "RawReservoir") -> "RawReservoir":
+        if (other.moe_layers, other.num_experts, other.size) != (self.moe_layers, self.num_experts, self.size):
+            raise NexusError("raw reservoirs differ in layers, expert count or size; they do not merge")
+        for i in self.moe_layers:
+            self._keep(i, other.keys[i], other.probs[i])
+        return self
+
+    def filled(self, layer: int) -> torch.Tensor:
+        """The kept probability vectors of `layer`: (n, E), n <= size."""
+        return self.probs[layer][torch.isfinite(self.keys[layer])]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors = {}
+        for i in self.moe_layers:
+            keep = torch.isfinite(self.keys[i])
+            tensors[f"layers.{i}.keys"] = self.keys[i][keep].cpu().contiguous()
+            tensors[f"layers.{i}.probs"] = self.probs[i][keep].cpu().contiguous()
+        meta = {"format": FORMAT, "version": str(VERSION), "size": str(self.size), "seed": str(self.seed),
+                "num_experts": str(self.num_experts), "moe_layers": json.dumps(self.moe_layers)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="cpu") -> "RawReservoir":
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+            res = cls(json.loads(meta["moe_layers"]), int(meta["num_experts"]), int(meta["size"]),
+                      int(meta.get("seed", 0)), device)
+            for i in res.moe_layers:
+                keys, probs = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.probs"]
+                n = keys.shape[0]
+                if n > res.size or tuple(probs.shape) != (n, res.num_experts):
+                    raise ValueError(f"layer {i}: shapes {tuple(keys.shape)} / {tuple(probs.shape)}")
+                res.keys[i][:n], res.probs[i][:n] = keys.to(torch.float64), probs.to(torch.float32)
+        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise NexusError(f"{path}: not a readable raw router sample ({e})") from None
+        return res
