@@ -131,10 +131,10 @@ def run(args) -> int:
 
     cfg = demo_config(args.max_steps)
     cfg["work_dir"] = str(Path(args.output).resolve())
-    ctx = Context(cfg, CONFIG.parent)
+    ctx = Context(cfg, Path.cwd())
     seconds: dict[str, float] = {}
     t0 = time.time()
-    run_pipeline(cfg, CONFIG.parent, start=args.start, timings=seconds)
+    run_pipeline(cfg, Path.cwd(), start=args.start, timings=seconds)
     train_dir = Path(ctx.out("train"))
     plot_metrics(read_metrics(train_dir / "metrics.jsonl"), train_dir / "plots" / "metrics.png", None,
                  title="demo training")

@@ -5,7 +5,8 @@
     nexus pipeline configs/demo.yaml --only analyze  # one stage
 
 The file names the model, the data and each stage's options; option names are the stage's own
-flags (`target_tokens: 1000000` is `--target-tokens 1000000`). Outputs go under `work_dir`, and
+flags (`target_tokens: 1000000` is `--target-tokens 1000000`); relative paths are relative to the
+directory the command runs in, as on the command line. Outputs go under `work_dir`, and
 each stage's inputs are wired to the previous stages' outputs unless the file sets them. A stage
 whose output exists is complete (every stage writes its output atomically) and is skipped; an
 interrupted stage resumes where the stage supports it.
@@ -17,6 +18,7 @@ import argparse
 import importlib
 import re
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,8 @@ class Stage:
     # flag -> callable(ctx) giving the default input wiring
     inputs: dict = field(default_factory=dict)
     done: str = ""  # path relative to the output that marks completion ("" = the output itself)
-    resume: tuple = ()  # extra args when resuming an unfinished run
+    resume: tuple = ()  # extra args that continue an unfinished run
+    resume_if_exists: bool = True  # pass `resume` only when the output already exists (partial)
 
 
 def _stage_table():
@@ -48,15 +51,15 @@ def _stage_table():
                         {"--dataset": lambda c: c.dataset, "--tokenizer": lambda c: c.model}),
         "collect": Stage("collect", VERBS["collect"], "--output", "router_stats.safetensors",
                          {"--model": lambda c: c.model, "--dataset": lambda c: c.out("sample")},
-                         resume=("--resume",)),
+                         resume=("--resume",), resume_if_exists=False),  # its partial state sits beside the output
         "analyze": Stage("analyze", VERBS["analyze"], "--output", "pca_stats.json",
                          {"--input": lambda c: c.out("collect")}),
         "convert": Stage("convert", VERBS["convert"], "--output", "adapter",
                          {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")}),
         "precompute-teacher": Stage("precompute-teacher", VERBS["precompute-teacher"], "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
-                                     "--dataset": lambda c: c.stage_opt("train", "dataset", c.dataset)},
-                                    done="manifest.json", resume=("--resume",)),
+                                     "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},
+                                    done="manifest.json"),  # continues from its complete shards by itself
         "train": Stage("train", VERBS["train"], "--output-dir", "train",
                        {"--student-model": lambda c: c.out("convert"), "--dataset": lambda c: c.dataset,
                         "--precomputed-teacher": lambda c: c.out("precompute-teacher") if c.enabled(
@@ -228,9 +231,15 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
         if name not in forced and is_complete(ctx, name):
             print(f"[pipeline] {name}: complete, skipping ({ctx.out(name)})")
             continue
-        if name in forced and is_complete(ctx, name):
-            argv += ["--overwrite"] if "--overwrite" in _flags(name) else []
-        elif stage.resume and Path(ctx.out(name)).exists() and stage.resume[0] in _flags(name):
+        out = Path(ctx.out(name))
+        if name in forced and out.exists():
+            previous = out.with_name(out.name + ".previous")
+            if not dry_run:
+                if previous.exists():
+                    shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+                out.rename(previous)
+            print(f"[pipeline] {name}: rerun; the earlier output is kept as {previous}")
+        elif stage.resume and (out.exists() or not stage.resume_if_exists):
             argv += list(stage.resume)
         print(f"[pipeline] {name}: nexus {name} {shlex.join(argv)}")
         if dry_run:
@@ -249,15 +258,6 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
     return ran
 
 
-def _flags(name: str) -> set[str]:
-    from .cli import VERBS
-
-    mod = importlib.import_module(VERBS[name], __package__)
-    parser = argparse.ArgumentParser()
-    mod.add_arguments(parser)
-    return {s for a in parser._actions for s in a.option_strings}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline YAML file (see configs/ for examples)")
     p.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every later one")
@@ -266,5 +266,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    run_pipeline(load_config(args.config), Path(args.config).resolve().parent, args.start, args.only, args.dry_run)
+    run_pipeline(load_config(args.config), Path.cwd(), args.start, args.only, args.dry_run)
     return 0
