@@ -30,6 +30,7 @@ VERBS = {
     "chat": ".chat",
     "plot-metrics": ".train.plots",
     "pipeline": ".pipeline",
+    "demo": ".demo",
 }
 
 

@@ -27,11 +27,20 @@ from .pipeline import Context, run_pipeline
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
-def demo_config(max_steps: int | None = None, config_path: Path = CONFIG) -> dict:
-    """The demo pipeline config (optionally with fewer training steps)."""
+QUICK = {"sample": {"target_tokens": 4000, "max_candidates": 200},
+         "collect": {"target_tokens": 4000},
+         "train": {"max_steps": 4, "checkpoint_interval": 2},
+         "validate": {"num_samples": 6}}
+
+
+def demo_config(max_steps: int | None = None, quick: bool = False, config_path: Path = CONFIG) -> dict:
+    """The demo pipeline config; `quick` shrinks every stage to a smoke run, `max_steps` sets training steps."""
     from .pipeline import load_config
 
     cfg = load_config(config_path)
+    if quick:
+        for stage, opts in QUICK.items():
+            cfg["stages"][stage].update(opts)
     if max_steps is not None:
         if max_steps < 1:
             raise NexusError(f"--max-steps must be >= 1, got {max_steps}")
@@ -122,6 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo_out", help="work directory for every stage's output (default demo_out)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="training steps (default: the demo config's); fewer for a quick look")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in well under a minute: few tokens, 4 training steps (figures not meaningful)")
     p.add_argument("--from", dest="start", default=None,
                    help="rerun this stage and every later one (sample, collect, analyze, convert, train, validate)")
 
@@ -129,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from .train.plots import plot_metrics, read_metrics
 
-    cfg = demo_config(args.max_steps)
+    cfg = demo_config(args.max_steps, args.quick)
     cfg["work_dir"] = str(Path(args.output).resolve())
     ctx = Context(cfg, Path.cwd())
     seconds: dict[str, float] = {}
