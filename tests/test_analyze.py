@@ -134,10 +134,13 @@ def test_analyze_command_writes_design_format_and_plots(tmp_path):
                      "selected_experts.png", "summary.md"]
     assert all((tmp_path / "out" / "plots" / p).stat().st_size > 1000 for p in plots if p.endswith(".png"))
     assert "top-24 share" in (tmp_path / "out" / "plots" / "summary.md").read_text()
-    # Fewer experts than 24: k is capped, and the output says so.
+    # Fewer experts than 24: --top-k 24 is refused; the category's recommendation is capped, and said so.
     synthetic_stats(2, 8).save(tmp_path / "small.safetensors")
     r = run_main("analyze", "--input", tmp_path / "small.safetensors", "--output", tmp_path / "small.json",
                  "--top-k", 24, "--no-plots")
+    assert r.returncode == 2 and "--top-k 24 is larger than the 8 experts" in r.stderr
+    r = run_main("analyze", "--input", tmp_path / "small.safetensors", "--output", tmp_path / "small.json",
+                 "--top-k", 8, "--no-plots")
     assert r.returncode == 0 and "capped at 8" in r.stdout
     small = json.loads((tmp_path / "small.json").read_text())
     assert all(len(e["selected_experts"]) == 8 for e in small["layers"].values())

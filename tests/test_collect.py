@@ -265,7 +265,8 @@ def test_collect_bad_inputs(case, models, dataset, tmp_path):
         r = run_main("collect", "--merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--output", out)
         expected = "num_experts differs (8 vs 4)"
     else:
-        r = run_main("collect", "--model", models["gpt_oss"], "--dataset", data, "--output", out, *extra)
+        r = run_main("collect", "--model", models["gpt_oss"], "--dataset", data, "--output", out, "--seq-len", 16,
+                     *extra)
         expected = {"empty": "no non-empty documents", "missing_field": "has no field 'body'",
                     "expert_mismatch": "num_experts differs (8 vs 4)"}[case]
     assert r.returncode == 2 and expected in r.stderr, r.stderr

@@ -114,7 +114,7 @@ def test_sample_command(tmp_path, tokenizer_dir):
                  "--target-tokens", 200, "--seq-len", 12)
     assert r.returncode == 0 and again.read_text() == out.read_text()
     r = run_main("sample", "--dataset", data.parent, "--tokenizer", tokenizer_dir, "--output", again,
-                 "--objective", "coverage", "--target-tokens", 10**6)
+                 "--objective", "coverage", "--target-tokens", 10**6, "--overwrite")
     assert r.returncode == 0 and "pool exhausted" in r.stdout and len(again.read_text().splitlines()) == 62
 
 

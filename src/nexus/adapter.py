@@ -8,6 +8,7 @@ the shared experts and loads their weights.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -83,19 +84,68 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
-def check_model_path(path: str | os.PathLike, what: str = "--model") -> str:
-    """A local model directory (with config.json), or a hub name `org/name` the user asked for."""
+def _is_hub_name(path: str) -> bool:
+    """`org/name` that is not a local path: no `.`, `/` or `~` start, and `org` is no local directory.
+
+    A name like `runs/adapter` whose first part exists here is a (missing) local path, never a hub
+    request: NEXUS goes to the network only for a name that cannot be meant locally.
+    """
+    if not _HUB_NAME.match(path) or path.startswith((".", "~")):
+        return False
+    return not Path(path.split("/", 1)[0]).exists()
+
+
+def check_model_path(path: str | os.PathLike, what: str = "--model", need_config: bool = True) -> str:
+    """A local model directory (with config.json), or a hub name `org/name` the user asked for.
+
+    `need_config=False` accepts any directory (a tokenizer directory holds no config.json).
+    """
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").is_file() and not is_adapter_dir(p):
+        if need_config and not (p / "config.json").is_file() and not is_adapter_dir(p):
             raise NexusError(f"{what} {path}: directory holds no config.json (not a transformers model "
                              f"directory) and no {CONFIG_NAME} (not a NEXUS adapter)")
         return str(p)
     if p.exists():
         raise NexusError(f"{what} {path}: expected a model directory, got a file")
-    if _HUB_NAME.match(str(path)) and not str(path).startswith("."):
+    if _is_hub_name(str(path)):
         return str(path)  # a hub name: transformers resolves (and may download) it
     raise NexusError(f"{what} {path}: no such directory")
+
+
+def check_model_type(path: str | os.PathLike, what: str = "--model", trust_remote_code: bool = False) -> None:
+    """Refuse a local model whose config.json names a family this transformers does not know.
+
+    Without this, transformers reports custom code or an unknown architecture in terms of
+    repositories; the message here names the model type, the flag and what NEXUS supports.
+    """
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        cfg = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NexusError(f"{what} {path}: config.json is not valid JSON ({e})") from None
+    check_config_model_type(cfg, f"{what} {path}", trust_remote_code)
+
+
+def check_config_model_type(cfg: dict, where: str, trust_remote_code: bool = False) -> None:
+    """The check of `check_model_type` on an already parsed config.json; `where` starts the message."""
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as tf_version
+
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not model_type or model_type in CONFIG_MAPPING:
+        return
+    custom = "auto_map" in cfg
+    if custom and trust_remote_code:
+        return
+    from .moe import SUPPORTED_FAMILIES
+
+    hint = ("; its config.json asks for custom modeling code (auto_map), which NEXUS runs only with "
+            "--trust-remote-code, on the stages that offer it" if custom else "")
+    raise NexusError(f"{where}: model_type '{model_type}' is not a model family transformers {tf_version} "
+                     f"knows{hint}. Supported families: {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: bool = False, what="--model"):
@@ -103,11 +153,14 @@ def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: b
     from transformers import AutoModelForCausalLM
 
     path = check_model_path(path, what)
+    check_model_type(path, what, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise NexusError(f"{what} {path}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        where = "" if Path(path).exists() else " (not a local directory; tried as a hub model name)"
+        raise NexusError(f"{what} {path}: cannot load model{where} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
 def _resolve_base(adapter_dir: Path, recorded: str) -> str:
@@ -135,12 +188,16 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
         raise NexusError(f"{path}: adapter does not match the model "
                          f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
                          f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''})")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise NexusError(f"{path}: '{name}' has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(expected[name].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NexusError(f"{path}: '{name}' holds NaN or infinite values; the adapter is damaged "
+                             f"(load an earlier checkpoint)")
     with torch.no_grad():
         for name, t in state.items():
-            target = expected[name]
-            if tuple(t.shape) != tuple(target.shape):
-                raise NexusError(f"{path}: '{name}' has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
-            target.copy_(t)
+            expected[name].copy_(t)
 
 
 def attach_from_config(model: nn.Module, cfg: dict, source: str = "adapter") -> nn.Module:

@@ -4,18 +4,23 @@ Each verb lives in its own module with `add_arguments(parser)` and `run(args) ->
 docstring is the verb's `--help` description. Modules are imported when the parser is built, so a
 verb is listed only if it exists.
 
-User errors (`NexusError`) print `error: ...` and exit 2, without a traceback unless `--debug`.
+User errors (`NexusError`, a full disk) print `error: ...` and exit 2, without a traceback unless `--debug`;
+a process of a torchrun job that lost the others says so and exits 1. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
 
 from .errors import NexusError
+from .fsutil import WRITE_ERRNOS
 
 # verb -> module (relative to the package). Order is the pipeline order shown in --help.
 VERBS = {
@@ -66,12 +71,36 @@ def main(argv: list[str] | None = None) -> None:
     args._argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--use-ddp)
     try:
         code = args._run(args)
-    except NexusError as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        described = describe_error(e)
+        if described is None or getattr(args, "debug", False):
+            raise
+        message, exit_code = described
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(exit_code)
     sys.exit(code or 0)
+
+
+# What a collective operation raises when another rank died or stopped answering (gloo, NCCL).
+_PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|timeout|NCCL", re.IGNORECASE)
+
+
+def describe_error(e: Exception) -> tuple[str, int] | None:
+    """(message, exit code) for an error the user can act on; None for a bug (it keeps its traceback).
+
+    User errors exit 2; a rank that lost the rest of its torchrun job exits 1 (torchrun's summary
+    names the process that failed first).
+    """
+    if isinstance(e, NexusError):
+        return str(e), 2
+    if isinstance(e, OSError) and e.errno in (*WRITE_ERRNOS, errno.EACCES):  # a full disk outside our writers
+        return f"{e.filename + ': ' if e.filename else ''}{e.strerror}", 2
+    if isinstance(e, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_LOST.search(str(e)):
+        first = str(e).splitlines()[0][:300]
+        return (f"rank {os.environ.get('RANK', '?')}: lost contact with the other processes of this job ({first}); "
+                f"stopping. torchrun's summary names the process that failed first; run the same command again "
+                f"to continue (train: add --resume-from-checkpoint latest, collect: add --resume)"), 1
+    return None

@@ -109,30 +109,30 @@ def _iter_hf_dataset(path: Path, text_field: str, tokenizer, split: str | None) 
         yield Document(_record_text(record, f"{path}:{i}", text_field, tokenizer, path), f"{path}:{i}")
 
 
-def dataset_files(path: str | os.PathLike) -> list[Path]:
+def dataset_files(path: str | os.PathLike, flag: str = "--dataset") -> list[Path]:
     """The files a `--dataset` path stands for (a file, or a folder's supported files sorted)."""
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() not in SUFFIXES:
-            raise NexusError(f"--dataset {p}: unsupported file type '{p.suffix}' (expected {', '.join(SUFFIXES)})")
+            raise NexusError(f"{flag} {p}: unsupported file type '{p.suffix}' (expected {', '.join(SUFFIXES)})")
         return [p]
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
-            raise NexusError(f"--dataset {p}: folder holds no {', '.join(SUFFIXES)} files")
+            raise NexusError(f"{flag} {p}: folder holds no {', '.join(SUFFIXES)} files")
         return files
-    raise NexusError(f"--dataset {p}: no such file or directory")
+    raise NexusError(f"{flag} {p}: no such file or directory")
 
 
 def iter_documents(path: str | os.PathLike, tokenizer=None, text_field: str = "text",
-                   split: str | None = None) -> Iterator[Document]:
+                   split: str | None = None, flag: str = "--dataset") -> Iterator[Document]:
     """Documents of a dataset, in a deterministic order; empty documents are skipped."""
     p = Path(path)
     if _is_saved_hf_dataset(p):
         source = _iter_hf_dataset(p, text_field, tokenizer, split)
     else:
-        source = (d for f in dataset_files(p) for d in _iter_file(f, text_field, tokenizer))
+        source = (d for f in dataset_files(p, flag) for d in _iter_file(f, text_field, tokenizer))
     for doc in source:
         if doc.text.strip():
             yield doc
@@ -151,19 +151,26 @@ def load_documents(path, tokenizer=None, text_field: str = "text", limit: int | 
     return docs
 
 
-def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = False):
-    """The tokenizer of a model directory, or of an adapter's base model."""
+def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = False, what: str = "--model",
+                   model_dir: bool = True):
+    """The tokenizer of a model directory, or of an adapter's base model; errors name `what` (the flag).
+
+    `model_dir=False` accepts a directory holding only a tokenizer (no config.json).
+    """
     from transformers import AutoTokenizer
 
-    from .adapter import _resolve_base, is_adapter_dir, read_adapter_config
+    from .adapter import _resolve_base, check_model_path, check_model_type, is_adapter_dir, read_adapter_config
 
-    path = Path(model_path)
+    path = Path(check_model_path(model_path, what, need_config=model_dir))
     if is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
-        path = Path(_resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]))
+        what = f"base model of {what} {model_path}"
+        path = Path(check_model_path(_resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
+                                     what, need_config=False))
+    check_model_type(path, what, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise NexusError(f"{model_path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        raise NexusError(f"{what} {path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -218,6 +225,14 @@ def chunk(token_lists: Iterable[list[int]], seq_len: int) -> list[list[int]]:
             if len(piece) >= 2:
                 out.append(piece)
     return out
+
+
+def check_seq_len(model_or_config, seq_len: int, what: str) -> None:
+    """--seq-len must fit the model's positions (`max_position_embeddings`, where the config has one)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise NexusError(f"--seq-len {seq_len} is above the {what}'s limit (max_position_embeddings = {limit})")
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

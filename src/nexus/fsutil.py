@@ -1,14 +1,18 @@
 """Atomic file and directory writes, and safe JSON reading.
 
 Outputs appear under their final name only once complete: everything is written to a temporary
-sibling first, then renamed (a rename within one filesystem is atomic on POSIX).
+sibling first, then renamed (a rename within one filesystem is atomic on POSIX). A write that fails
+for want of room (full disk, quota, file size limit, read-only filesystem) becomes a `NexusError`
+naming the file; the temporary is removed and whatever had the final name before is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,21 +20,93 @@ from typing import Any, Iterator
 
 from .errors import NexusError
 
+# Errors only a write can give: converted to a user error that names the file.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust I/O errors carry the errno
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> NexusError | None:
+    """`exc` as a user error naming `path` when it is a failed write for want of room, else None."""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:
+        m = _OS_ERROR.search(str(exc))
+        code = int(m.group(1)) if m else None
+    if code not in WRITE_ERRNOS:
+        return None
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = ""
+    return NexusError(f"{path}: cannot write ({os.strerror(code)}{free}); nothing was written under this name "
+                      f"and what it held before is unchanged")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."  # the writer's pid: a later run can tell a dead writer's leftover
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporaries of `path` whose writer is gone (a kill -9 leaves them; they can be GBs).
+
+    Only `.NAME.PID.XXXX.tmp` siblings of a process no longer running are touched; never the
+    output itself, nor a temporary of a writer still at work.
+    """
+    start = f".{path.name}."
+    pattern = re.compile(rf"^{re.escape(start)}(\d+)\.[^.]+\.tmp$")
+    removed = []
+    with os.scandir(path.parent) as entries:
+        for entry in entries:
+            m = pattern.match(entry.name) if entry.name.startswith(start) else None
+            if m and not _alive(int(m.group(1))):
+                p = Path(entry.path)
+                shutil.rmtree(p, ignore_errors=True) if entry.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        err = write_error(path, e)
+        if err is None:
+            raise
+        raise err from e
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save`, whose failed writes (a RuntimeError from its zip writer) name the file."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise NexusError(f"{path}: cannot write ({str(e).splitlines()[0][:200]}); is the disk full?") from e
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -66,7 +142,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     if path.exists() and not overwrite:
         raise NexusError(f"{path}: output directory exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
@@ -76,6 +153,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except Exception as e:
+        # A file inside failed (maybe already a NexusError naming the temporary): name the directory.
+        cause = e.__cause__ if isinstance(e, NexusError) and e.__cause__ is not None else e
+        err = write_error(path, cause)
+        if err is None:
+            raise
+        raise err from cause
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

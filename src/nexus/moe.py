@@ -164,9 +164,10 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                                    layout=layout))
     if not blocks:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        source = getattr(getattr(model, "config", None), "_name_or_path", "")
         raise NexusError(
-            f"model type '{model_type}' has no MoE layers NEXUS can find: it looks for experts modules on "
-            f"transformers' unified experts interface. Supported families: {', '.join(SUPPORTED_FAMILIES)} "
-            f"(and any other transformers 5 MoE family built on that interface)"
+            f"{source + ': ' if source else ''}model type '{model_type}' has no MoE layers NEXUS can find: it looks "
+            f"for experts modules on transformers' unified experts interface. Supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)} (and any other transformers 5 MoE family built on that interface)"
         )
     return sorted(blocks, key=lambda b: b.layer)

@@ -131,7 +131,9 @@ def load_config(path: str | Path) -> dict:
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise NexusError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise NexusError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     if not isinstance(cfg, dict):
         raise NexusError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     unknown = sorted(set(cfg) - set(TOP_KEYS))
@@ -222,10 +224,13 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
                  dry_run: bool = False, timings: dict | None = None) -> list[str]:
     """Run the stages of a loaded config (paths relative to `base_dir`); returns the stages that ran."""
     ctx = Context(cfg, Path(base_dir))
+    names = plan_stages(cfg, start, only)
+    for name in names:  # every stage's options are checked before anything runs or is written
+        build_stage_args(name, stage_argv(ctx, name))
     Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
-    forced = set(plan_stages(cfg, start, only)) if (start or only) else set()
+    forced = set(names) if (start or only) else set()
     ran = []
-    for name in plan_stages(cfg, start, only):
+    for name in names:
         stage = ctx.table[name]
         argv = stage_argv(ctx, name)
         if name not in forced and is_complete(ctx, name):

@@ -58,9 +58,18 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NexusError(f"--model {path}: not valid JSON ({e})") from None
-    model_type = data.pop("model_type", None) if isinstance(data, dict) else None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if not model_type:
         raise NexusError(f"--model {path}: config has no 'model_type'")
+    from .adapter import check_config_model_type
+
+    check_config_model_type(data, f"--model {path}", trust_remote_code)
+    if "auto_map" in data and trust_remote_code:  # custom code, allowed by the flag: the model directory's own
+        try:
+            return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, ImportError) as e:
+            raise NexusError(f"--model {path}: cannot load its custom config ({e})") from None
+    data.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as e:

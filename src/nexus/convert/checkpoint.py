@@ -58,9 +58,12 @@ def load_config(model_dir: str | os.PathLike):
     """The transformers config of a local model directory; errors name the directory."""
     from transformers import AutoConfig
 
+    from ..adapter import check_model_type
+
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise NexusError(f"--input {path}: no config.json (not a transformers model directory)")
+    check_model_type(path, "--input")
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:

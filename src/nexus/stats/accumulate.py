@@ -109,6 +109,14 @@ class RouterStats:
                 self.sums[i][f] += other.sums[i][f].to(self.sums[i][f].device)
         return self
 
+    def nonfinite(self) -> tuple[int, str] | None:
+        """The first (layer, field) holding NaN or Inf, or None when every sum is finite."""
+        for i in self.moe_layers:
+            for f in FIELDS:
+                if not torch.isfinite(self.sums[i][f]).all():
+                    return i, f
+        return None
+
     def flat(self) -> torch.Tensor:
         """All sums in one float64 vector (for one all-reduce instead of one per tensor)."""
         return torch.cat([self.sums[i][f].reshape(-1) for i in self.moe_layers for f in FIELDS])

@@ -94,6 +94,7 @@ def _top_k(value: str) -> int | str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="router statistics from `nexus collect`")
     p.add_argument("--output", default="pca_stats.json", help="analysis JSON to write (default pca_stats.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--top-k", type=_top_k, default="auto",
                    help="experts selected per layer, or 'auto' (per layer, from the importance curve; default)")
     p.add_argument("--importance", choices=IMPORTANCE, default="pca",
@@ -117,9 +118,14 @@ def run(args) -> int:
         raise NexusError(f"--n-components must be at least 1, got {args.n_components}")
     if not 0 < args.auto_share <= 1:
         raise NexusError(f"--auto-share must be in (0, 1], got {args.auto_share}")
+    if Path(args.output).exists() and not args.overwrite:
+        raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
     stats, _ = RouterStats.load(args.input)
     if stats.tokens == 0:
         raise NexusError(f"{args.input}: statistics hold no tokens")
+    if args.top_k != "auto" and args.top_k > stats.num_experts:
+        raise NexusError(f"--top-k {args.top_k} is larger than the {stats.num_experts} experts per layer of "
+                         f"{args.input}; pass at most {stats.num_experts}, or auto")
     if args.model:
         check_against_model(stats, args.model, args.input)
     result = analyze_stats(stats, args.top_k, args.importance, args.n_components, args.merge_weights, args.auto_share)

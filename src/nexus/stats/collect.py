@@ -21,6 +21,7 @@ all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..data import iter_documents, load_tokenizer, pad_batch, tokenize
+from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
 from ..errors import NexusError
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
@@ -140,15 +141,48 @@ def _reduced(stats: RouterStats, reservoir: RawReservoir | None):
     return total, merged
 
 
+def partial_raw_path(partial: Path, batches_done: int) -> Path:
+    """The raw sample of a partial run at a data position: `x.partial.raw-{batches_done}.safetensors`."""
+    stem = partial.name[: -len(".safetensors")] if partial.name.endswith(".safetensors") else partial.name
+    return partial.with_name(f"{stem}.raw-{int(batches_done)}.safetensors")
+
+
+def _partial_raws(partial: Path) -> list[Path]:
+    stem = partial.name[: -len(".safetensors")] if partial.name.endswith(".safetensors") else partial.name
+    return sorted(partial.parent.glob(f"{glob.escape(stem)}.raw-*.safetensors")) + [raw_path(partial)]
+
+
 def _save(path: Path, stats: RouterStats, reservoir: RawReservoir | None, meta: dict | None = None) -> None:
-    """Rank 0 writes (statistics first, then the raw sample); every rank waits for it."""
+    """Rank 0 writes (the raw sample first, then the statistics); every rank waits for it.
+
+    A partial run's raw sample goes to a file named by its data position, which the statistics
+    record; older ones are removed only once the statistics naming the new one are in place. So a
+    kill at any point leaves statistics and a raw sample of the same batches.
+    """
     if dist.is_main():
+        raw = None
         if reservoir is not None:
-            reservoir.save(raw_path(path))
+            raw = raw_path(path) if meta is None else partial_raw_path(path, meta["batches_done"])
+            reservoir.save(raw)
+            if meta is not None:
+                meta = dict(meta, raw=raw.name)
         else:
             raw_path(path).unlink(missing_ok=True)  # a raw sample left by an earlier run is not this one's
         stats.save(path, meta)
+        if meta is not None:
+            for old in _partial_raws(path):
+                if old != raw:
+                    old.unlink(missing_ok=True)
     dist.barrier()
+
+
+def _check_finite(total: RouterStats, batches_done: int, partial: Path) -> None:
+    """Stop before NaN/Inf sums are written: they would poison every later flush and the analysis."""
+    bad = total.nonfinite()
+    if bad is not None:
+        kept = f"; {partial} (the last finite flush) is kept" if partial.is_file() else ""
+        raise NexusError(f"layer {bad[0]}: router statistics ({bad[1]}) are NaN or infinite after batch "
+                         f"{batches_done}: the model's router logits are not finite (damaged weights?){kept}")
 
 
 def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
@@ -165,13 +199,13 @@ def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
     if changed:
         raise NexusError(f"--resume {partial}: the partial run used other settings ("
                          + ", ".join(f"{k}: {recorded.get(k)!r} then, {plan[k]!r} now" for k in changed) + ")")
-    if reservoir is not None and not raw_path(partial).is_file():
-        raise NexusError(f"--resume {partial}: the partial run did not use --keep-raw "
-                         f"({raw_path(partial)} missing)")
+    raw = partial.with_name(meta["raw"]) if "raw" in meta else raw_path(partial)
+    if reservoir is not None and not raw.is_file():
+        raise NexusError(f"--resume {partial}: the partial run did not use --keep-raw ({raw} missing)")
     if dist.is_main():  # rank 0 holds the past; the reduction adds everyone's new tokens
         stats.merge_(done)
         if reservoir is not None:
-            reservoir.merge_(RawReservoir.load(raw_path(partial), reservoir.keys[reservoir.moe_layers[0]].device))
+            reservoir.merge_(RawReservoir.load(raw, reservoir.keys[reservoir.moe_layers[0]].device))
     return int(meta["batches_done"]), done.tokens
 
 
@@ -185,7 +219,8 @@ def run(args) -> int:
     device, dtype = _device_and_dtype(args)
     distributed = dist.init(device)
     device = dist.local_device(str(device))
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code,
+                               what="--tokenizer" if args.tokenizer else "--model", model_dir=not args.tokenizer)
 
     def texts():
         return (d.text for d in iter_documents(args.dataset, tokenizer, args.text_field, args.split))
@@ -197,6 +232,7 @@ def run(args) -> int:
     # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
     device_map = {"": str(device)} if device.type == "cuda" else None
     model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code).eval()
+    check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)
     reservoir = RawReservoir(stats.moe_layers, stats.num_experts, args.keep_raw, args.seed, device) \
@@ -214,34 +250,39 @@ def run(args) -> int:
     bar = tqdm(total=args.target_tokens or None, initial=tokens_before, unit="tok", unit_scale=True,
                disable=not dist.is_main(), desc="collect", mininterval=1.0, dynamic_ncols=True)
     t0, round_tokens, batches_done, new_tokens = time.perf_counter(), 0, start_batch, 0
-    with router_hooks(model, collector), torch.no_grad():
-        for b, seqs in enumerate(iter_batches(texts(), tokenizer, args.seq_len, args.batch_size, args.target_tokens)):
-            if b < start_batch:
-                continue
-            k = b - start_batch
-            if k % world == rank:
-                ids, mask = pad_batch(seqs, tokenizer.pad_token_id)  # (B, L), (B, L)
-                collector.set_batch(mask, batch_index=b)
-                _forward(decoder, ids.to(device), mask.to(device))
-            round_tokens += sum(len(s) for s in seqs)
-            batches_done = b + 1
-            if (k + 1) % world == 0:  # every rank has finished this round of batches
-                bar.update(round_tokens)
-                new_tokens += round_tokens
-                round_tokens = 0
-                if ((k + 1) // world) % args.flush_every == 0:
-                    total, raw = _reduced(stats, reservoir)
-                    _save(partial, total, raw, {"batches_done": batches_done, "plan": json.dumps(plan),
-                                                "world_size": world})
-    bar.update(round_tokens)
-    new_tokens += round_tokens
-    bar.close()
+    try:  # the bar is closed on errors too, so an error message starts on a line of its own
+        with router_hooks(model, collector), torch.no_grad():
+            for b, seqs in enumerate(iter_batches(texts(), tokenizer, args.seq_len, args.batch_size,
+                                                  args.target_tokens)):
+                if b < start_batch:
+                    continue
+                k = b - start_batch
+                if k % world == rank:
+                    ids, mask = pad_batch(seqs, tokenizer.pad_token_id)  # (B, L), (B, L)
+                    collector.set_batch(mask, batch_index=b)
+                    _forward(decoder, ids.to(device), mask.to(device))
+                round_tokens += sum(len(s) for s in seqs)
+                batches_done = b + 1
+                if (k + 1) % world == 0:  # every rank has finished this round of batches
+                    bar.update(round_tokens)
+                    new_tokens += round_tokens
+                    round_tokens = 0
+                    if ((k + 1) // world) % args.flush_every == 0:
+                        total, raw = _reduced(stats, reservoir)
+                        _check_finite(total, batches_done, partial)
+                        _save(partial, total, raw, {"batches_done": batches_done, "plan": json.dumps(plan),
+                                                    "world_size": world})
+        bar.update(round_tokens)
+        new_tokens += round_tokens
+    finally:
+        bar.close()
     total, raw = _reduced(stats, reservoir)
     if total.tokens == 0:
         raise NexusError(f"--dataset {args.dataset}: no tokens to collect")
+    _check_finite(total, batches_done, partial)
     _save(Path(args.output), total, raw)
     if dist.is_main():
-        for stale in (partial, raw_path(partial)):
+        for stale in (partial, *_partial_raws(partial)):
             stale.unlink(missing_ok=True)
         elapsed = time.perf_counter() - t0
         short = "" if not args.target_tokens or total.tokens >= args.target_tokens else \

@@ -92,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .txt/.jsonl/.json/.parquet file, a folder of them, or a saved Hugging Face dataset")
     p.add_argument("--tokenizer", required=True, help="model (or adapter) directory whose tokenizer to use")
     p.add_argument("--output", default="sample.jsonl", help="JSONL file to write (default sample.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--target-tokens", type=int, default=1_000_000,
                    help="stop once the selection holds this many tokens (default 1000000)")
     p.add_argument("--max-candidates", type=int, default=10_000,
@@ -112,12 +113,14 @@ def _check_args(args) -> None:
                              ("--seq-len", args.seq_len, 1), ("--workers", args.workers, 1)):
         if value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+    if Path(args.output).exists() and not args.overwrite:
+        raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
 
 
 def run(args) -> int:
     _check_args(args)
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, what="--tokenizer", model_dir=False)
     docs = iter_documents(args.dataset, tokenizer, args.text_field, args.split)
     candidates = draw_candidates(docs, args.max_candidates, args.seed)
     if not candidates:

@@ -86,6 +86,15 @@ def completed_shards(directory: Path) -> dict[int, dict]:
     return done
 
 
+def check_output(directory: Path) -> None:
+    """An --output to write a cache into: absent, empty, or a (partial) cache; never someone else's files."""
+    if not directory.exists() or (directory / MANIFEST).is_file() or (directory / PLAN).is_file():
+        return
+    if directory.is_file() or any(directory.iterdir()):
+        raise NexusError(f"--output {directory}: exists and is not a teacher cache (no {MANIFEST} or {PLAN}); "
+                         f"choose another --output")
+
+
 def check_plan(directory: Path, header: dict) -> None:
     """Record what this cache will hold, or refuse to continue a partial cache made differently."""
     plan = directory / PLAN
@@ -127,15 +136,26 @@ class TeacherCache:
                              f"understands ({VERSION})")
         self.manifest = m
         self.verify = verify
-        self.shards = sorted(m["shards"], key=lambda e: e["first"])
-        expected = 0
-        for e in self.shards:
-            if e["first"] != expected:
-                raise NexusError(f"{self.dir / MANIFEST}: shards do not cover positions {expected}.. contiguously")
-            expected += e["sequences"]
-        if expected != m["num_sequences"]:
-            raise NexusError(f"{self.dir / MANIFEST}: shards hold {expected} sequences, manifest says "
-                             f"{m['num_sequences']}")
+        try:
+            self.shards = sorted(m["shards"], key=lambda e: e["first"])
+            expected = 0
+            for e in self.shards:
+                if e["first"] != expected:
+                    raise NexusError(f"{self.dir / MANIFEST}: shards do not cover positions {expected}.. "
+                                     f"contiguously")
+                expected += e["sequences"]
+                path = self.dir / e["file"]
+                if not path.is_file():
+                    raise NexusError(f"{path}: shard listed in the manifest is missing")
+                if path.stat().st_size != e["bytes"]:  # cheap; checksums are verified as each shard is opened
+                    raise NexusError(f"{path}: {path.stat().st_size} bytes, the manifest records {e['bytes']} "
+                                     f"(truncated or replaced)")
+            if expected != m["num_sequences"]:
+                raise NexusError(f"{self.dir / MANIFEST}: shards hold {expected} sequences, manifest says "
+                                 f"{m['num_sequences']}")
+        except (KeyError, TypeError) as e:
+            raise NexusError(f"{self.dir / MANIFEST}: malformed teacher cache manifest ({type(e).__name__}: {e})") \
+                from None
         self._open: dict[str, object] = {}
 
     def __len__(self) -> int:

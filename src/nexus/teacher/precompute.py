@@ -106,11 +106,12 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
 
 def precompute(cfg: PrecomputeConfig) -> Path:
     cfg.check()
+    out = Path(cfg.output)
+    fmt.check_output(out)
     dist.init(resolve_device(cfg.device))
     device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
     rank, world = dist.rank(), dist.world_size()
-    out = Path(cfg.output)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, what="--model")
     spec = DataSpec(dataset=str(Path(cfg.dataset).resolve()), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)

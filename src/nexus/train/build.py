@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..adapter import (_resolve_base, attach_from_config, is_adapter_dir, load_adapter_weights, load_base_model,
-                       load_model, read_adapter_config)
-from ..data import load_tokenizer, tokenizer_fingerprint
+from ..adapter import (_resolve_base, attach_from_config, check_model_path, is_adapter_dir, load_adapter_weights,
+                       load_base_model, load_model, read_adapter_config)
+from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
@@ -77,12 +77,6 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
     return model, original
 
 
-def check_seq_len(model: nn.Module, seq_len: int, what: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise NexusError(f"--seq-len {seq_len} is above the {what}'s limit (max_position_embeddings = {limit})")
-
-
 def vocab_size(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
@@ -93,7 +87,7 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
         raise NexusError(f"--teacher-model {teacher_path}: its vocabulary has {vt} tokens, the student's {vs}; "
                          f"distillation needs the same vocabulary")
     try:
-        teacher_tok = load_tokenizer(teacher_path)
+        teacher_tok = load_tokenizer(teacher_path, what="--teacher-model")
     except NexusError:
         return  # a teacher directory without tokenizer files: the sizes matched
     ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
@@ -122,6 +116,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
         blocks = find_moe_blocks(model)
         swap = model._nexus_config["trainable_router"]
         return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
+    check_model_path(cfg.teacher_model, "--teacher-model")
     teacher = load_model(cfg.teacher_model, dtype=DTYPES[cfg.dtype],
                          device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)
     check_same_vocab(model, teacher, tokenizer, cfg.teacher_model)

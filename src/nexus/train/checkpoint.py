@@ -14,17 +14,19 @@ Each checkpoint directory is written atomically (complete, or absent).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..adapter import save_adapter
 from ..errors import NexusError
-from ..fsutil import atomic_dir, read_json, write_json
+from ..fsutil import atomic_dir, read_json, torch_save, write_json
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -32,6 +34,7 @@ RNG = "rng_state.pt"
 MASTERS = "master_weights.safetensors"
 ANCHOR = "sfa_anchor.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_STATE_KEYS = ("step", "global_batch", "data_fingerprint", "seed", "trainable_parameters", "router")
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -83,9 +86,9 @@ def save(path: Path, model, trainer_state: dict, extra_config: dict, optimizer_s
         save_adapter(model, tmp, extra_config)
         write_json(tmp / STATE, trainer_state)
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER)
+            torch_save(optimizer_state, tmp / OPTIMIZER)
         if rng_states is not None:
-            torch.save(rng_states, tmp / RNG)
+            torch_save(rng_states, tmp / RNG)
         if masters:
             save_file({k: v.contiguous().cpu() for k, v in masters.items()}, str(tmp / MASTERS))
         if anchor:
@@ -96,16 +99,33 @@ def save(path: Path, model, trainer_state: dict, extra_config: dict, optimizer_s
 def load(path: Path) -> dict:
     """Everything `save` wrote except the adapter weights (load those with `load_adapter_weights`)."""
     state = read_json(path / STATE, "trainer state")
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        raise NexusError(f"{path / STATE}: not a NEXUS trainer state (missing {', '.join(missing)})")
     if not (path / OPTIMIZER).is_file():
         raise NexusError(f"{path}: no {OPTIMIZER}; only checkpoint-N directories can be resumed from")
+    return {"state": state, "optimizer": _torch_load(path / OPTIMIZER, "optimizer state"),
+            "rng": _torch_load(path / RNG, "RNG state") if (path / RNG).is_file() else None,
+            "masters": _safetensors_load(path / MASTERS) if (path / MASTERS).is_file() else {},
+            "anchor": _safetensors_load(path / ANCHOR) if (path / ANCHOR).is_file() else None}
+
+
+def _torch_load(path: Path, what: str):
+    """NEXUS's own torch.save files, as plain tensors and containers only: never arbitrary pickles."""
     try:
-        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
-        rng = torch.load(path / RNG, map_location="cpu", weights_only=True) if (path / RNG).is_file() else None
-    except (OSError, RuntimeError) as e:
-        raise NexusError(f"{path}: cannot read the optimizer / RNG state ({str(e).splitlines()[0]})") from None
-    return {"state": state, "optimizer": optimizer, "rng": rng,
-            "masters": load_file(str(path / MASTERS)) if (path / MASTERS).is_file() else {},
-            "anchor": load_file(str(path / ANCHOR)) if (path / ANCHOR).is_file() else None}
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure (I/O, a damaged archive, a refused pickle) means: not our file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "not tensors and plain containers; NEXUS never unpickles anything else"
+        raise NexusError(f"{path}: not a NEXUS {what} ({reason[:200]})") from None
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise NexusError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
@@ -115,5 +135,9 @@ def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
     found = checkpoints(output_dir)
     removed = [p for _, p in found[:-keep]]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        # Renamed first: a kill during the deletion leaves a hidden leftover, never a half-deleted checkpoint-N.
+        doomed = p.with_name(f".{p.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return removed

@@ -62,7 +62,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         resume = self._resume_point()
 
-        self.tokenizer = load_tokenizer(cfg.student_model)
+        self.tokenizer = load_tokenizer(cfg.student_model, what="--student-model")
         self.model, original_routers = load_student(cfg, self.device)
         check_seq_len(self.model, cfg.seq_len, "student model")
         check_head_split(self.model, self.device)
@@ -96,6 +96,8 @@ class Trainer:
         self.model.train()
         if resume is not None:
             self._load_checkpoint(resume)
+        if not self.teacher.online:  # open (and checksum) the first cache shard this run reads before writing
+            self.teacher.batch(self.layout.positions(self.step, 0, self.rank))
         self.router_frozen = False
         self._apply_router_freeze()
         self._wrap()
@@ -117,6 +119,8 @@ class Trainer:
 
     def _resume_point(self) -> Path | None:
         cfg = self.cfg
+        if self.out.exists() and not self.out.is_dir():
+            raise NexusError(f"--output-dir {self.out}: exists and is not a directory")
         if cfg.resume_from_checkpoint:
             path = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.out)
             if path is None and self.rank == 0:
@@ -316,8 +320,12 @@ class Trainer:
             raise NexusError(f"--resume-from-checkpoint {path}: trains other parameters than this run "
                              f"(router trainable there: {state['router']['trainable']})")
         load_adapter_weights(self.model, path)
-        self.params.load_master_state(data["masters"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        try:
+            self.params.load_master_state(data["masters"])
+            self.optimizer.load_state_dict(data["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise NexusError(f"--resume-from-checkpoint {path}: its optimizer state does not fit this run's "
+                             f"trainable weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if data["anchor"] is not None and self.anchor is not None:
             self.anchor = data["anchor"]
         rng = data["rng"]

@@ -67,7 +67,7 @@ class SequenceSet:
 
 def build_sequences(spec: DataSpec, tokenizer, flag: str = "--dataset") -> SequenceSet:
     """Read, tokenize and pack (or chunk and pad) a dataset into `spec.seq_len` sequences."""
-    docs = [d.text for d in iter_documents(spec.dataset, tokenizer, spec.text_field, spec.split)]
+    docs = [d.text for d in iter_documents(spec.dataset, tokenizer, spec.text_field, spec.split, flag)]
     if not docs:
         raise NexusError(f"{flag} {spec.dataset}: no non-empty documents")
     token_lists = tokenize(docs, tokenizer)

@@ -15,6 +15,7 @@ report.md and plots/ to --output (the folder appears only once complete). With
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ import torch
 
 from ..adapter import _resolve_base, is_adapter_dir, read_adapter_config
 from ..chat import add_sampling_arguments, sampling_from_args, start_chat
-from ..data import chunk, iter_documents, load_tokenizer, pack, pad_batch, tokenize, tokenizer_fingerprint
+from ..data import (check_seq_len, chunk, iter_documents, load_tokenizer, pack, pad_batch, tokenize,
+                    tokenizer_fingerprint)
 from ..device import add_device_arguments, load_for_inference
 from ..errors import NexusError
 from .metrics import evaluate
@@ -58,7 +60,9 @@ def sequences(path: str, tokenizer, seq_len: int, num_samples: int, packed: bool
     """
     out: list[list[int]] = []
     buffer: list[int] = []  # packed mode: tokens not yet in a full sequence
+    docs = 0
     for doc in iter_documents(path, tokenizer, text_field):
+        docs += 1
         ids = tokenize([doc.text], tokenizer)
         if packed:
             buffer += ids[0]
@@ -69,6 +73,8 @@ def sequences(path: str, tokenizer, seq_len: int, num_samples: int, packed: bool
         out += pieces[:num_samples - len(out)]
         if len(out) >= num_samples:
             break
+    if not docs:
+        raise NexusError(f"--dataset {path}: no non-empty documents")
     if not out:
         raise NexusError(f"--dataset {path}: no evaluation sequence of at least "
                          f"{seq_len if packed else 2} tokens (documents too short{' for --pack' if packed else ''})")
@@ -108,6 +114,9 @@ def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
 def check_args(args) -> dict[str, str]:
     """Validate flag values before any model is loaded; returns the named datasets."""
     datasets = parse_datasets(args.dataset)
+    for path in datasets.values():  # before any model is loaded
+        if not Path(path).exists():
+            raise NexusError(f"--dataset {path}: no such file or directory")
     if not datasets and not args.chat:
         raise NexusError("nothing to do: pass --dataset (held-out data to measure on) and/or --chat")
     if args.compute_perplexity and not datasets:
@@ -175,13 +184,15 @@ def _validate(model, datasets: dict[str, str], args) -> int:
 
     baseline_path, baseline_name = baseline_plan(args.model, args.baseline)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    check_seq_len(model, args.seq_len, "model")
     baseline = None
     if baseline_path is not None:
-        base_tok = load_tokenizer(baseline_path, trust_remote_code=args.trust_remote_code)
+        base_tok = load_tokenizer(baseline_path, trust_remote_code=args.trust_remote_code, what="--baseline")
         if tokenizer_fingerprint(base_tok) != tokenizer_fingerprint(tokenizer):
             raise NexusError(f"--baseline {baseline_path}: its tokenizer differs from the model's; perplexity and "
                              f"KL must be measured on the same tokens")
         baseline = load_for_inference(baseline_path, args, what="--baseline")
+        check_seq_len(baseline, args.seq_len, "baseline")
     note = "a separately loaded model" if baseline is not None else "the same weights with the shared experts off"
     print(f"baseline: {baseline_name} ({note})", file=sys.stderr)
     results = {}
@@ -196,6 +207,11 @@ def _validate(model, datasets: dict[str, str], args) -> int:
                                      compute_perplexity=args.compute_perplexity, progress=bar.update)
     del baseline
     report = build_report(_display(args.model), baseline_name, results)
+    for name, d in report["datasets"].items():
+        bad = sorted(k for k, v in d.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            raise NexusError(f"--dataset {name}: {', '.join(bad)} came out NaN or infinite (the model or its "
+                             f"baseline gives non-finite logits); no report written")
     out = write_report(report, args.output, args.excellent_threshold, args.fail_threshold, args.overwrite,
                        baseline_note=note)
     for name, d in report["datasets"].items():
