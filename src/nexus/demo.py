@@ -85,12 +85,16 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     lines += ["", "## Initialization", "",
               f"Strategy `{adapter_cfg.get('init_strategy')}`, width x{adapter_cfg.get('width_multiplier')}, "
               f"scale {adapter_cfg.get('scale', 1.0)}: each layer's shared expert is the weighted average of the "
-              f"experts selected above."]
+              f"experts selected above (the config fixes k; the category's recommendation is for reference)."]
 
-    first, last = rows[0], rows[-1]
+    n = max(1, min(10, len(rows) // 2))  # single steps are noisy: compare the means of the first and last n
+    mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
+    first, last = rows[:n], rows[-n:]
     lines += ["", "## Training", "",
-              f"{last['step']} steps on the held-out domain. Loss {first['loss']:.3f} -> {last['loss']:.3f} "
-              f"(CE {first['ce']:.3f} -> {last['ce']:.3f}, KL {first['kl']:.4f} -> {last['kl']:.4f}).", ""]
+              f"{rows[-1]['step']} steps on the held-out domain (distillation from the bundled model + LM loss). "
+              f"Mean of the first / last {n} steps: loss {mean('loss', first):.3f} -> {mean('loss', last):.3f}, "
+              f"CE {mean('ce', first):.3f} -> {mean('ce', last):.3f}, KL {mean('kl', first):.4f} -> "
+              f"{mean('kl', last):.4f}.", ""]
     metrics_png = train_dir / "plots" / "metrics.png"
     if metrics_png.is_file():
         lines.append(f"![training curves]({rel(metrics_png)})")
