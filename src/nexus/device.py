@@ -23,6 +23,22 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow custom modeling code from the model directory (off by default)")
 
 
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """A `--device` value as a torch device: None or "auto" is cuda when available, else cpu; under
+    torchrun, `cuda` means this rank's GPU once torch.distributed is up."""
+    from . import dist
+
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NexusError(f"{flag} {name}: not a device (expected cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NexusError(f"{flag} {name}: CUDA is not available on this machine")
+    return dist.local_device(str(device))
+
+
 def device_map(device: str | None):
     """The `device_map` for `from_pretrained` from a `--device` value."""
     if device is None:

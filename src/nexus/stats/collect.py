@@ -31,6 +31,7 @@ import torch
 
 from .. import dist
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
+from ..device import resolve_device
 from ..errors import NexusError
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
@@ -116,13 +117,7 @@ def _check_args(args) -> None:
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
-    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NexusError(f"--device {args.device}: not a device (cpu, cuda, cuda:N, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NexusError(f"--device {args.device}: CUDA is not available")
+    device = resolve_device(args.device)
     dtype = DTYPES.get(args.dtype) or ("auto" if device.type == "cuda" else torch.float32)
     return device, dtype
 

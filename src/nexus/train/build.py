@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import dist
 from ..adapter import (_resolve_base, attach_from_config, check_model_path, is_adapter_dir, load_adapter_weights,
                        load_base_model, load_model, read_adapter_config)
 from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
+from ..device import resolve_device  # noqa: F401  (re-exported for train and precompute)
 from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
@@ -23,15 +23,6 @@ from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
 
 log = logging.getLogger("nexus.train")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """--device (default: cuda when available); `cuda` means this rank's GPU once torch.distributed is up."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
-        raise NexusError(f"--device {name}: CUDA is not available")
-    return dist.local_device(name)
 
 
 def student_base_path(student: str) -> str:
