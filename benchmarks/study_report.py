@@ -93,13 +93,21 @@ def plot(q: int, res: dict, path: Path) -> None:
         for ax, knob in zip(axes, knobs):
             pts = [r for r in res.values() if r["knob"] == knob]
             xs = [r["value"] for r in pts]
-            ax.plot(xs, [r["summary"]["end_domain_ppl"][0] for r in pts], "o-", label="domain ppl")
-            ax.plot(xs, [r["summary"]["end_general_ppl"][0] for r in pts], "s-", label="general ppl")
+            ax.plot(xs, [r["summary"]["end_domain_ppl"][0] for r in pts], "o-", color="C0", label="domain ppl")
             ax.axhline(pts[0]["summary"]["start_base_domain_ppl"][0], color="C0", ls="--", lw=0.8, label="base domain")
-            ax.axhline(pts[0]["summary"]["start_base_general_ppl"][0], color="C1", ls="--", lw=0.8, label="base general")
+            ax.set_ylabel("domain perplexity", color="C0")
+            gx = ax.twinx()  # general perplexity moves far less: its own axis
+            gx.plot(xs, [r["summary"]["end_general_ppl"][0] for r in pts], "s-", color="C1", label="general ppl")
+            gx.axhline(pts[0]["summary"]["start_base_general_ppl"][0], color="C1", ls="--", lw=0.8,
+                       label="base general")
+            gx.set_ylabel("general perplexity", color="C1")
+            ax.set_xticks(xs)
             ax.set_xlabel(knob)
             ax.set_title(f"after the budget, vs {knob}")
-        axes[0].legend()
+            if knob == knobs[0]:
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = gx.get_legend_handles_labels()
+                ax.legend(h1 + h2, l1 + l2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
