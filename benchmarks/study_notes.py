@@ -11,8 +11,9 @@ varied, AdamW at lr 1e-3 with a 10 % linear warmup and gradient clipping at 1.0,
 model: perplexity on domain_eval and general_eval, and KL(base ‖ model) at T = 1 per position.
 Router statistics: `nexus collect` once on domain_train (40,000 tokens), analyzed by
 `nexus.stats.analyze` into every selection used below. Machine: 2 shared CPU cores, one torch
-thread per process; the jobs of questions 1 and 3 ran side by side, so step times are only
-comparable within question 2. This is a small budget on a tiny model: differences of a fraction of a
+thread per process; question 1 ran in one process while questions 3 and then 2 ran in another, on
+a machine shared with other work, so step times are indicative only, and only within question 2
+(whose rows all ran under that same load). This is a small budget on a tiny model: differences of a fraction of a
 perplexity point are within seed noise unless the table's std says otherwise."""
 
 NOTES = {
