@@ -40,7 +40,9 @@ ratio 0.5) and its parameter count includes them. LoRA: PEFT on attention q/k/v/
 expert weights through `target_parameters`, rank chosen so its count is closest to NEXUS's, teacher
 = the same model under `disable_adapter()`. ESFT-style: the base's routed experts with the highest
 routed top-k share per layer in the same router statistics are trained in place (the other experts'
-slices get a zero gradient mask); top-1 matches NEXUS's parameter count exactly, top-2 doubles it.""",
+slices get a zero gradient mask); top-1 matches NEXUS's parameter count exactly, top-2 doubles it.
+"Domain gained" and "general lost" are relative to the base model's perplexity (not to step 0;
+NEXUS's step 0 already differs from the base, LoRA's and ESFT's do not). One seed.""",
     3: """\
 Around the reference (pca_top8, importance weights, width 1×, KL weight 1, frozen router); one knob
 changed at a time. Width M: the extra hidden units start with random gate/up rows and zero down
@@ -48,21 +50,37 @@ rows (output unchanged at init). KL weight 0 is pure LM loss (no teacher forward
 }
 
 DISCUSSION = """\
-See the ranked lists under each table: they are computed from the results, not typed.
+The figures are in the tables and ranked lists above (computed from the results JSON); this section
+only reads them. With one seed for questions 2 and 3, a difference there is a hint, not a result.
 
-- **What the init buys.** Every expert-derived init starts close to the base model (small step-0 KL),
-  because the shared expert adds a plausible expert output to the routed mixture; `random` starts
-  essentially at the base (its output is tiny), and `zero` starts exactly there. Whether the
-  better-chosen starting point survives training is what the "after the budget" columns show; with
-  this few steps the init decides most of the outcome, and differences smaller than the seed std
-  should not be read as a ranking.
-- **zero** does not learn beyond a per-layer bias (see question 1's note); it is a plumbing check,
-  not a method.
-- **Against LoRA and ESFT**, at matched parameter counts, read question 2's table for gained vs lost:
-  the methods that edit the base's own weights (LoRA on attention + experts, ESFT's routed experts)
-  change what every token routed there computes, while NEXUS adds a new path and leaves every base
-  weight untouched (the base is recovered exactly by switching the shared experts off).
-- **Limits of this study.** A 4.4M-parameter model, 40 steps, 24 evaluation sequences per split,
-  one learning rate for every method (not tuned per method; LoRA and ESFT usually want their own),
-  3 seeds for question 1 and 1 seed for questions 2 and 3. The result is a like-for-like comparison
-  under one small budget, not a statement about large models or long training."""
+- **Init (question 1).** The init that disturbs the model least is not the one that learns most
+  slowly, and the expert-derived inits do *not* win at equal size: under this budget `random` (a
+  near-silent expert) ends with lower domain perplexity than every width-1× merge of routed experts
+  (pca, frequency, aligned, uniform), by more than one seed std. Among the merges, frequency and
+  aligned selection end slightly ahead of the pca-ranked ones, equal vs importance weights make no
+  difference beyond noise, and the uniform average of all 32 experts is the weakest merge (it starts
+  closest to the base of the merges, but learns least). A plausible reading, not tested here: a
+  weight-space average of unrelated experts is a poor, already-"committed" starting point, while a
+  small random expert can move freely toward the domain. `concat_top8` is best by far after
+  training, but it is 8× wider (8× the trainable parameters), starts furthest from the base (it adds
+  the full weighted expert output, visibly hurting both perplexities at step 0) and ends with the
+  largest general-perplexity loss; compare it with question 3's width sweep, not with the 1× rows.
+- **zero** learns only a per-layer output bias (question 1's note): a plumbing check, not a method.
+- **Methods (question 2).** At NEXUS's parameter count, ESFT-style training of each layer's most-used
+  routed expert gained the most domain perplexity *and* lost no general perplexity in this run;
+  NEXUS with a frozen router gained less but left general perplexity where the base has it; a
+  trainable router bought NEXUS more domain gain at some general loss; LoRA at a similar count gained
+  the least and lost general perplexity. So on this model NEXUS does not win on quality per
+  parameter; what it keeps is structural: every base weight is untouched and the base is recovered
+  exactly by switching the shared experts off, whereas ESFT and LoRA (merged) overwrite the base.
+  Memory: the ESFT rows hold gradients and AdamW state for *all* experts' full tensors (the mask
+  zeroes the gradient, it does not shrink the parameter), which is why they use the most memory
+  here; a real ESFT implementation would split the trained experts out. Step times are close at
+  this size; read them with the load caveat of the introduction.
+- **Sensitivity (question 3).** Wider shared experts help steadily (more parameters, more gain);
+  the KL weight trades domain gain against general retention as expected (pure LM loss gains most on
+  the domain and loses most on general text); top-K of the merge barely matters.
+- **Limits.** A 4.4M-parameter model, 40 steps, 24 evaluation sequences per split, one learning rate
+  for every method (untuned; ESFT and LoRA may prefer others, NEXUS too), router statistics from
+  the domain training split. A like-for-like comparison under one small budget, not a statement
+  about large models or long training."""

@@ -132,6 +132,11 @@ def findings(q: int, res: dict) -> list[str]:
         start_kl = {n: r["summary"]["start_domain_kl"][0] for n, r in res.items()}
         out.append("Ranked by KL to the teacher at step 0 (how much the init disturbs the model): " +
                    ", ".join(f"{n} {start_kl[n]:.4f}" for n in sorted(start_kl, key=start_kl.get)) + ".")
+        low = min(r["summary"]["trainable"] for r in res.values())
+        same = [n for n in order if res[n]["summary"]["trainable"] == low]
+        if len(same) < len(order):
+            out.append(f"At the same parameter count ({int(low):,}, width 1×) only: " +
+                       ", ".join(f"{n} {_pm(end[n])}" for n in same) + ".")
         best, second = order[0], order[1]
         gap = end[second][0] - end[best][0]
         noise = max(end[best][1], end[second][1])
