@@ -269,3 +269,24 @@ def _call(fn_name: str, kwargs: dict) -> dict:
         res = run_custom(fn_name, data, ev, stats_path=Path(kwargs.pop("stats_path")), **kwargs)
     res["rss_before_mib"] = rss0
     return res
+
+
+def zero_init_grads(seq_len: int = 64) -> dict[str, float]:
+    """Max |gradient| of each zero-initialized shared-expert tensor (over layers) after one LM backward."""
+    from nexus.shared import attach_shared_experts
+
+    torch.manual_seed(0)
+    model = load_base_model(MODEL, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach_shared_experts(model, init="zero")
+    shared = {n: p for n, p in model.named_parameters() if "nexus_shared_expert" in n}
+    for p in shared.values():
+        p.requires_grad_(True)
+    ids = torch.randint(0, model.config.vocab_size, (2, seq_len))
+    model(input_ids=ids, labels=ids).loss.backward()
+    out: dict[str, float] = {}
+    for n, p in shared.items():
+        key = n.rsplit(".", 1)[-1]
+        out[key] = max(out.get(key, 0.0), float(p.grad.abs().max()))
+    return out

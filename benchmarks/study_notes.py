@@ -11,9 +11,10 @@ varied, AdamW at lr 1e-3 with a 10 % linear warmup and gradient clipping at 1.0,
 model: perplexity on domain_eval and general_eval, and KL(base ‖ model) at T = 1 per position.
 Router statistics: `nexus collect` once on domain_train (40,000 tokens), analyzed by
 `nexus.stats.analyze` into every selection used below. Machine: 2 shared CPU cores, one torch
-thread per process; question 1 ran in one process while questions 3 and then 2 ran in another, on
-a machine shared with other work, so step times are indicative only, and only within question 2
-(whose rows all ran under that same load). This is a small budget on a tiny model: differences of a fraction of a
+thread per process; question 1 and question 3 ran side by side, on a machine shared with other
+work; question 2 ran alone afterwards (a first run of it alongside question 1 gave the same
+perplexities, the runs being deterministic, and different step times). Step times are indicative
+only, and only within question 2. This is a small budget on a tiny model: differences of a fraction of a
 perplexity point are within seed noise unless the table's std says otherwise."""
 
 NOTES = {
@@ -24,7 +25,7 @@ equal weights; `pca_top8_*` rank experts by PCA importance and merge with equal 
 importance-proportional weights; `frequency_top8` ranks by routed top-k share (importance weights);
 `aligned_top8` and `concat_top8` use the pca_top8 importance selection. KL columns are per position
 on domain_eval. **zero** cannot learn its expert: with every weight 0, the gate/up and down weight
-gradients are exactly 0 (checked: max |grad| = 0). On GPT-OSS the down-projection *bias* still gets a
+gradients are exactly 0 (measured below the table). On GPT-OSS the down-projection *bias* still gets a
 gradient (it is added after the zero matrix), so a zero-initialized GPT-OSS shared expert trains
 only a constant output vector per layer (128 numbers) — that, and nothing else, is what moves its
 row after training. (docs/train.md says an all-zero expert has zero gradients; that holds for the
@@ -53,9 +54,8 @@ DISCUSSION = """\
 The figures are in the tables and ranked lists above (computed from the results JSON); this section
 only reads them. With one seed for questions 2 and 3, a difference there is a hint, not a result.
 
-- **Init (question 1).** The init that disturbs the model least is not the one that learns most
-  slowly, and the expert-derived inits do *not* win at equal size: under this budget `random` (a
-  near-silent expert) ends with lower domain perplexity than every width-1× merge of routed experts
+- **Init (question 1).** The expert-derived inits do *not* win at equal size: under this budget
+  `random` (a near-silent expert, step-0 KL close to zero) ends with lower domain perplexity than every width-1× merge of routed experts
   (pca, frequency, aligned, uniform), by more than one seed std. Among the merges, frequency and
   aligned selection end slightly ahead of the pca-ranked ones, equal vs importance weights make no
   difference beyond noise, and the uniform average of all 32 experts is the weakest merge (it starts

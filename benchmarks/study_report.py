@@ -181,6 +181,12 @@ def write_report(docs: Path, out: Path) -> Path:
                   f"general perplexity {first['start_base_general_ppl'][0]:.2f}.", "", NOTES[q], "",
                   table(q, res), "", f"![question {q}](study/q{q}.png)", ""]
         lines += [f"- {s}" for s in findings(q, res)] + [""]
+        if q == 1:  # measured when the report is written: one backward through a zero-initialized model
+            import study_lib
+
+            grads = study_lib.zero_init_grads()
+            lines += ["Zero init, max |gradient| over layers after one LM backward (measured by "
+                      "`study_lib.zero_init_grads`): " + ", ".join(f"`{k}` {v:.3g}" for k, v in grads.items()) + ".", ""]
     lines += ["## Discussion", "", DISCUSSION, ""]
     out.write_text("\n".join(lines))
     return out
