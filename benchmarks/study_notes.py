@@ -43,7 +43,7 @@ expert weights through `target_parameters`, rank chosen so its count is closest 
 routed top-k share per layer in the same router statistics are trained in place (the other experts'
 slices get a zero gradient mask); top-1 matches NEXUS's parameter count exactly, top-2 doubles it.
 "Domain gained" and "general lost" are relative to the base model's perplexity (not to step 0;
-NEXUS's step 0 already differs from the base, LoRA's and ESFT's do not). One seed.""",
+NEXUS's step 0 already differs from the base, LoRA's and ESFT's do not). Means over the seeds run.""",
     3: """\
 Around the reference (pca_top8, importance weights, width 1×, KL weight 1, frozen router); one knob
 changed at a time. Width M: the extra hidden units start with random gate/up rows and zero down
@@ -52,7 +52,7 @@ rows (output unchanged at init). KL weight 0 is pure LM loss (no teacher forward
 
 DISCUSSION = """\
 The figures are in the tables and ranked lists above (computed from the results JSON); this section
-only reads them. With one seed for questions 2 and 3, a difference there is a hint, not a result.
+only reads them. Where a question ran one seed, a difference there is a hint, not a result.
 
 - **Init (question 1).** The expert-derived inits do *not* win at equal size: under this budget
   `random` (a near-silent expert, step-0 KL close to zero) ends with lower domain perplexity than every width-1× merge of routed experts

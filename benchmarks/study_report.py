@@ -28,14 +28,14 @@ def table(q: int, res: dict) -> str:
                          f"{_pm(s['end_domain_ppl'])} | {_pm(s['end_general_ppl'])} |")
     elif q == 2:
         lines = ["| method | trainable | domain ppl @0 → @end | domain gained | general ppl @end | general lost | "
-                 "median step (ms) | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "median step (ms) | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # step, RSS: medians
         for name, r in res.items():
             s = r["summary"]
             base_d, base_g = s["start_base_domain_ppl"][0], s["start_base_general_ppl"][0]
             label = name + (f" (r={r['rank']})" if "rank" in r else "")
             lines.append(f"| {label} | {int(s['trainable']):,} | {s['start_domain_ppl'][0]:.2f} → "
-                         f"{s['end_domain_ppl'][0]:.2f} | {-_pct(s['end_domain_ppl'][0], base_d):+.2f} % | "
-                         f"{s['end_general_ppl'][0]:.2f} | {_pct(s['end_general_ppl'][0], base_g):+.2f} % | "
+                         f"{_pm(s['end_domain_ppl'])} | {-_pct(s['end_domain_ppl'][0], base_d):+.2f} % | "
+                         f"{_pm(s['end_general_ppl'])} | {_pct(s['end_general_ppl'][0], base_g):+.2f} % | "
                          f"{s['step_s'] * 1e3:.0f} | {s['rss_mib']:.0f} |")
     else:
         lines = ["| knob | value | trainable | domain ppl @0 | domain ppl @end | general ppl @end | KL domain @end |",
