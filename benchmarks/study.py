@@ -2,7 +2,7 @@
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 1 --steps 40 --seeds 0 1 2
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 3 --steps 40 --seeds 0
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 2 --steps 40 --seeds 0
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 2 --steps 40 --seeds 0 1 2
     PYTHONPATH=src python benchmarks/study.py --report          # docs/study.md + docs/study/*.png from the JSON
 
 Specialization to the demo model's held-out domain (`email` + `http`): every run trains for --steps

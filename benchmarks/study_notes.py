@@ -67,12 +67,13 @@ only reads them. Where a question ran one seed, a difference there is a hint, no
   largest general-perplexity loss; compare it with question 3's width sweep, not with the 1× rows.
 - **zero** learns only a per-layer output bias (question 1's note): a plumbing check, not a method.
 - **Methods (question 2).** At NEXUS's parameter count, ESFT-style training of each layer's most-used
-  routed expert gained the most domain perplexity *and* lost no general perplexity in this run;
-  NEXUS with a frozen router gained less but left general perplexity where the base has it; a
-  trainable router bought NEXUS more domain gain at some general loss; LoRA at a similar count gained
-  the least and lost general perplexity. So on this model NEXUS does not win on quality per
-  parameter; what it keeps is structural: every base weight is untouched and the base is recovered
-  exactly by switching the shared experts off, whereas ESFT and LoRA (merged) overwrite the base.
+  routed expert gained the most domain perplexity (beyond the seed std); NEXUS with a trainable
+  router came next, then NEXUS with a frozen router, and LoRA at a similar count gained the least.
+  None of them lost general perplexity beyond seed noise under this short budget (the domain is
+  Python code too, so general text even improves slightly for most). So on this model NEXUS does not
+  win on quality per parameter; what it keeps is structural: every base weight is untouched and the
+  base is recovered exactly by switching the shared experts off, whereas ESFT and LoRA (merged)
+  overwrite the base.
   Memory: the ESFT rows hold gradients and AdamW state for *all* experts' full tensors (the mask
   zeroes the gradient, it does not shrink the parameter), which is why they use the most memory
   here; a real ESFT implementation would split the trained experts out. Step times are close at
