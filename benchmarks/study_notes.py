@@ -67,8 +67,9 @@ only reads them. Where a question ran one seed, a difference there is a hint, no
   largest general-perplexity loss; compare it with question 3's width sweep, not with the 1× rows.
 - **zero** learns only a per-layer output bias (question 1's note): a plumbing check, not a method.
 - **Methods (question 2).** At NEXUS's parameter count, ESFT-style training of each layer's most-used
-  routed expert gained the most domain perplexity (beyond the seed std); NEXUS with a trainable
-  router came next, then NEXUS with a frozen router, and LoRA at a similar count gained the least.
+  routed expert gained the most domain perplexity: clearly ahead of NEXUS with a frozen router and
+  of LoRA, but only within the seed std of NEXUS with a trainable router (whose count includes the
+  routers). NEXUS with a frozen router came next, and LoRA at a similar count gained the least.
   None of them lost general perplexity beyond seed noise under this short budget (the domain is
   Python code too, so general text even improves slightly for most). So on this model NEXUS does not
   win on quality per parameter; what it keeps is structural: every base weight is untouched and the
