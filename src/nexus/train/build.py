@@ -59,8 +59,9 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
     else:
         attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
         if cfg.init_strategy == "zero":
-            log.warning("warning: --init-strategy zero: an all-zero shared expert gets zero gradients (its output "
-                        "and both projections are 0) and will not learn; use random or a converted adapter")
+            log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
+                        "gradient (only an output bias, where the family has one, can learn); use random or a "
+                        "converted adapter")
     model._nexus_config["trainable_router"] = bool(model._nexus_config["trainable_router"] or cfg.train_router)
     for p in router_params(blocks).values():
         p.requires_grad_(cfg.train_router)
