@@ -1,4 +1,4 @@
-"""Method study on the bundled demo MoE (issue 9): init strategies, other fine-tuning methods, sensitivity.
+"""Method study on the bundled demo MoE: init strategies, other fine-tuning methods, sensitivity.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 1 --steps 40 --seeds 0 1 2
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 3 --steps 40 --seeds 0

@@ -166,7 +166,7 @@ def write_report(docs: Path, out: Path) -> Path:
     """docs/study.md and docs/study/qN.png from every results_qN.json present."""
     from study_notes import DISCUSSION, INTRO, NOTES
 
-    lines = ["# Method study on the demo MoE (issue 9)", "", INTRO, ""]
+    lines = ["# Method study on the demo MoE", "", INTRO, ""]
     for q in (1, 2, 3):
         f = docs / f"results_q{q}.json"
         if not f.is_file():
