@@ -40,17 +40,10 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
 
 
 def device_map(device: str | None):
-    """The `device_map` for `from_pretrained` from a `--device` value."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The `device_map` for `from_pretrained` from a `--device` value ("auto": spread over all GPUs)."""
     if device == "auto":
         return "auto"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NexusError(f"--device {device}: not a device (expected cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NexusError(f"--device {device}: CUDA is not available on this machine")
+    dev = resolve_device(device)
     if dev.type == "cpu":
         return None  # from_pretrained's default placement
     if dev.type == "cuda" and dev.index is None:
