@@ -115,3 +115,21 @@ def test_plan_on_tiny_family_configs(tmp_path, family, capsys):
     code, out, err = run_cli(capsys, "plan", "--model", tmp_path, "--json")
     assert code == 0, err
     assert json.loads(out)["num_experts"] == 8
+
+
+@pytest.mark.parametrize("argv, code", [(["plan", "--model", "tests/data/gpt-oss-20b"], 0),
+                                        (["plan", "--model", "no/such/dir"], 2)])
+def test_a_torchrun_worker_leaves_through_exit_process_with_the_verbs_code(monkeypatch, argv, code, capsys):
+    # A worker that joined a process group skips interpreter teardown (see nexus.dist.exit_process),
+    # after running the atexit handlers and flushing; its exit code is the verb's.
+    import atexit
+
+    from nexus import cli, dist
+
+    ran, left = [], []
+    monkeypatch.setattr(dist, "_joined", True)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append(True))
+    monkeypatch.setattr(os, "_exit", lambda c: left.append(c) or sys.exit(c))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert left == [code] and e.value.code == code and ran == [True]

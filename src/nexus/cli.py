@@ -73,15 +73,23 @@ def main(argv: list[str] | None = None) -> None:
         code = args._run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
     except Exception as e:
         described = describe_error(e)
         if described is None or getattr(args, "debug", False):
             raise
         message, exit_code = described
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(exit_code)
-    sys.exit(code or 0)
+        _exit(exit_code)
+    _exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    from . import dist
+
+    if dist.joined():  # a torchrun worker: skip the C++ teardown that can abort a finished job
+        dist.exit_process(code)
+    sys.exit(code)
 
 
 # What a collective operation raises when another rank died or stopped answering (gloo, NCCL).

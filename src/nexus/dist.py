@@ -7,13 +7,17 @@ rank that dies makes the others fail with a clear message instead of hanging for
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
+import sys
 
 import torch
 import torch.distributed as tdist
 
 DEFAULT_TIMEOUT_S = int(os.environ.get("NEXUS_DIST_TIMEOUT", "600"))
+_joined = False  # this process has been part of a process group
 
 
 def is_distributed() -> bool:
@@ -31,6 +35,8 @@ def init(device: str | torch.device = "cpu", timeout_s: int = DEFAULT_TIMEOUT_S)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _joined
+    _joined = True
     return True
 
 
@@ -94,5 +100,38 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    if is_distributed():
-        tdist.destroy_process_group()
+    """Leave the process group.
+
+    Callers drop what holds the group (a DDP wrapper's reducer) first, so the backend is freed here,
+    while the interpreter is alive, and not by a finalizer at exit, where gloo's threads can abort a
+    process whose work is done. No barrier: on an error path the other ranks may be inside a collective.
+    """
+    if not is_distributed():
+        return
+    gc.collect()
+    tdist.destroy_process_group()
+    gc.collect()
+
+
+def joined() -> bool:
+    """True once this process has joined a process group (it is a torchrun worker)."""
+    return _joined
+
+
+def exit_process(code: int) -> None:
+    """End a torchrun worker whose work is done: flush, run the atexit handlers, then leave at once.
+
+    Under torchrun (the agent serves the rendezvous store), a worker that has written its outputs and
+    left its process group can still abort (SIGABRT, "terminate called without an active exception")
+    in C++ teardown after the interpreter has finalized, in about 1.5 % of runs on a 2-core machine;
+    torchrun then reports the whole job as failed. Everything the job does is finished and flushed
+    here, so that last teardown is skipped.
+    """
+    atexit._run_exitfuncs()  # logging's own flush is one of them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
