@@ -13,7 +13,8 @@ import pytest
 
 from nexus import cli
 from nexus.chat import ChatSession, Sampling, final_answer, harmony_display, run_session
-from tiny_dirs import ROOT, run_nexus, save_adapter_dir, save_base
+from tiny_assets import run_cli, subprocess_env
+from tiny_dirs import save_adapter_dir, save_base
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=5)
 
@@ -105,14 +106,14 @@ def test_harmony_final_answer():
 
 
 def test_prompt_once(dirs):
-    r = run_nexus("chat", "--model", dirs["adapter"], "--prompt", "the word", "--temperature", "0",
+    r = run_cli("chat", "--model", dirs["adapter"], "--prompt", "the word", "--temperature", "0",
                   "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) == 6
 
 
 def test_pipe_session(dirs):
-    r = run_nexus("chat", "--model", dirs["adapter"], "--max-new-tokens", "4", "--seed", "0",
+    r = run_cli("chat", "--model", dirs["adapter"], "--max-new-tokens", "4", "--seed", "0",
                   input="the word\n/reset\nof and\n/exit\nnever answered\n")
     assert r.returncode == 0, r.stderr
     assert [len(line.split()) for line in r.stdout.splitlines()] == [4, 4]
@@ -122,8 +123,7 @@ def test_pipe_session(dirs):
 def test_terminal_session(dirs):
     """Driven through a pseudo-terminal: prompt, streamed reply, /exit."""
     leader, follower = os.openpty()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TERM="dumb")
+    env = subprocess_env(TERM="dumb")
     proc = subprocess.Popen([sys.executable, "-m", "nexus", "chat", "--model", str(dirs["base"]),
                              "--temperature", "0", "--max-new-tokens", "3"],
                             stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
-from tiny_assets import ROOT, random_text, run_main, save_tiny_model, write_jsonl
+from tiny_assets import random_text, run_main, save_tiny_model, subprocess_env, write_jsonl
 
 from nexus.data import pad_batch, tokenize
 from nexus.moe import find_moe_blocks
@@ -204,8 +203,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(models, dataset, tmp_path,
 
 def test_torchrun_two_processes_equal_one(models, dataset, tmp_path):
     single = collect(models["gpt_oss"], dataset, tmp_path / "one.safetensors", "--keep-raw", 25)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "nexus", "collect", "--model", str(models["gpt_oss"]), "--dataset", str(dataset),
            "--output", str(tmp_path / "two.safetensors"), "--seq-len", "16", "--batch-size", "3",

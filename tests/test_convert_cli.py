@@ -5,11 +5,7 @@ directory (nor a leftover temporary one).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +14,13 @@ from safetensors.torch import load_file, save_file
 from test_convert import write_pca_stats
 from test_convert_checkpoint import write_mxfp4_gpt_oss
 
+import tiny_assets
+
 import nexus
 from nexus.cli import main
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "nexus", "convert", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return tiny_assets.run_cli("convert", *args)
 
 
 @pytest.fixture(scope="module")

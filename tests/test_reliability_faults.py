@@ -33,7 +33,8 @@ from nexus.stats.reservoir import RawReservoir, raw_path
 from nexus.teacher import cache as cache_mod
 from nexus.teacher.cache import MANIFEST, TeacherCache
 from tiny_assets import run_main
-from train_helpers import make_model_dir, nexus_cmd, subprocess_env, write_text_dataset
+from tiny_assets import nexus_cmd, subprocess_env
+from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 RNG = random.Random(int(os.environ.get("NEXUS_FAULT_SEED", "0")))

@@ -20,7 +20,8 @@ from nexus.train.config import TrainConfig
 from nexus.train.metrics import read_metrics
 from nexus.train.recipe import Trainer
 from nexus.train.stream import DataSpec, SequenceStream, build_sequences
-from train_helpers import make_model_dir, make_tokenizer, nexus_cmd, subprocess_env, write_text_dataset
+from tiny_assets import nexus_cmd, subprocess_env
+from train_helpers import make_model_dir, make_tokenizer, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 SEQ = 32

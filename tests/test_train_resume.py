@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
-from train_helpers import make_model_dir, nexus_cmd, subprocess_env, write_text_dataset
+from tiny_assets import nexus_cmd, subprocess_env
+from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 STEPS, INTERVAL, KILL_AFTER = 40, 8, 10

@@ -16,7 +16,8 @@ from nexus.data import pad_batch
 from nexus.moe import find_moe_blocks
 from nexus.validate import evaluate, kl_divergence, nll, perplexity, routing_agreement
 from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, verdict
-from tiny_dirs import run_nexus, save_adapter_dir, save_base, write_datasets
+from tiny_assets import run_cli
+from tiny_dirs import save_adapter_dir, save_base, write_datasets
 
 FIRST_WORD_ID = 8  # ids below are special tokens of the tiny tokenizer
 
@@ -194,7 +195,7 @@ def _main(argv, capsys):
 
 def test_cli_writes_report(dirs):
     out = dirs["root"] / "report_zero"
-    r = run_nexus("validate", "--model", dirs["zero"], "--dataset", f"general={dirs['general']}",
+    r = run_cli("validate", "--model", dirs["zero"], "--dataset", f"general={dirs['general']}",
                   "--dataset", dirs["domain"], "--compute-perplexity", "--num-samples", 6, "--seq-len", 16,
                   "--batch-size", 4, "--output", out, "--fail-on-degradation")
     assert r.returncode == 0, r.stderr
@@ -294,7 +295,7 @@ def test_cli_on_gpu_bf16_matches_cpu(dirs):
     figures = {}
     for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
         out = dirs["root"] / f"gpu_{device}"
-        r = run_nexus(*common, "--device", device, "--dtype", dtype, "--output", out)
+        r = run_cli(*common, "--device", device, "--dtype", dtype, "--output", out)
         assert r.returncode == 0, r.stderr
         figures[device] = json.loads((out / "report.json").read_text())["datasets"]["general"]
     assert figures["cuda"]["tokens"] == figures["cpu"]["tokens"]

@@ -52,11 +52,20 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def subprocess_env(**extra) -> dict:
+    """The environment of a CLI subprocess: offline, this worktree's package, one thread."""
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS="1", **extra)
+
+
+def nexus_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "nexus", *map(str, args)]
+
+
+def run_cli(*args, input: str | None = None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m nexus ARGS` the way a user would (offline, package from this worktree)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "nexus", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    return subprocess.run(nexus_cmd(*args), input=input, capture_output=True, text=True, env=subprocess_env(),
+                          cwd=cwd, timeout=timeout)
 
 
 def run_main(*args) -> subprocess.CompletedProcess:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +17,6 @@ WORDS = ("the of and to in is it that was for on are with as his they be at one 
          "first who may down side been now find").split()
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_tokenizer(directory: Path, chat_template: bool = True):
@@ -77,10 +73,3 @@ def write_datasets(directory: Path) -> dict[str, Path]:
         for n in (9, 30, 17, 5):
             f.write(json.dumps({"text": text(n)}) + "\n")
     return {"general": txt, "domain": jsonl}
-
-
-def run_nexus(*args, input: str | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "nexus", *map(str, args)], input=input, capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd)

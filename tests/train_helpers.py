@@ -7,9 +7,7 @@ corpus (vocabulary = the tiny config's 96 tokens), saved as PreTrainedTokenizerF
 from __future__ import annotations
 
 import json
-import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ import torch
 
 from conftest import VOCAB, tiny_model
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 WORDS = ("the cat dog bird fish sat ran flew swam on in under over mat log tree pond red blue green small big "
          "one two three and then").split()
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -90,15 +87,6 @@ def write_chat_dataset(path: Path, n: int = 16, seed: int = 1) -> Path:
             f.write(json.dumps({"messages": [{"role": "user", "content": s[:half]},
                                              {"role": "assistant", "content": s[half:]}]}) + "\n")
     return path
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return env
-
-
-def nexus_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "nexus", *map(str, args)]
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
