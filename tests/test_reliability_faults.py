@@ -79,16 +79,16 @@ def test_collect_killed_at_a_random_point_resumes_to_the_same_statistics(files, 
     args = ["collect", "--model", model, "--dataset", data, "--seq-len", 16, "--batch-size", 2, "--target-tokens", 0,
             "--keep-raw", 20, "--flush-every", 1, "--device", "cpu"]
     ref = tmp_path / "ref.safetensors"
-    start = time.perf_counter()
     _ok(*args, "--output", ref)
-    seconds = time.perf_counter() - start  # about how long the run lasts after its first flush
 
     out = tmp_path / "run" / "stats.safetensors"
     out.parent.mkdir()
     partial = out.with_name("stats.partial.safetensors")
-    delay = RNG.uniform(0, 0.6 * seconds)
-    proc = subprocess.Popen(nexus_cmd(*args, "--output", out), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # 48 documents in batches of 2, each batch slowed by 0.05 s: more than 1.1 s remain after the first
+    # flush, whatever the machine's speed; the kill lands in a forward, a sleep or a flush.
+    delay = RNG.uniform(0, 0.9)
+    proc = subprocess.Popen(slowed("nexus.stats.collect", 0.05, ["_forward"], *args, "--output", out),
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kill_at(proc, partial.is_file, delay), f"collect finished before the kill ({delay:.2f} s)"
     if not out.exists():  # (it does only when the kill landed after the final write: then it is complete)
         stats, meta = RouterStats.load(partial)  # the last flush is complete and readable, with its raw sample
@@ -103,20 +103,27 @@ def test_collect_killed_at_a_random_point_resumes_to_the_same_statistics(files, 
     assert leftovers(out.parent, lambda n: n in ("stats.safetensors", "stats.raw.safetensors")) == []
 
 
-# convert is fast on a tiny model: a wrapper slows each layer down so the kill lands mid-write.
-SLOW_CONVERT = """
-import sys, time
-import nexus.convert.core as core
+# Tiny models run a stage in a blink: wrappers that sleep after each call of the named functions
+# widen the window a kill has to land in.
+SLOWED = """
+import importlib, sys, time
+module, seconds, names = importlib.import_module(sys.argv[1]), float(sys.argv[2]), sys.argv[3].split(",")
 def slowed(f):
     def g(*a, **k):
         out = f(*a, **k)
-        time.sleep(0.4)
+        time.sleep(seconds)
         return out
     return g
-core.build_layer, core.sanity_forward = slowed(core.build_layer), slowed(core.sanity_forward)
+for name in names:
+    setattr(module, name, slowed(getattr(module, name)))
 from nexus.cli import main
-main(sys.argv[1:])
+main(sys.argv[4:])
 """
+
+
+def slowed(module: str, seconds: float, names: list[str], *args) -> list[str]:
+    """A command running `nexus ARGS` with `module.NAME` sleeping `seconds` after each call."""
+    return [sys.executable, "-c", SLOWED, module, str(seconds), ",".join(names), *map(str, args)]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +142,7 @@ def test_convert_killed_at_a_random_point_leaves_no_adapter_and_reruns_identical
     work.mkdir()
     out = work / "adapter"
     delay = RNG.uniform(0, 0.7)  # more than 0.8 s remain after the first layer: the second one, then the check
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, *map(str, args), "--output", str(out)],
+    proc = subprocess.Popen(slowed("nexus.convert.core", 0.4, ["build_layer", "sanity_forward"], *args, "--output", out),
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert "layer 0 [1/2]" in proc.stdout.readline()  # waits for the first layer
     assert kill_at(proc, lambda: True, delay), f"convert finished before the kill ({delay:.2f} s)"
