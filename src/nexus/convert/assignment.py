@@ -1,6 +1,10 @@
-"""Linear assignment (the Hungarian problem) in numpy: which column each row gets, at minimum total cost.
+"""Linear assignment (the Hungarian problem): which column each row gets, at minimum total cost.
 
-Shortest augmenting paths with dual variables (Jonker-Volgenant style, as in Crouse, "On implementing
+SciPy's `linear_sum_assignment` (C++) solves it when SciPy is installed (`pip install nexus-moe[fast]`):
+0.71 s for a 2880 × 2880 gpt-oss unit-similarity matrix in benchmarks/bench_convert.py, against 2.32 s
+for the numpy solver below, which is used otherwise and needs nothing beyond numpy:
+
+shortest augmenting paths with dual variables (Jonker-Volgenant style, as in Crouse, "On implementing
 2D rectangular assignment algorithms", 2016): rows are added one at a time; each addition runs a
 Dijkstra search over columns on reduced costs, vectorized over the columns, then flips the
 assignment along the path found. O(n^3) in the worst case, with numpy doing the inner loop.
@@ -18,6 +22,15 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
         raise ValueError(f"linear_assignment needs a square matrix, got shape {cost.shape}")
     if not np.isfinite(cost).all():
         raise ValueError("linear_assignment: cost matrix has NaN or Inf entries")
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return shortest_augmenting_path(cost)
+    return linear_sum_assignment(cost)[1]
+
+
+def shortest_augmenting_path(cost: np.ndarray) -> np.ndarray:
+    """The numpy solver: `linear_assignment` without SciPy (a finite square float64 `cost`)."""
     n = cost.shape[0]
     u = np.zeros(n)  # row duals
     v = np.zeros(n)  # column duals
