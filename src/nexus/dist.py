@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import gc
 import os
 import sys
 
@@ -100,17 +99,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group.
-
-    Callers drop what holds the group (a DDP wrapper's reducer) first, so the backend is freed here,
-    while the interpreter is alive, and not by a finalizer at exit, where gloo's threads can abort a
-    process whose work is done. No barrier: on an error path the other ranks may be inside a collective.
-    """
-    if not is_distributed():
-        return
-    gc.collect()
-    tdist.destroy_process_group()
-    gc.collect()
+    if is_distributed():
+        tdist.destroy_process_group()
 
 
 def joined() -> bool:
@@ -134,4 +124,3 @@ def exit_process(code: int) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
-

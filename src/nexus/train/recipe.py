@@ -340,5 +340,4 @@ class Trainer:
             self.metrics.close()
         if getattr(self, "capture", None) is not None:
             self.capture.close()
-        self.student = None  # the DDP reducer holds the process group: release it before the group goes
         dist.shutdown()
