@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from nexus.convert import mxfp4
+from nexus.base import mxfp4
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 

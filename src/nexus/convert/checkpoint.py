@@ -31,8 +31,8 @@ import torch
 
 from ..errors import NexusError
 from ..moe import MoEBlock, find_moe_blocks
-from . import mxfp4
-from .safetensors_dir import SafetensorsDir
+from ..base import mxfp4
+from ..base.files import SafetensorsDir
 
 MXFP4_SUFFIXES = ("_blocks", "_scales")
 

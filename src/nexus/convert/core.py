@@ -28,7 +28,7 @@ from ..fsutil import atomic_dir, write_json
 from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from .checkpoint import ExpertReader
 from .merge import from_units, make_merger, to_units, widen
-from .safetensors_dir import StreamingWriter
+from ..base.files import StreamingWriter
 from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
 
 GB = 1e9

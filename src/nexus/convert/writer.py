@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import mxfp4
-from .safetensors_dir import INDEX_NAME
+from ..base import mxfp4
+from ..base.files import INDEX_NAME
 
 MXFP4_QUANTIZATION_CONFIG = {
     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
