@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nexus import demo_data
-from nexus.adapter import load_base_model
+from nexus.base.loader import load_base_model
 from nexus.data import load_tokenizer
 from nexus.validate.cli import batches, sequences
 

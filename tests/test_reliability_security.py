@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nexus.adapter import check_model_path
+from nexus.base.loader import check_model_path
 from nexus.cli import build_parser, main
 from nexus.errors import NexusError
 from train_helpers import make_model_dir, write_text_dataset

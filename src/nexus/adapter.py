@@ -8,9 +8,7 @@ the shared experts and loads their weights.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -19,16 +17,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .base.loader import ADAPTER_CONFIG, check_model_path, load_base_model
 from .errors import NexusError
 from .fsutil import atomic_path, read_json, write_json
 from .moe import find_moe_blocks
 from .shared import SHARED_NAME, attach_shared_experts
 
-CONFIG_NAME = "nexus_config.json"
+CONFIG_NAME = ADAPTER_CONFIG
 WEIGHTS_NAME = "nexus_adapter.safetensors"
 FORMAT = "nexus-adapter"
 VERSION = 1
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,86 +82,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
-def _is_hub_name(path: str) -> bool:
-    """`org/name` that is not a local path: no `.`, `/` or `~` start, and `org` is no local directory.
-
-    A name like `runs/adapter` whose first part exists here is a (missing) local path, never a hub
-    request: NEXUS goes to the network only for a name that cannot be meant locally.
-    """
-    if not _HUB_NAME.match(path) or path.startswith((".", "~")):
-        return False
-    return not Path(path.split("/", 1)[0]).exists()
-
-
-def check_model_path(path: str | os.PathLike, what: str = "--model", need_config: bool = True) -> str:
-    """A local model directory (with config.json), or a hub name `org/name` the user asked for.
-
-    `need_config=False` accepts any directory (a tokenizer directory holds no config.json).
-    """
-    p = Path(path)
-    if p.is_dir():
-        if need_config and not (p / "config.json").is_file() and not is_adapter_dir(p):
-            raise NexusError(f"{what} {path}: directory holds no config.json (not a transformers model "
-                             f"directory) and no {CONFIG_NAME} (not a NEXUS adapter)")
-        return str(p)
-    if p.exists():
-        raise NexusError(f"{what} {path}: expected a model directory, got a file")
-    if _is_hub_name(str(path)):
-        return str(path)  # a hub name: transformers resolves (and may download) it
-    raise NexusError(f"{what} {path}: no such directory")
-
-
-def check_model_type(path: str | os.PathLike, what: str = "--model", trust_remote_code: bool = False) -> None:
-    """Refuse a local model whose config.json names a family this transformers does not know.
-
-    Without this, transformers reports custom code or an unknown architecture in terms of
-    repositories; the message here names the model type, the flag and what NEXUS supports.
-    """
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return
-    try:
-        cfg = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NexusError(f"{what} {path}: config.json is not valid JSON ({e})") from None
-    check_config_model_type(cfg, f"{what} {path}", trust_remote_code)
-
-
-def check_config_model_type(cfg: dict, where: str, trust_remote_code: bool = False) -> None:
-    """The check of `check_model_type` on an already parsed config.json; `where` starts the message."""
-    from transformers import CONFIG_MAPPING
-    from transformers import __version__ as tf_version
-
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if not model_type or model_type in CONFIG_MAPPING:
-        return
-    custom = "auto_map" in cfg
-    if custom and trust_remote_code:
-        return
-    from .moe import SUPPORTED_FAMILIES
-
-    hint = ("; its config.json asks for custom modeling code (auto_map), which NEXUS runs only with "
-            "--trust-remote-code, on the stages that offer it" if custom else "")
-    raise NexusError(f"{where}: model_type '{model_type}' is not a model family transformers {tf_version} "
-                     f"knows{hint}. Supported families: {', '.join(SUPPORTED_FAMILIES)}")
-
-
-def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: bool = False, what="--model"):
-    """Load a plain transformers causal LM; errors name the path."""
-    from transformers import AutoModelForCausalLM
-
-    path = check_model_path(path, what)
-    check_model_type(path, what, trust_remote_code)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                                    trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        where = "" if Path(path).exists() else " (not a local directory; tried as a hub model name)"
-        raise NexusError(f"{what} {path}: cannot load model{where} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
-
-def _resolve_base(adapter_dir: Path, recorded: str) -> str:
+def resolve_base(adapter_dir: Path, recorded: str) -> str:
     if not recorded:
         raise NexusError(f"{adapter_dir / CONFIG_NAME}: no base_model_name_or_path recorded; pass --base-model")
     p = Path(recorded)
@@ -218,7 +137,7 @@ def attach_from_config(model: nn.Module, cfg: dict, source: str = "adapter") -> 
 
 
 def load_model(path: str | os.PathLike, dtype=None, device_map=None, base_model: str | None = None,
-               trust_remote_code: bool = False) -> nn.Module:
+               trust_remote_code: bool = False, dequantize: bool = False) -> nn.Module:
     """Load an adapter directory (its base resolved and loaded, shared experts attached) or a plain model.
 
     Args:
@@ -226,14 +145,16 @@ def load_model(path: str | os.PathLike, dtype=None, device_map=None, base_model:
         dtype: dtype of the base weights (e.g. torch.bfloat16); shared experts stay fp32.
         device_map: passed to `from_pretrained`.
         base_model: use this base instead of the one the adapter records.
+        dequantize: load a quantized base dequantized (transformers' load) instead of keeping it packed.
     """
     path = Path(check_model_path(path)) if Path(path).exists() else check_model_path(path)
     if not is_adapter_dir(path):
-        return load_base_model(str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        return load_base_model(str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                               dequantize=dequantize)
     cfg = read_adapter_config(path)
-    base = base_model or _resolve_base(Path(path), cfg["base_model_name_or_path"])
+    base = base_model or resolve_base(Path(path), cfg["base_model_name_or_path"])
     model = load_base_model(base, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                            what=f"base model of adapter {path}")
+                            what=f"base model of adapter {path}", dequantize=dequantize)
     attach_from_config(model, cfg, source=str(Path(path) / CONFIG_NAME))
     load_adapter_weights(model, path)
     model._nexus_adapter_path = str(path)

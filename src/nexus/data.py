@@ -159,12 +159,13 @@ def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = Fals
     """
     from transformers import AutoTokenizer
 
-    from .adapter import _resolve_base, check_model_path, check_model_type, is_adapter_dir, read_adapter_config
+    from .adapter import is_adapter_dir, read_adapter_config, resolve_base
+    from .base.loader import check_model_path, check_model_type
 
     path = Path(check_model_path(model_path, what, need_config=model_dir))
     if is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
         what = f"base model of {what} {model_path}"
-        path = Path(check_model_path(_resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
+        path = Path(check_model_path(resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
                                      what, need_config=False))
     check_model_type(path, what, trust_remote_code)
     try:

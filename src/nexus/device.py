@@ -56,7 +56,8 @@ def load_for_inference(path: str, args, what: str = "--model"):
 
     `what` names the flag in errors (e.g. "--baseline").
     """
-    from .adapter import is_adapter_dir, load_base_model, load_model
+    from .adapter import is_adapter_dir, load_model
+    from .base.loader import load_base_model
 
     kwargs = dict(dtype=DTYPES[args.dtype], device_map=device_map(args.device),
                   trust_remote_code=args.trust_remote_code)

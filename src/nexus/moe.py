@@ -90,10 +90,14 @@ def is_experts_module(module: nn.Module) -> bool:
 def experts_class_for(module: nn.Module, model: nn.Module) -> type[nn.Module]:
     """The family's unified experts class for `module`.
 
-    Usually `type(module)`. A quantized replacement (e.g. transformers' `Mxfp4GptOssExperts`, which
+    Usually `type(module)`; for NEXUS's quantized experts, the family class they were made from. A
+    quantized replacement (e.g. transformers' `Mxfp4GptOssExperts`, which
     holds packed uint8 blocks and is not on the unified interface) maps back to the decorated
     experts class of the model's own modeling module.
     """
+    family = getattr(module, "nexus_family_class", None)
+    if family is not None:
+        return family
     if all(hasattr(module, f) for f in _INTERFACE_FLAGS):
         return type(module)
     modeling = sys.modules.get(type(model).__module__)
@@ -108,6 +112,13 @@ def experts_class_for(module: nn.Module, model: nn.Module) -> type[nn.Module]:
 
 def layout_of(module: nn.Module, config=None) -> ExpertsLayout:
     """Read the layout of an experts module from its flags and parameter shapes."""
+    projections = getattr(module, "nexus_projections", None)
+    if projections is not None:  # NEXUS's quantized experts: logical [out, in] per projection
+        up = projections["gate_up_proj" if module.has_gate else "up_proj"]
+        return ExpertsLayout(num_experts=int(module.num_experts), hidden_size=up[1],
+                             intermediate_size=projections["down_proj"][1], has_gate=module.has_gate,
+                             has_bias=module.has_bias, is_transposed=module.is_transposed,
+                             is_concatenated=module.is_concatenated)
     has_gate = getattr(module, "has_gate", True)
     has_bias = getattr(module, "has_bias", hasattr(module, "down_proj_bias"))
     is_transposed = getattr(module, "is_transposed", False)

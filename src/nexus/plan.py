@@ -61,7 +61,7 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if not model_type:
         raise NexusError(f"--model {path}: config has no 'model_type'")
-    from .adapter import check_config_model_type
+    from .base.loader import check_config_model_type
 
     check_config_model_type(data, f"--model {path}", trust_remote_code)
     if "auto_map" in data and trust_remote_code:  # custom code, allowed by the flag: the model directory's own

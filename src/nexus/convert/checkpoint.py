@@ -23,42 +23,22 @@ expert j's 2-D pieces form its slice: concatenated along d-1 in source-pattern o
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import NexusError
-from ..moe import MoEBlock, find_moe_blocks
 from ..base import mxfp4
 from ..base.files import SafetensorsDir
-
-MXFP4_SUFFIXES = ("_blocks", "_scales")
-
-
-@dataclass
-class FusedSource:
-    key: str  # [E, ...] in the parameter's layout
-
-
-@dataclass
-class Mxfp4Source:
-    blocks: str  # uint8 [E, out, in/32, 16]
-    scales: str  # uint8 [E, out, in/32]
-
-
-@dataclass
-class PerExpertSource:
-    parts: list[dict[int, str]] = field(default_factory=list)  # one per source pattern, in order: expert -> key
-    concat_dim: int = 0  # dim of the 2-D per-expert pieces along which the parts are concatenated
+from ..base.sources import FusedSource, Mxfp4Source, PerExpertSource, map_expert_sources, quant_method
+from ..errors import NexusError
+from ..moe import MoEBlock, find_moe_blocks
 
 
 def load_config(model_dir: str | os.PathLike):
     """The transformers config of a local model directory; errors name the directory."""
     from transformers import AutoConfig
 
-    from ..adapter import check_model_type
+    from ..base.loader import check_model_type
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -79,67 +59,6 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _quant_method(config) -> str | None:
-    q = getattr(config, "quantization_config", None)
-    if q is None:
-        return None
-    return q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-
-
-def _expert_index_regex(pattern: str) -> re.Pattern:
-    # "mlp.experts.*.gate_proj.weight" -> r"mlp\.experts\.(\d+)\.gate_proj\.weight"
-    return re.compile(re.escape(pattern).replace(re.escape("*."), r"(\d+)\.") + r"$")
-
-
-def map_expert_sources(keys: list[str], model, blocks: list[MoEBlock]) -> dict[str, object]:
-    """{full parameter name: source} for every experts parameter of `blocks`, from checkpoint `keys`."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
-                                                 apply_renamings, rename_source_key)
-
-    mapping = get_model_conversion_mapping(model)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    meta_sd = dict(model.named_parameters())
-    prefix = model.base_model_prefix
-    wanted = {f"{b.path}.{b.experts_name}.{p}" for b in blocks for p, _ in b.experts.named_parameters()}
-    sources: dict[str, object] = {}
-    mx: dict[str, dict[str, str]] = {}
-    for key in keys:
-        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
-        if target not in meta_sd and key in meta_sd:  # transformers' loader does the same
-            target, pattern = key, None
-        if pattern is None:
-            if target in wanted:
-                sources[target] = FusedSource(key)
-                continue
-            for suffix in MXFP4_SUFFIXES:
-                stem = target[: -len(suffix)]
-                if target.endswith(suffix) and stem in wanted:
-                    mx.setdefault(stem, {})[suffix] = key
-            continue
-        if target not in wanted:
-            continue
-        converter = next(c for c in converters if pattern in c.source_patterns)
-        ops = converter.operations
-        if not (isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and
-                (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate)))):
-            raise NexusError(f"{key}: checkpoint conversion {[type(o).__name__ for o in ops]} for '{target}' is not "
-                             f"supported by convert (it handles per-expert tensors merged and concatenated)")
-        m = _expert_index_regex(pattern).search(apply_renamings(key, renamings))
-        if m is None:
-            raise NexusError(f"{key}: cannot tell which expert this checkpoint tensor belongs to (pattern '{pattern}')")
-        src = sources.setdefault(target, PerExpertSource(
-            parts=[{} for _ in converter.source_patterns], concat_dim=ops[1].dim - 1 if len(ops) == 2 else 0))
-        src.parts[converter.source_patterns.index(pattern)][int(m.group(1))] = key
-    for stem, pair in mx.items():
-        if len(pair) != 2:
-            raise NexusError(f"MXFP4 tensor '{stem}' has {sorted(pair)} in the checkpoint but not both "
-                             f"_blocks and _scales")
-        sources.setdefault(stem, Mxfp4Source(pair["_blocks"], pair["_scales"]))
-    return sources
-
-
 class ExpertReader:
     """Reads single experts of a model directory's checkpoint. Sizes come from the config.
 
@@ -150,7 +69,7 @@ class ExpertReader:
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
-        method = _quant_method(self.config)
+        method = quant_method(self.config)
         if method not in (None, "mxfp4"):
             raise NexusError(f"--input {self.model_dir}: '{method}' quantized checkpoints are not supported by convert "
                              f"(it reads bf16/fp16/fp32 and GPT-OSS MXFP4 experts); dequantize the model first")

@@ -100,3 +100,46 @@ def write_checkpoint(directory: str | os.PathLike, config, tensors: Iterable[tup
         cfg["quantization_config"] = quantization_config
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return final
+
+
+def random_gpt_oss_mxfp4_tensors(config, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors of a GPT-OSS `config` in the released layout, made one at a time.
+
+    Nothing of the model is allocated (its shapes come from a meta-device build), so a full-size
+    gpt-oss-20b/120b checkpoint can be written with memory for one tensor. Experts get random bytes
+    and scales 2^-9..2^-5 (weights of magnitude ~0.01-0.2), norms ones, the rest normal(0, 0.02) in bf16.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.state_dict().items():
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith(".experts") and leaf in _EXPERT_WEIGHTS:
+            e, d_in, d_out = p.shape  # GPT-OSS stores experts [E, in, out]
+            groups = d_in // mxfp4.BLOCK_SIZE
+            yield f"{name}_blocks", torch.randint(0, 256, (e, d_out, groups, mxfp4.BYTES_PER_BLOCK), generator=gen,
+                                                  dtype=torch.uint8)
+            yield f"{name}_scales", torch.randint(mxfp4.SCALE_BIAS - 9, mxfp4.SCALE_BIAS - 4, (e, d_out, groups),
+                                                  generator=gen, dtype=torch.uint8)
+        elif "norm" in leaf or "norm" in stem.rpartition(".")[2]:
+            yield name, torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            yield name, (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+
+def gpt_oss_mxfp4_nbytes(config) -> int:
+    """Bytes of the checkpoint `random_gpt_oss_mxfp4_tensors(config)` yields (for `write_checkpoint(total_bytes=)`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = 0
+    for name, p in model.state_dict().items():
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith(".experts") and leaf in _EXPERT_WEIGHTS:
+            total += p.numel() // 2 + p.numel() // mxfp4.BLOCK_SIZE  # 4-bit values + one scale per 32
+        else:
+            total += p.numel() * 2
+    return total

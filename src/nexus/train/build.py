@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter import (_resolve_base, attach_from_config, check_model_path, is_adapter_dir, load_adapter_weights,
-                       load_base_model, load_model, read_adapter_config)
+from ..adapter import (attach_from_config, is_adapter_dir, load_adapter_weights, load_model, read_adapter_config,
+                       resolve_base)
+from ..base.loader import check_model_path, load_base_model
 from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..device import resolve_device  # noqa: F401  (re-exported for train and precompute)
 from ..errors import NexusError
@@ -28,7 +29,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 def student_base_path(student: str) -> str:
     """The base model a student stands on: the adapter's recorded base, or the model itself."""
     if is_adapter_dir(student):
-        return _resolve_base(Path(student), read_adapter_config(student)["base_model_name_or_path"])
+        return resolve_base(Path(student), read_adapter_config(student)["base_model_name_or_path"])
     return student
 
 

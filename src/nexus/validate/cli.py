@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import _resolve_base, is_adapter_dir, read_adapter_config
+from ..adapter import resolve_base, is_adapter_dir, read_adapter_config
 from ..chat import add_sampling_arguments, sampling_from_args, start_chat
 from ..data import (check_seq_len, chunk, iter_documents, load_tokenizer, pack, pad_batch, tokenize,
                     tokenizer_fingerprint)
@@ -102,7 +102,7 @@ def _display(path: str) -> str:
 def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
     """(separate baseline to load, or None to run `model` with its shared experts off; baseline name)."""
     if is_adapter_dir(model):
-        base = _resolve_base(Path(model), read_adapter_config(model)["base_model_name_or_path"])
+        base = resolve_base(Path(model), read_adapter_config(model)["base_model_name_or_path"])
         if baseline is None or _same_path(baseline, base):
             return None, _display(base)
     elif baseline is None:

@@ -1,0 +1,417 @@
+"""Loading the frozen base: path checks, and NEXUS's own loader for quantized checkpoints.
+
+    model = load_base_model("gpt-oss-120b/", dtype="auto", device_map={"": "cuda:0"})
+    model = load_base_model("gpt-oss-120b/", dequantize=True)     # transformers' dequantized load instead
+
+An unquantized checkpoint loads through transformers' `from_pretrained`, as before. A quantized one
+(MXFP4 as gpt-oss ships it, fine-grained FP8 as DeepSeek-V3 and Qwen3-*-FP8 ship it) loads here:
+
+1. the model is built from its config with every parameter on the meta device (buffers, such as
+   rotary tables, are computed for real);
+2. each routed-experts module whose weights the checkpoint stores quantized becomes a
+   `Quantized<Family>` module holding the packed bytes (`nexus.base.quantized`);
+3. every parameter is allocated empty on the target device, then filled by streaming the
+   safetensors shards one file at a time (memory-mapped; maps dropped after each file). Non-expert
+   weights load in the requested dtype; non-expert FP8 linears are dequantized to it.
+
+Peak memory is the finished model, never a dequantized copy of the experts. With `dequantize=True`
+(`--dequantize` on the CLI) transformers' own dequantizing load is used instead (≈ 4× the
+checkpoint for MXFP4). transformers' hub kernels are never requested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from ..errors import NexusError
+from .files import SafetensorsDir
+from .quantized import MXFP4, Codec, fp8_codec, is_quantized_experts, quantize_experts
+from .sources import (SCALE_SUFFIX, SUPPORTED_QUANTIZATION, FusedSource, Mxfp4Source, PerExpertSource,
+                      map_expert_sources, quant_method, quantization_config)
+
+log = logging.getLogger("nexus.base")
+ADAPTER_CONFIG = "nexus_config.json"  # an adapter directory stands where a model may (nexus.adapter.CONFIG_NAME)
+DEQUANTIZE_HELP = ("load a quantized base (MXFP4, FP8) dequantized by transformers instead of keeping its "
+                   "packed weights (about 4x the memory for MXFP4; default: keep the checkpoint's quantization)")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPE_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _is_hub_name(path: str) -> bool:
+    """`org/name` that is not a local path: no `.`, `/` or `~` start, and `org` is no local directory.
+
+    A name like `runs/adapter` whose first part exists here is a (missing) local path, never a hub
+    request: NEXUS goes to the network only for a name that cannot be meant locally.
+    """
+    if not _HUB_NAME.match(path) or path.startswith((".", "~")):
+        return False
+    return not Path(path.split("/", 1)[0]).exists()
+
+
+def check_model_path(path: str | os.PathLike, what: str = "--model", need_config: bool = True) -> str:
+    """A local model directory (with config.json), or a hub name `org/name` the user asked for.
+
+    `need_config=False` accepts any directory (a tokenizer directory holds no config.json).
+    """
+    p = Path(path)
+    if p.is_dir():
+        if need_config and not (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).is_file():
+            raise NexusError(f"{what} {path}: directory holds no config.json (not a transformers model "
+                             f"directory) and no {ADAPTER_CONFIG} (not a NEXUS adapter)")
+        return str(p)
+    if p.exists():
+        raise NexusError(f"{what} {path}: expected a model directory, got a file")
+    if _is_hub_name(str(path)):
+        return str(path)  # a hub name: transformers resolves (and may download) it
+    raise NexusError(f"{what} {path}: no such directory")
+
+
+def check_model_type(path: str | os.PathLike, what: str = "--model", trust_remote_code: bool = False) -> None:
+    """Refuse a local model whose config.json names a family this transformers does not know.
+
+    Without this, transformers reports custom code or an unknown architecture in terms of
+    repositories; the message here names the model type, the flag and what NEXUS supports.
+    """
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        cfg = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NexusError(f"{what} {path}: config.json is not valid JSON ({e})") from None
+    check_config_model_type(cfg, f"{what} {path}", trust_remote_code)
+
+
+def check_config_model_type(cfg: dict, where: str, trust_remote_code: bool = False) -> None:
+    """The check of `check_model_type` on an already parsed config.json; `where` starts the message."""
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as tf_version
+
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not model_type or model_type in CONFIG_MAPPING:
+        return
+    custom = "auto_map" in cfg
+    if custom and trust_remote_code:
+        return
+    from ..moe import SUPPORTED_FAMILIES
+
+    hint = ("; its config.json asks for custom modeling code (auto_map), which NEXUS runs only with "
+            "--trust-remote-code, on the stages that offer it" if custom else "")
+    raise NexusError(f"{where}: model_type '{model_type}' is not a model family transformers {tf_version} "
+                     f"knows{hint}. Supported families: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def stored_quantization(path: str | os.PathLike) -> str | None:
+    """The quant_method a local model directory's config.json declares (None: unquantized or not local)."""
+    config = Path(path) / "config.json"
+    try:
+        q = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return q.get("quant_method") if isinstance(q, dict) else None
+
+
+def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: bool = False, what="--model",
+                    dequantize: bool = False) -> nn.Module:
+    """Load a transformers causal LM, keeping quantized experts packed unless `dequantize`; errors name the path.
+
+    Args:
+        dtype: torch dtype of the non-quantized weights, "auto" or None (as stored).
+        device_map: None (CPU), {"": device} or "auto" (from_pretrained's placement; unquantized or dequantized only).
+    """
+    path = check_model_path(path, what)
+    check_model_type(path, what, trust_remote_code)
+    method = stored_quantization(path)
+    if method is not None and method not in SUPPORTED_QUANTIZATION:
+        raise NexusError(f"{what} {path}: '{method}' quantized checkpoints are not supported (NEXUS loads "
+                         f"{', '.join(SUPPORTED_QUANTIZATION)} and unquantized checkpoints)")
+    if method is not None and not dequantize:
+        return load_quantized(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                              what=what)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if method == "mxfp4":  # transformers would fetch Triton kernels on CUDA; ask for its dequantizing load
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    elif method == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        q = quantization_config_of(path)
+        kwargs["quantization_config"] = FineGrainedFP8Config(
+            weight_block_size=tuple(q.get("weight_block_size") or (128, 128)), dequantize=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        where = "" if Path(path).exists() else " (not a local directory; tried as a hub model name)"
+        raise NexusError(f"{what} {path}: cannot load model{where} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def quantization_config_of(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with every parameter on the meta device and every buffer real (rotary tables etc.)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _target_device(device_map, what: str, path: str) -> torch.device:
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return torch.device(device_map[""])
+    raise NexusError(f"{what} {path}: a quantized base loads onto one device (got device map {device_map!r}); "
+                     f"pass --device cpu, cuda or cuda:N, or --dequantize to let transformers place a "
+                     f"dequantized copy")
+
+
+def _stored_float_dtype(files: SafetensorsDir) -> torch.dtype:
+    """The dtype most non-quantized float tensors of a checkpoint are stored in (what "auto" means)."""
+    counts: dict[torch.dtype, int] = {}
+    for info in files.tensors.values():
+        if info.dtype in _DTYPE_NAMES:
+            counts[_DTYPE_NAMES[info.dtype]] = counts.get(_DTYPE_NAMES[info.dtype], 0) + info.nbytes
+    return max(counts, key=counts.get) if counts else torch.bfloat16
+
+
+def _codec_for(method: str, q: dict, where: str) -> Codec:
+    if method == "mxfp4":
+        return MXFP4
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise NexusError(f"{where}: FP8 activation_scheme '{q.get('activation_scheme')}' is not supported "
+                         f"(NEXUS loads weight-only fine-grained FP8: activation_scheme 'dynamic')")
+    if q.get("weight_block_size") is None:
+        raise NexusError(f"{where}: FP8 checkpoints without quantization_config.weight_block_size (per-tensor "
+                         f"scales) are not supported; pass --dequantize")
+    return fp8_codec(q["weight_block_size"])
+
+
+def load_quantized(path: str, dtype=None, device_map=None, trust_remote_code: bool = False,
+                   what: str = "--model") -> nn.Module:
+    """A quantized checkpoint with its routed experts kept packed (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    where = f"{what} {path}"
+    device = _target_device(device_map, what, path)
+    files = SafetensorsDir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise NexusError(f"{where}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    method = quant_method(config)
+    codec = _codec_for(method, quantization_config(config), where)
+    if dtype in (None, "auto"):
+        dtype = _stored_float_dtype(files)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    from ..moe import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
+    sources = map_expert_sources(files.keys(), model, blocks)
+    plan = _Plan(model, files, codec, where)
+    for b in blocks:
+        prefix = f"{b.path}.{b.experts_name}."
+        params = [n for n, _ in b.experts.named_parameters()]
+        quantized = {n: sources.get(prefix + n) for n in params if _is_quantized(sources.get(prefix + n))}
+        if not quantized:
+            plan.add_unquantized_experts(prefix, params, sources)
+            continue
+        if len(quantized) != len([n for n in params if not n.endswith("_bias")]):
+            raise NexusError(f"{where}: {prefix[:-1]} stores only some expert weights quantized "
+                             f"({sorted(quantized)}); NEXUS needs all or none")
+        quantize_experts(b.experts, codec, device="meta")
+        for proj, src in quantized.items():
+            plan.add_packed(prefix, proj, src, b.experts.nexus_projections[proj])
+        for n in params:
+            if n.endswith("_bias"):
+                plan.add_unquantized_experts(prefix, [n], sources)
+    plan.add_rest(sources)
+    plan.load(device)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise NexusError(f"{where}: the checkpoint lacks {len(missing)} parameters of the model "
+                         f"(e.g. {', '.join(missing[:3])})")
+    if device.type != "cpu":
+        model.to(device)  # the buffers; parameters are there already
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config._name_or_path = str(path)
+    if (Path(path) / "generation_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    n_quant = sum(is_quantized_experts(b.experts) for b in blocks)
+    log.info("loaded %s: %d of %d MoE layers' experts kept in %s", path, n_quant, len(blocks), codec.name)
+    return model
+
+
+def _is_quantized(src) -> bool:
+    return isinstance(src, Mxfp4Source) or (isinstance(src, FusedSource) and src.scale is not None) or \
+        (isinstance(src, PerExpertSource) and src.scales is not None)
+
+
+class _Plan:
+    """What fills each parameter: a list of (file key, setter) reads, grouped by file when loaded."""
+
+    def __init__(self, model: nn.Module, files: SafetensorsDir, codec: Codec, where: str):
+        self.model, self.files, self.codec, self.where = model, files, codec, where
+        self.reads: list[tuple[str, str, object]] = []  # (checkpoint key, parameter name, how)
+        self.consumed: set[str] = set()
+        self.targets: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def _param(self, name: str) -> nn.Parameter:
+        return self.model.get_parameter(name)
+
+    def _read(self, key: str, name: str, how) -> None:
+        self.reads.append((key, name, how))
+        self.consumed.add(key)
+
+    def add_packed(self, prefix: str, proj: str, src, out_in: tuple[int, int]) -> None:
+        """The packed tensors of one quantized projection."""
+        if isinstance(src, Mxfp4Source):
+            self._read(src.blocks, prefix + proj + "_blocks", ("copy",))
+            self._read(src.scales, prefix + proj + "_scales", ("copy",))
+        elif isinstance(src, FusedSource):  # FP8 fused [E, out, in] + [E, ⌈out/bo⌉, ⌈in/bi⌉]
+            self._read(src.key, prefix + proj, ("copy",))
+            self._read(src.scale, prefix + proj + SCALE_SUFFIX, ("copy",))
+        else:  # FP8 per expert: expert j's parts concatenated along the output rows
+            if len(src.parts) > 1 and src.concat_dim != 0:
+                raise NexusError(f"{self.where}: per-expert FP8 pieces of {prefix + proj} are joined along their "
+                                 f"input dimension; not supported")
+            bo, _ = self.codec.block
+            rows = out_in[0] // len(src.parts)
+            if len(src.parts) > 1 and rows % bo:
+                raise NexusError(f"{self.where}: {prefix + proj} joins {len(src.parts)} FP8 pieces of {rows} rows, not "
+                                 f"a multiple of the {bo}-row scale block; their scale grids cannot be joined")
+            for p, (part, scales) in enumerate(zip(src.parts, src.scales)):
+                for j, key in part.items():
+                    self._read(key, prefix + proj, ("rows", j, p * rows, rows))
+                    self._read(scales[j], prefix + proj + SCALE_SUFFIX, ("rows", j, p * (rows // bo), rows // bo))
+
+    def add_unquantized_experts(self, prefix: str, params: list[str], sources: dict) -> None:
+        for n in params:
+            src = sources.get(prefix + n)
+            if isinstance(src, FusedSource):
+                self._read(src.key, prefix + n, ("copy",))
+            elif isinstance(src, PerExpertSource) and src.scales is None:
+                shape = self._param(prefix + n).shape  # [E, a, b]; parts joined along concat_dim of [a, b]
+                size = shape[1 + src.concat_dim] // len(src.parts)
+                for p, part in enumerate(src.parts):
+                    for j, key in part.items():
+                        self._read(key, prefix + n, ("piece", j, src.concat_dim, p * size, size))
+            else:
+                raise NexusError(f"{self.where}: no checkpoint tensors for '{prefix + n}'")
+
+    def add_rest(self, sources: dict) -> None:
+        """Every other checkpoint tensor, renamed as transformers renames it; FP8 linears dequantized."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(self.model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        params = dict(self.model.named_parameters())
+        keys = set(self.files.keys())
+        unexpected = []
+        for key in self.files.keys():
+            if key in self.consumed or (key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in keys):
+                continue
+            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, params)
+            if target not in params and key in params:
+                target = key
+            if target not in params:
+                unexpected.append(key)
+                continue
+            scale = key + SCALE_SUFFIX
+            if scale in keys:
+                if self.codec.name != "fp8":
+                    raise NexusError(f"{self.where}: '{key}' has an FP8 scale in an {self.codec.name} checkpoint")
+                self._read(key, target, ("fp8", scale))
+            else:
+                self._read(key, target, ("copy",))
+        if unexpected:  # transformers skips these too (e.g. DeepSeek-V3's multi-token-prediction layer)
+            log.info("%s: %d checkpoint tensors the model does not use (e.g. %s)", self.where, len(unexpected),
+                     unexpected[0])
+
+    def load(self, device: torch.device) -> None:
+        """Allocate every planned parameter on `device`, then stream the shards one file at a time."""
+        filled: dict[str, torch.Tensor] = {}
+        for _, name, _ in self.reads:
+            if name not in filled:
+                meta = self._param(name)
+                filled[name] = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+        by_file: dict[Path, list] = {}
+        for key, name, how in self.reads:
+            by_file.setdefault(self.files.tensors[key].file, []).append((key, name, how))
+        for file in sorted(by_file):
+            for key, name, how in by_file[file]:
+                self._fill(filled[name], key, name, how)
+            self.files.release()
+        for name, tensor in filled.items():
+            module_name, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    def _fill(self, dest: torch.Tensor, key: str, name: str, how) -> None:
+        t = self.files.read(key)
+        kind = how[0]
+        if kind == "fp8":
+            from . import fp8
+
+            t = fp8.decode(t.to(dest.device), self.files.read(how[1]).to(dest.device), self.codec.block, dest.dtype)
+            kind = "copy"
+        if kind == "copy":
+            view = dest
+        elif kind == "rows":  # expert j, rows [start, start + n) of a packed [E, rows, cols] tensor
+            _, j, start, n = how
+            view = dest[j, start:start + n]
+        else:  # "piece": expert j, a slice of its [a, b] along dim d
+            _, j, d, start, n = how
+            view = dest[j].narrow(d, start, n)
+        if tuple(t.shape) != tuple(view.shape) or (not dest.is_floating_point() and t.dtype != dest.dtype) or \
+                (dest.dtype.is_floating_point and dest.dtype.itemsize == 1 and t.dtype != dest.dtype):
+            raise NexusError(f"{self.files.tensors[key].file}: '{key}' is {t.dtype} {list(t.shape)}; the model's "
+                             f"'{name}' needs {dest.dtype} {list(view.shape)} there")
+        view.copy_(t)
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Bytes of the quantized experts' packed tensors in `model` (0 when none are quantized)."""
+    return sum(p.numel() * p.element_size() for m in model.modules() if is_quantized_experts(m)
+               for p in m.parameters(recurse=False) if not p.is_floating_point() or p.element_size() == 1)
+
+
+def dequantized_nbytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """What the quantized experts of `model` would take dequantized to `dtype`."""
+    total = 0
+    for m in model.modules():
+        if is_quantized_experts(m):
+            total += sum(m.num_experts * o * i for o, i in m.nexus_projections.values()) * dtype.itemsize
+    return total
+
