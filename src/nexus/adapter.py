@@ -131,6 +131,7 @@ def attach_from_config(model: nn.Module, cfg: dict, source: str = "adapter") -> 
         raise NexusError(f"{source}: made for {cfg['num_experts']} experts per layer, the base has "
                          f"{find_moe_blocks(model)[0].layout.num_experts}")
     attach_shared_experts(model, init="zero", width_multiplier=cfg["width_multiplier"],
+                          intermediate_size=cfg.get("intermediate_size"),
                           gate=cfg.get("gate", False), trainable_router=cfg.get("trainable_router", False))
     model._nexus_config.update({k: cfg[k] for k in ("init_strategy", "scale") if k in cfg})
     return model

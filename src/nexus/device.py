@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from .base.loader import DEQUANTIZE_HELP
 from .errors import NexusError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -17,8 +18,9 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N, or auto (spread over all GPUs with device_map='auto'); "
                         "default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                   help="dtype of the base weights (default auto: as stored in the checkpoint); "
-                        "shared experts stay float32")
+                   help="dtype of the base weights (default auto: as stored in the checkpoint; quantized "
+                        "experts stay packed); shared experts stay float32")
+    p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modeling code from the model directory (off by default)")
 
@@ -60,7 +62,7 @@ def load_for_inference(path: str, args, what: str = "--model"):
     from .base.loader import load_base_model
 
     kwargs = dict(dtype=DTYPES[args.dtype], device_map=device_map(args.device),
-                  trust_remote_code=args.trust_remote_code)
+                  trust_remote_code=args.trust_remote_code, dequantize=getattr(args, "dequantize", False))
     if is_adapter_dir(path):
         model = load_model(path, **kwargs)
     else:

@@ -65,6 +65,36 @@ class ExpertsLayout:
         return total
 
 
+MAX_WIDTH_ALIGNMENT = 64  # a fractional-width shared expert's size is a multiple of this (or less, see below)
+
+
+def check_width(width_multiplier, flag: str = "--width-multiplier") -> float:
+    """A positive, finite width multiplier (fractions such as 0.25 allowed)."""
+    try:
+        w = float(width_multiplier)
+    except (TypeError, ValueError):
+        raise NexusError(f"{flag} must be a positive number, got {width_multiplier!r}") from None
+    if not (w > 0 and w < float("inf")):
+        raise NexusError(f"{flag} must be a positive number, got {width_multiplier!r}")
+    return int(w) if w == int(w) else w
+
+
+def shared_intermediate_size(routed: int, width_multiplier: float) -> int:
+    """Hidden units of a shared expert `width_multiplier` times as wide as a routed expert of `routed` units.
+
+    Whole multiples are exact. A fraction is rounded to the family's alignment: the largest power of
+    two up to 64 that divides the routed size (gpt-oss 2880 and DeepSeek-V3 2048 -> 64, a 24-unit
+    test expert -> 8), and is at least one such step: 0.25 x 2880 = 720.
+    """
+    w = check_width(width_multiplier)
+    if w == int(w):
+        return int(w) * routed
+    align = 1
+    while align < MAX_WIDTH_ALIGNMENT and routed % (align * 2) == 0:
+        align *= 2
+    return max(align, int(round(w * routed / align)) * align)
+
+
 @dataclass
 class MoEBlock:
     """One MoE block of a model: where it is and its parts."""

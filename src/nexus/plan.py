@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 
 from .errors import NexusError
-from .moe import find_moe_blocks
+from .base.quantized import CHUNK_BYTES
+from .base.sources import quant_method, quantization_config
+from .moe import check_width, find_moe_blocks, shared_intermediate_size
 
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
+BF16 = 2  # bytes per weight of the non-quantized base weights (as gpt-oss, DeepSeek-V3 and Qwen3 store them)
 
 
 @dataclass
@@ -38,7 +41,8 @@ class Plan:
     expert_params_per_expert: int
     shared_params_per_layer: int
     shared_params_total: int
-    width_multiplier: int
+    width_multiplier: float
+    quantization: str | None
     adapter_bytes: int
     memory_bytes: dict
 
@@ -76,7 +80,18 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
         raise NexusError(f"--model {path}: unknown model_type '{model_type}' ({e})") from None
 
 
-def make_plan(config, width_multiplier: int = 1) -> Plan:
+def expert_bytes_per_weight(config) -> float:
+    """Bytes per routed-expert weight as the checkpoint stores them (and the native base keeps them)."""
+    method = quant_method(config)
+    if method == "mxfp4":
+        return MXFP4_BYTES_PER_WEIGHT
+    if method == "fp8":
+        bo, bi = quantization_config(config).get("weight_block_size") or (128, 128)
+        return 1 + 4 / (bo * bi)  # one byte + an fp32 scale per block
+    return BF16
+
+
+def make_plan(config, width_multiplier: float = 1) -> Plan:
     """Compute the plan for `config` (a transformers config) on a meta-device model."""
     from transformers import AutoModelForCausalLM
 
@@ -91,18 +106,24 @@ def make_plan(config, width_multiplier: int = 1) -> Plan:
     embed = model.get_input_embeddings().weight.numel()
     # Active: every non-expert weight but the input embedding table (a row lookup), plus top-k experts.
     active = total - expert_total - embed + sum(top_k * b.layout.expert_numel() for b in blocks)
-    shared_per_layer = layout.expert_numel(width_multiplier * layout.intermediate_size)
-    shared_total = sum(b.layout.expert_numel(width_multiplier * b.layout.intermediate_size) for b in blocks)
+    shared_per_layer = layout.expert_numel(shared_intermediate_size(layout.intermediate_size, width_multiplier))
+    shared_total = sum(b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size, width_multiplier))
+                       for b in blocks)
     adapter = shared_total * 4  # fp32
     biases = sum(p.numel() for b in blocks for n, p in b.experts.named_parameters() if n.endswith("_bias"))
-    mxfp4_base = (total - expert_total) * 2 + (expert_total - biases) * MXFP4_BYTES_PER_WEIGHT + biases * 2
+    quantization = quant_method(config)
+    # native: the experts as the checkpoint stores them, plus one bounded chunk of dequantized experts
+    native_base = (total - expert_total) * BF16 + (expert_total - biases) * expert_bytes_per_weight(config) + \
+        biases * BF16 + (CHUNK_BYTES if quantization else 0)
+    dequantized_base = total * BF16
     optimizer = shared_total * ADAMW_BYTES_PER_PARAM
     memory = {
         # streaming convert holds a running fp32 sum, the expert being read and its decode buffer
         "convert_streaming": 3 * shared_per_layer * 4,
-        "convert_seeds_full_load_fp32": total * 4,
-        "train_bf16_base": int(total * 2 + optimizer),
-        "train_mxfp4_base": int(mxfp4_base + optimizer),
+        "base_native": int(native_base),
+        "base_dequantized": int(dequantized_base),
+        "train_native_base": int(native_base + optimizer),
+        "train_dequantized_base": int(dequantized_base + optimizer),
         "trainable_optimizer_state": optimizer,
         "teacher_logits_per_1k_tokens_fp32": int(config.vocab_size * 4 * 1024),
     }
@@ -111,7 +132,8 @@ def make_plan(config, width_multiplier: int = 1) -> Plan:
                 hidden_size=layout.hidden_size, expert_intermediate_size=layout.intermediate_size,
                 total_params=total, active_params_per_token=active, expert_params_per_expert=per_expert,
                 shared_params_per_layer=shared_per_layer, shared_params_total=shared_total,
-                width_multiplier=width_multiplier, adapter_bytes=adapter, memory_bytes=memory)
+                width_multiplier=check_width(width_multiplier), quantization=quantization, adapter_bytes=adapter,
+                memory_bytes=memory)
 
 
 def _n(x: float) -> str:
@@ -132,23 +154,33 @@ def format_plan(plan: Plan) -> str:
         ("active parameters per token", f"{_n(plan.active_params_per_token)} (excl. input embedding table)"),
         ("parameters per routed expert", _n(plan.expert_params_per_expert)),
         (f"shared expert per layer (width {plan.width_multiplier}x)", _n(plan.shared_params_per_layer)),
+        ("quantized experts", plan.quantization or "none"),
         ("shared experts total (trainable)",
          f"{_n(plan.shared_params_total)} ({100 * plan.shared_params_total / plan.total_params:.2f}% of total)"),
         ("adapter on disk (fp32)", f"{plan.adapter_bytes / GIB:.2f} GiB"),
     ]
     mem = plan.memory_bytes
+    native = f"as stored ({plan.quantization} experts kept packed)" if plan.quantization else "as stored (bf16)"
     mem_rows = [
         ("convert, streaming from disk", mem["convert_streaming"]),
-        ("  (full fp32 load, as the seeds did)", mem["convert_seeds_full_load_fp32"]),
-        ("train, frozen bf16 base + AdamW", mem["train_bf16_base"]),
-        ("train, frozen MXFP4 base + AdamW", mem["train_mxfp4_base"]),
-        ("  of which trainable weights+grads+AdamW", mem["trainable_optimizer_state"]),
+        (f"base {native}", mem["base_native"]),
+        ("  = collect, validate, chat, precompute-teacher, convert check", mem["base_native"]),
+        ("  train (+ shared experts, grads, AdamW)", mem["train_native_base"]),
+    ]
+    if plan.quantization:
+        mem_rows += [
+            ("base dequantized to bf16 (--dequantize)", mem["base_dequantized"]),
+            ("  train (+ shared experts, grads, AdamW)", mem["train_dequantized_base"]),
+        ]
+    mem_rows += [
+        ("trainable weights+grads+AdamW", mem["trainable_optimizer_state"]),
         ("teacher logits per 1k tokens (fp32)", mem["teacher_logits_per_1k_tokens_fp32"]),
     ]
     width = max(len(k) for k, _ in rows + mem_rows) + 2
     out = [f"{k:<{width}}{v}" for k, v in rows]
     out.append("")
-    out.append("memory (weights and optimizer state; activations come on top)")
+    out.append("memory per process (weights and optimizer state; activations come on top; with --use-ddp "
+               "every rank holds all of it)")
     out += [f"{k:<{width}}{v / GIB:8.2f} GiB" for k, v in mem_rows]
     out.append("online distillation reuses the frozen base as teacher (shared experts switched off): "
                "no second copy of the model")
@@ -157,7 +189,7 @@ def format_plan(plan: Plan) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or bare config.json (no weights are read)")
-    p.add_argument("--width-multiplier", type=int, default=1,
+    p.add_argument("--width-multiplier", type=float, default=1,
                    help="shared expert intermediate size = this x the routed expert's (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -165,8 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.width_multiplier < 1:
-        raise NexusError(f"--width-multiplier must be >= 1, got {args.width_multiplier}")
+    check_width(args.width_multiplier)
     plan = make_plan(load_config(args.model, args.trust_remote_code), args.width_multiplier)
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

@@ -16,28 +16,29 @@ import torch
 from torch import nn
 
 from .errors import NexusError
-from .moe import MoEBlock, experts_class_for, find_moe_blocks
+from .moe import MoEBlock, check_width, experts_class_for, find_moe_blocks, shared_intermediate_size
 
 SHARED_NAME = "nexus_shared_expert"
 GATE_NAME = "nexus_gate"  # optional learnable scalar on the shared expert: output × gate
 INIT_STRATEGIES = ("zero", "random")
 
 
-def build_shared_expert(block: MoEBlock, model: nn.Module, width_multiplier: int = 1,
-                        dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
-    """An experts module of the block's family with one expert of width `width_multiplier` × I.
+def build_shared_expert(block: MoEBlock, model: nn.Module, width_multiplier: float = 1,
+                        dtype: torch.dtype = torch.float32, device=None,
+                        intermediate_size: int | None = None) -> nn.Module:
+    """An experts module of the block's family with one expert of width `width_multiplier` × I
+    (`shared_intermediate_size`; `intermediate_size` sets it directly, as a saved adapter records it).
 
     Built on the meta device from the model config, then given fresh [1, ...] parameters, so the
     family's __init__ (and the flags its decorator sets) are used unchanged. Parameters are
     uninitialized; callers initialize them.
     """
-    if width_multiplier < 1 or int(width_multiplier) != width_multiplier:
-        raise NexusError(f"--width-multiplier must be a positive integer, got {width_multiplier}")
+    check_width(width_multiplier)
     cls = experts_class_for(block.experts, model)
     with torch.device("meta"):
         shared = cls(model.config)
     layout = block.layout
-    inter = int(width_multiplier) * layout.intermediate_size
+    inter = intermediate_size or shared_intermediate_size(layout.intermediate_size, width_multiplier)
     if device is None:
         device = next((p.device for p in block.block.parameters() if p.device.type != "meta"), torch.device("cpu"))
     shapes = layout.param_shapes(1, inter)
@@ -126,16 +127,18 @@ def init_shared_expert(shared: nn.Module, strategy: str = "zero", std: float = 0
                 shared.down_proj_bias.mul_(scale)
 
 
-def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier: int = 1,
+def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier: float = 1,
                           gate: bool = False, trainable_router: bool = False,
                           dtype: torch.dtype = torch.float32, seed: int | None = None,
                           tensors: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-                          scale: float = 1.0) -> nn.Module:
+                          scale: float = 1.0, intermediate_size: int | None = None) -> nn.Module:
     """Add a trainable shared expert to every MoE block of `model`, in place; returns `model`.
 
     Args:
         init: "zero" (outputs unchanged) or "random" (normal with the config's initializer_range).
-        width_multiplier: shared intermediate size = width_multiplier × the routed expert's.
+        width_multiplier: shared intermediate size = width_multiplier × the routed expert's; a fraction
+            (0.25) is rounded to the family's alignment (`nexus.moe.shared_intermediate_size`).
+        intermediate_size: the shared intermediate size itself (overrides width_multiplier's rounding).
         gate: add a learnable scalar gate on the shared output, initialized to 1.
         trainable_router: leave the routers trainable (everything else original stays frozen).
         dtype: dtype of the trainable weights (fp32 by default, even over a bf16 base).
@@ -153,7 +156,7 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
         p.requires_grad_(False)
     inter = None
     for b in blocks:
-        shared = build_shared_expert(b, model, width_multiplier, dtype=dtype)
+        shared = build_shared_expert(b, model, width_multiplier, dtype=dtype, intermediate_size=intermediate_size)
         if gate:
             setattr(shared, GATE_NAME, nn.Parameter(torch.ones((), dtype=dtype, device=shared.down_proj.device)))
         layer_tensors = None if tensors is None else tensors.get(b.layer)
@@ -175,7 +178,7 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
         "moe_layers": [b.layer for b in blocks],
         "num_experts": blocks[0].layout.num_experts,
         "intermediate_size": int(inter),
-        "width_multiplier": int(width_multiplier),
+        "width_multiplier": check_width(width_multiplier),
         "init_strategy": init if tensors is None else "tensors",
         "gate": bool(gate),
         "trainable_router": bool(trainable_router),

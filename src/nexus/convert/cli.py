@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..base.loader import DEQUANTIZE_HELP
 from .core import convert
 
 
@@ -16,15 +17,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies")
     p.add_argument("--init-strategy", required=True, metavar="NAME",
                    help="zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK (e.g. pca_top24)")
-    p.add_argument("--width-multiplier", type=int, default=None, metavar="M",
-                   help="shared intermediate size = M × the routed expert's (default 1; concat_topK: K). Units beyond "
-                        "the merged expert start with random gate/up and zero down rows, so the output is unchanged")
+    p.add_argument("--width-multiplier", type=float, default=None, metavar="M",
+                   help="shared intermediate size = M × the routed expert's, e.g. 2 or 0.25 (default 1; concat_topK: "
+                        "K). Units beyond the merged expert start with random gate/up and zero down rows, so the "
+                        "output is unchanged; below 1, the merged expert's strongest hidden units are kept")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the shared expert's output at init (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for random init and widening (default 0)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--skip-check", action="store_true",
                    help="skip the sanity forward through the full converted model "
                         "(for bases that do not fit in memory)")
+    p.add_argument("--dequantize", action="store_true", help="sanity check: " + DEQUANTIZE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
@@ -32,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     convert(args.input, args.output, args.init_strategy, pca_stats=args.pca_stats,
             width_multiplier=args.width_multiplier, scale=args.scale, seed=args.seed,
             check=not args.skip_check, overwrite=args.overwrite, dry_run=args.dry_run,
-            log=lambda msg: print(msg, flush=True))
+            log=lambda msg: print(msg, flush=True), dequantize=args.dequantize)
     return 0

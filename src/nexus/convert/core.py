@@ -25,9 +25,10 @@ from .. import __version__
 from ..adapter import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME
 from ..errors import NexusError
 from ..fsutil import atomic_dir, write_json
+from ..moe import check_width, shared_intermediate_size
 from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from .checkpoint import ExpertReader
-from .merge import from_units, make_merger, to_units, widen
+from .merge import from_units, keep_units, make_merger, strongest_units, to_units, widen
 from ..base.files import StreamingWriter
 from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
 
@@ -47,6 +48,7 @@ class LayerPlan:
     experts: list[int]
     weights: list[float]
     read_bytes: int  # expert bytes on disk
+    kept_units: list[int] | None = None  # width < 1: hidden units of the merged expert kept (set by build_layer)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class ConvertPlan:
     model_dir: Path
     model_type: str
     strategy: Strategy
-    width_multiplier: int
+    width_multiplier: float
     scale: float
     num_experts: int
     hidden_size: int
@@ -69,6 +71,10 @@ class ConvertPlan:
     notes: list[str] = field(default_factory=list)  # things the user should know before the run
 
     @property
+    def shared_intermediate_size(self) -> int:
+        return shared_intermediate_size(self.intermediate_size, self.width_multiplier)
+
+    @property
     def read_bytes(self) -> int:
         return sum(lp.read_bytes for lp in self.layers)
 
@@ -79,7 +85,7 @@ class ConvertPlan:
                  f"expert intermediate {self.intermediate_size})",
                  f"  init strategy {s.name}" + (f" from {self.pca_stats}" if self.pca_stats else "") +
                  f"; width multiplier {self.width_multiplier} (shared intermediate "
-                 f"{self.width_multiplier * self.intermediate_size}); scale {self.scale:g}"]
+                 f"{self.shared_intermediate_size}); scale {self.scale:g}"]
         if s.reads_experts:
             lines.append("  layer  read        experts:weights (most important first)")
             for lp in self.layers:
@@ -105,26 +111,37 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def resolve_width(strategy: Strategy, width_multiplier: int | None) -> int:
+def resolve_width(strategy: Strategy, width_multiplier: float | None) -> float:
+    if width_multiplier is not None:
+        width_multiplier = check_width(width_multiplier)  # 3.0 from the command line reads as 3
     if strategy.kind == "concat":
         if width_multiplier not in (None, strategy.top_k):
             raise NexusError(f"--width-multiplier {width_multiplier}: {strategy.name} builds a {strategy.top_k}×-wide "
                              f"shared expert; leave --width-multiplier out or pass {strategy.top_k}")
         return strategy.top_k
-    width = 1 if width_multiplier is None else width_multiplier
-    if not isinstance(width, int) or width < 1:
-        raise NexusError(f"--width-multiplier must be a positive integer, got {width_multiplier}")
-    return width
+    return check_width(1 if width_multiplier is None else width_multiplier)
 
 
-def _base_load_bytes(reader: ExpertReader) -> int:
-    plain = dequantized = 0
+def _base_load_bytes(reader: ExpertReader, dequantize: bool = False) -> int:
+    """Memory to load the base for the sanity check: packed experts stay packed unless `dequantize`."""
+    plain = packed = dequantized = 0
     for key, info in reader.files.tensors.items():
         if key.endswith("_blocks"):
+            packed += info.nbytes
             dequantized += info.nbytes * 2 * 2  # two values per byte, loaded as bf16
-        elif not key.endswith("_scales"):
+        elif info.dtype == "F8_E4M3":
+            if ".experts." in key:
+                packed += info.nbytes
+            else:
+                plain += info.nbytes * 2  # non-expert FP8 linears load dequantized to bf16 either way
+            dequantized += info.nbytes * 2
+        elif key.endswith(("_scales", "_scale_inv")):
+            packed += info.nbytes
+        else:
             plain += info.nbytes
-    return int(plain * LOAD_OVERHEAD + dequantized * MXFP4_LOAD_OVERHEAD)
+    if dequantize or (packed == 0 and dequantized == 0):
+        return int(plain * LOAD_OVERHEAD + dequantized * MXFP4_LOAD_OVERHEAD)
+    return int((plain + packed) * LOAD_OVERHEAD)
 
 
 def available_memory() -> int | None:
@@ -144,7 +161,7 @@ def peak_rss_bytes() -> int:
 
 
 def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float,
-              pca_stats: str | os.PathLike | None) -> ConvertPlan:
+              pca_stats: str | os.PathLike | None, dequantize: bool = False) -> ConvertPlan:
     """What convert will do: per-layer experts and weights, bytes to read, memory and output size."""
     blocks = [reader.blocks[layer] for layer in reader.layers]
     layout = blocks[0].layout
@@ -158,7 +175,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
     layers, working = [], 0
     for b in blocks:
         expert = b.layout.expert_numel() * 4  # one expert in fp32
-        shared = b.layout.expert_numel(width * b.layout.intermediate_size) * 4
+        shared = b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size, width)) * 4
         sel = selection.get(b.layer, LayerSelection([], []))
         raw = reader.expert_nbytes(b.layer)
         if strategy.kind in ("pca", "frequency"):
@@ -177,8 +194,9 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         scale=scale, num_experts=reader.num_experts, hidden_size=layout.hidden_size,
         intermediate_size=layout.intermediate_size, layers=layers,
         checkpoint_bytes=sum(i.nbytes for i in reader.files.tensors.values()), working_bytes=working,
-        adapter_bytes=sum(b.layout.expert_numel(width * b.layout.intermediate_size) * 4 for b in blocks),
-        base_load_bytes=_base_load_bytes(reader), pca_stats=Path(pca_stats).resolve() if pca_stats else None,
+        adapter_bytes=sum(b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size, width)) * 4
+                          for b in blocks),
+        base_load_bytes=_base_load_bytes(reader, dequantize), pca_stats=Path(pca_stats).resolve() if pca_stats else None,
         selection=selection, notes=notes)
 
 
@@ -195,7 +213,11 @@ def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generato
             merger.add(to_units(reader.read_expert(lp.layer, expert), layout), weight)
         units = merger.result()
         if strategy.kind != "concat":
-            units = widen(units, plan.width_multiplier * layout.intermediate_size, std, generator)
+            target = shared_intermediate_size(layout.intermediate_size, plan.width_multiplier)
+            if target < units["down"].shape[0]:
+                lp.kept_units = strongest_units(units, target)
+                units = keep_units(units, lp.kept_units)
+            units = widen(units, target, std, generator)
         tensors = from_units(units, layout)
         del merger, units
         reader.release()
@@ -213,7 +235,7 @@ def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generato
     return {name: p.detach() for name, p in shared.named_parameters()}
 
 
-def sanity_forward(adapter_dir: Path) -> float:
+def sanity_forward(adapter_dir: Path, dequantize: bool = False) -> float:
     """Load the adapter the normal way (nexus.load_model) and run a few tokens; NaN/Inf is an error.
 
     Returns the largest |logit change| the shared experts cause on those tokens.
@@ -221,7 +243,7 @@ def sanity_forward(adapter_dir: Path) -> float:
     from ..adapter import load_model
     from ..shared import shared_experts_disabled
 
-    model = load_model(adapter_dir, dtype="auto").eval()
+    model = load_model(adapter_dir, dtype="auto", dequantize=dequantize).eval()
     ids = torch.randint(model.config.vocab_size, (1, CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
@@ -235,7 +257,8 @@ def sanity_forward(adapter_dir: Path) -> float:
 
 def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_strategy: str,
             pca_stats: str | os.PathLike | None = None, width_multiplier: int | None = None, scale: float = 1.0,
-            seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print) -> dict:
+            seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print,
+            dequantize: bool = False) -> dict:
     """Convert `input_dir` (a transformers model directory) into an adapter at `output_dir`.
 
     Returns a summary (layers, experts_read, bytes_read, seconds, adapter_bytes, ...); with
@@ -255,7 +278,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     if not input_path.is_dir():
         raise NexusError(f"--input {input_dir}: no such model directory")
     reader = ExpertReader(input_path)
-    plan = make_plan(reader, strategy, width, scale, pca_stats)
+    plan = make_plan(reader, strategy, width, scale, pca_stats, dequantize=dequantize)
     available = available_memory()
     if not dry_run:
         for note in plan.notes:
@@ -270,7 +293,9 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
                          f"{human(available)} available: pass --skip-check to convert without it")
     blocks = [reader.blocks[lp.layer] for lp in plan.layers]
     spec = [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32)
-            for b in blocks for name, shape in b.layout.param_shapes(1, width * b.layout.intermediate_size).items()]
+            for b in blocks
+            for name, shape in b.layout.param_shapes(1, shared_intermediate_size(b.layout.intermediate_size,
+                                                                                 width)).items()]
     generator = torch.Generator().manual_seed(seed)
     probe = torch.Generator().manual_seed(seed + 1)
     delta, layer_seconds = None, 0.0
@@ -289,7 +314,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
                     f"peak RSS {human(peak_rss_bytes())}, ETA {eta:.0f} s")
         write_json(tmp / CONFIG_NAME, adapter_config(plan, reader, seed))
         if check:
-            delta = sanity_forward(tmp)
+            delta = sanity_forward(tmp, dequantize=dequantize)
             log(f"sanity check: {CHECK_TOKENS} tokens through the converted model, all logits finite "
                 f"(max |change| from the shared experts {delta:.4g})")
     seconds = time.perf_counter() - start
@@ -311,8 +336,11 @@ def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> dict:
     if s.reads_experts:
         init["pca_stats"] = str(plan.pca_stats)
         init["layers"] = {str(lp.layer): {"experts": lp.experts, "weights": lp.weights} for lp in plan.layers}
+        for lp in plan.layers:
+            if lp.kept_units is not None:  # a fractional width: which hidden units of the merged expert were kept
+                init["layers"][str(lp.layer)]["kept_units"] = lp.kept_units
     return {"format": FORMAT, "version": VERSION, "base_model_name_or_path": str(reader.model_dir.resolve()),
             "model_type": reader.config.model_type, "moe_layers": [lp.layer for lp in plan.layers],
-            "num_experts": plan.num_experts, "intermediate_size": plan.width_multiplier * plan.intermediate_size,
+            "num_experts": plan.num_experts, "intermediate_size": plan.shared_intermediate_size,
             "width_multiplier": plan.width_multiplier, "init_strategy": s.name, "gate": False,
             "trainable_router": False, "scale": float(plan.scale), "nexus_version": __version__, "init": init}

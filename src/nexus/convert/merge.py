@@ -173,6 +173,23 @@ def widen(units: dict[str, torch.Tensor], width: int, std: float, generator: tor
     return out
 
 
+def strongest_units(units: dict[str, torch.Tensor], count: int) -> list[int]:
+    """The `count` hidden units carrying the most weight: ‖gate row‖·‖up row‖·‖down row‖, ascending indices.
+
+    Used to shrink a merged expert to a fractional width; the weights alone decide (no activations).
+    """
+    score = units["up"].norm(dim=1) * units["down"].norm(dim=1)
+    if "gate" in units:
+        score = score * units["gate"].norm(dim=1)
+    return sorted(torch.topk(score, count).indices.tolist())
+
+
+def keep_units(units: dict[str, torch.Tensor], kept: list[int]) -> dict[str, torch.Tensor]:
+    """Only the hidden units `kept` of a units view (the down bias is kept whole)."""
+    index = torch.tensor(kept, dtype=torch.long)
+    return {k: (v.index_select(0, index) if k in UNIT_KEYS else v) for k, v in units.items()}
+
+
 def make_merger(kind: str, k: int):
     """The accumulator for a merge strategy kind (see `strategy.MERGES`)."""
     if kind in ("pca", "frequency"):

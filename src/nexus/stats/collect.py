@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
+from ..base.loader import DEQUANTIZE_HELP
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
 from ..device import resolve_device
 from ..errors import NexusError
@@ -87,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=1024,
                    help="longest sequence; longer documents are split (default 1024)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="model dtype; auto = the checkpoint's on GPU, float32 on CPU (default auto)")
+                   help="dtype of the model's weights; auto = as stored in the checkpoint (default auto)")
+    p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--flush-every", type=int, default=50,
                    help="write the partial statistics every N batches, for --resume (default 50)")
@@ -118,7 +120,7 @@ def _check_args(args) -> None:
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
     device = resolve_device(args.device)
-    dtype = DTYPES.get(args.dtype) or ("auto" if device.type == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype) or "auto"  # as stored: a bf16 checkpoint is not doubled to fp32 on CPU
     return device, dtype
 
 
@@ -226,7 +228,8 @@ def run(args) -> int:
 
     # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
     device_map = {"": str(device)} if device.type == "cuda" else None
-    model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code).eval()
+    model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code,
+                       dequantize=args.dequantize).eval()
     check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)

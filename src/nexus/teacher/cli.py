@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..base.loader import DEQUANTIZE_HELP
 from .precompute import PrecomputeConfig, precompute
 
 _D = {f.name: f.default for f in fields(PrecomputeConfig)}
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or cuda:N (default: cuda if available); under torchrun, each rank's GPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help='dtype of the teacher weights (default: as stored)')
+    p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
 
 
 def run(args) -> int:

@@ -52,6 +52,7 @@ class PrecomputeConfig:
     shard_size: int = 1024
     device: str | None = None
     dtype: str = "auto"
+    dequantize: bool = False
 
     @property
     def total(self) -> int:
@@ -116,7 +117,8 @@ def precompute(cfg: PrecomputeConfig) -> Path:
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)
     stream = SequenceStream(seqs, cfg.seed)
-    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype]).to(device).eval()
+    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], dequantize=cfg.dequantize,
+                       device_map={"": str(device)} if device.type == "cuda" else None).to(device).eval()
     check_seq_len(model, cfg.seq_len, "model")
     check_head_split(model, device)
     vocab = vocab_size(model)

@@ -49,7 +49,8 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
                          f"or an adapter directory made by `nexus convert`")
     base = student_base_path(cfg.student_model)
     device_map = {"": str(device)} if device.type == "cuda" else None  # load straight onto the GPU
-    model = load_base_model(base, dtype=dtype, device_map=device_map, what="--student-model" if not adapter else
+    model = load_base_model(base, dtype=dtype, device_map=device_map, dequantize=cfg.dequantize,
+                            what="--student-model" if not adapter else
                             f"base model of --student-model {cfg.student_model}").to(device)
     blocks = find_moe_blocks(model)
     original = {n: p.detach().clone() for n, p in router_params(blocks).items()}
@@ -110,7 +111,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
         swap = model._nexus_config["trainable_router"]
         return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
     check_model_path(cfg.teacher_model, "--teacher-model")
-    teacher = load_model(cfg.teacher_model, dtype=DTYPES[cfg.dtype],
+    teacher = load_model(cfg.teacher_model, dtype=DTYPES[cfg.dtype], dequantize=cfg.dequantize,
                          device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)
     check_same_vocab(model, teacher, tokenizer, cfg.teacher_model)
     check_seq_len(teacher, cfg.seq_len, "teacher model")

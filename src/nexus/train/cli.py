@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 
+from ..base.loader import DEQUANTIZE_HELP
 from .config import TrainConfig
 
 _D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-model", required=True,
                    help="adapter directory (its base is resolved), or a base model with --init-strategy")
     g.add_argument("--init-strategy", choices=("zero", "random"), help="initialize shared experts on a base model")
-    g.add_argument("--width-multiplier", type=int, default=1, help="shared expert width × a routed expert's (base)")
+    g.add_argument("--width-multiplier", type=float, default=1, metavar="M",
+                   help="shared expert width × a routed expert's, e.g. 2 or 0.25 (base model only; default 1)")
     g.add_argument("--teacher-model", help="teacher (default: the student's own base, run without shared experts)")
     g.add_argument("--teacher-device", help="device of a separate --teacher-model (default: --device)")
     g.add_argument("--precomputed-teacher", metavar="DIR", help="teacher cache from `nexus precompute-teacher`")
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one document per sequence, right-padded (padding is masked out), instead of packing")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the frozen base (trainable weights are always fp32)")
+    g.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun, this rank's GPU)")
 
     g = p.add_argument_group("loss")

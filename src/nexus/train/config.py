@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import NexusError
+from ..moe import check_width
 from .schedule import Schedule
 
 DEFAULT_BIAS_FREEZE_RATIO = 0.5  # the original tool's recommendation for a trainable router
@@ -30,7 +31,7 @@ class TrainConfig:
     seq_len: int = 1024
     pack: bool = True
     init_strategy: str | None = None
-    width_multiplier: int = 1
+    width_multiplier: float = 1
     freeze_router: bool | None = None
     bias_freeze_ratio: float | None = None
     ce_weight: float = 1.0
@@ -54,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
+    dequantize: bool = False
     checkpoint_interval: int = 500
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
@@ -100,10 +102,11 @@ class TrainConfig:
         """Errors that need no file access; each names the flag to fix."""
         self.schedule()  # validates the schedule flags
         positive = {"--batch-size": self.batch_size, "--gradient-accumulation-steps": self.gradient_accumulation_steps,
-                    "--checkpoint-interval": self.checkpoint_interval, "--width-multiplier": self.width_multiplier}
+                    "--checkpoint-interval": self.checkpoint_interval}
         for flag, value in positive.items():
             if value < 1:
                 raise NexusError(f"{flag} must be at least 1, got {value}")
+        self.width_multiplier = check_width(self.width_multiplier)
         if self.seq_len < 2:
             raise NexusError(f"--seq-len must be at least 2, got {self.seq_len}")
         for flag, value in {"--ce-weight": self.ce_weight, "--router-kl-weight": self.router_kl_weight,
