@@ -38,7 +38,8 @@ def grid(shape, block_size=BLOCK_SIZE) -> tuple[int, ...]:
 
 def decode(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=BLOCK_SIZE,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize block FP8. weight e4m3 [..., out, in], scale_inv fp32 [..., ceil(out/bo), ceil(in/bi)] -> [..., out, in].
+    """Dequantize block FP8. weight e4m3 [..., out, in], scale_inv fp32 [..., ceil(out/bo), ceil(in/bi)]
+    -> [..., out, in] in `dtype`.
 
     value = float32(weight) × scale_inv of its tile, computed in float32, then cast to `dtype`.
     """
@@ -65,7 +66,8 @@ def decode(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=BLOCK_SIZE,
 
 
 def encode(weight: torch.Tensor, block_size=BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize to block FP8. weight [..., out, in] -> (e4m3 [..., out, in], scale_inv fp32 [..., ceil(out/bo), ceil(in/bi)]).
+    """Quantize to block FP8. weight [..., out, in]
+    -> (e4m3 [..., out, in], scale_inv fp32 [..., ceil(out/bo), ceil(in/bi)]).
 
     transformers' convention (`Fp8Quantize._quantize_one`), op for op: per tile scale = 448 / amax
     (1 for an all-zero tile), weight = clamp(w × scale, ±448) cast to e4m3 (round to nearest even),
