@@ -7,23 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from quant_checkpoints import GPT_OSS_MXFP4, write_mxfp4_gpt_oss  # noqa: F401 (test_convert* import them from here)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nexus.convert.checkpoint import ExpertReader, FusedSource, Mxfp4Source, PerExpertSource
-from nexus.convert.writer import MXFP4_QUANTIZATION_CONFIG, gpt_oss_mxfp4_tensors, write_checkpoint
+from nexus.convert.writer import MXFP4_QUANTIZATION_CONFIG
 from nexus.errors import NexusError
 
 REFERENCE = Path("/work/shared/reference/gpt-oss-20b")
-GPT_OSS_MXFP4 = dict(intermediate_size=64)  # MXFP4 packs blocks of 32; hidden 32 != intermediate 64
-
-
-def write_mxfp4_gpt_oss(directory, seed=0):
-    """A miniature gpt-oss checkpoint in the released layout: MXFP4 experts, bf16 rest, 2 shards + index."""
-    model = tiny_model("gpt_oss", seed=seed, **GPT_OSS_MXFP4)
-    write_checkpoint(directory, model.config, gpt_oss_mxfp4_tensors(model), num_shards=2,
-                     quantization_config=MXFP4_QUANTIZATION_CONFIG)
-    return model
 
 
 def experts_module(model, reader, layer):

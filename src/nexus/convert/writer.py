@@ -46,17 +46,20 @@ def gpt_oss_mxfp4_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.T
             yield name, t.detach().to(torch.bfloat16)
 
 
-def _shard_name(i: int, n: int) -> str:
-    return f"model-{i:05d}-of-{n - 1:05d}.safetensors"  # the gpt-oss release numbers shards from 0
+def _shard_name(i: int, n: int, first: int = 0) -> str:
+    # the gpt-oss release numbers shards from 0 (model-00000-of-00002), DeepSeek and Qwen from 1 (model-00001-of-00003)
+    return f"model-{i + first:05d}-of-{n - 1 + first:05d}.safetensors"
 
 
 def write_checkpoint(directory: str | os.PathLike, config, tensors: Iterable[tuple[str, torch.Tensor]],
                      num_shards: int | None = None, max_shard_bytes: int | None = None,
-                     total_bytes: int | None = None, quantization_config: dict | None = None) -> list[Path]:
+                     total_bytes: int | None = None, quantization_config: dict | None = None,
+                     first_shard: int = 0) -> list[Path]:
     """Write `tensors` (name, tensor) as a sharded safetensors checkpoint plus config.json.
 
     Shards are filled in order up to `max_shard_bytes` (or total / `num_shards`; pass `total_bytes`
-    when `tensors` is a generator, so at most one shard is held in memory). Returns the shard paths.
+    when `tensors` is a generator, so at most one shard is held in memory). Shards are numbered from
+    `first_shard` (0 as in gpt-oss, 1 as in DeepSeek-V3 and Qwen3). Returns the shard paths.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,10 +93,10 @@ def write_checkpoint(directory: str | os.PathLike, config, tensors: Iterable[tup
     n = len(parts)
     final = []
     for i, path in enumerate(parts):
-        final.append(directory / _shard_name(i, n))
+        final.append(directory / _shard_name(i, n, first_shard))
         os.replace(path, final[-1])
     index = {"metadata": {"total_size": total},
-             "weight_map": {k: _shard_name(i, n) for k, i in sorted(weight_map.items())}}
+             "weight_map": {k: _shard_name(i, n, first_shard) for k, i in sorted(weight_map.items())}}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     cfg = config.to_dict()
     if quantization_config is not None:
