@@ -188,3 +188,44 @@ def test_plan_notes_a_selection_ranked_differently(bases, tmp_path):
     lines = []
     convert(src, tmp_path / "out", "frequency_top2", pca_stats=tmp_path / "p.json", dry_run=True, log=lines.append)
     assert "ranked experts by 'pca', the strategy is named frequency_top2" in "\n".join(lines)
+
+
+def test_fractional_width_keeps_the_merged_experts_strongest_units(bases, stats, tmp_path):
+    from nexus.convert.merge import strongest_units, to_units
+
+    src, ref = bases["qwen3_moe"]  # expert intermediate 16: a quarter is 4 units
+    convert(src, tmp_path / "full", "pca_top2", pca_stats=stats, check=False, log=quiet)
+    convert(src, tmp_path / "quarter", "pca_top2", pca_stats=stats, width_multiplier=0.25, log=quiet)  # + sanity check
+    cfg = json.loads((tmp_path / "quarter" / CONFIG_NAME).read_text())
+    assert cfg["width_multiplier"] == 0.25 and cfg["intermediate_size"] == 4
+    for block in find_moe_blocks(ref):
+        full, quarter = adapter_tensors(tmp_path / "full", block), adapter_tensors(tmp_path / "quarter", block)
+        kept = cfg["init"]["layers"][str(block.layer)]["kept_units"]
+        units = to_units({k: v[0] for k, v in full.items()}, block.layout)
+        assert kept == strongest_units(units, 4) and len(set(kept)) == 4  # the provenance names the kept units
+        index = torch.tensor(kept)
+        gate, up = full["gate_up_proj"][0].chunk(2, dim=0)  # qwen3: [2I, H], gate rows then up rows
+        torch.testing.assert_close(quarter["gate_up_proj"][0], torch.cat([gate[index], up[index]]), rtol=0, atol=0)
+        torch.testing.assert_close(quarter["down_proj"][0], full["down_proj"][0][:, index], rtol=0, atol=0)
+    model = nexus.load_model(tmp_path / "quarter", dtype=torch.float32)  # the recorded size is rebuilt exactly
+    assert model._nexus_config["intermediate_size"] == 4
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_convert_an_fp8_checkpoint_with_its_sanity_check(tmp_path, stats, layout):
+    from quant_checkpoints import load_dequantized_reference, write_fp8_checkpoint
+
+    write_fp8_checkpoint("deepseek_v3", tmp_path / "base", layout)
+    layers = {"1": SELECTION["0"], "2": SELECTION["1"]}  # deepseek's first layer is dense
+    pca = write_pca_stats(tmp_path / "pca.json", layers)
+    summary = convert(tmp_path / "base", tmp_path / "adapter", "pca_top3", pca_stats=pca, log=quiet)
+    assert summary["check_max_logit_change"] is not None  # the sanity forward ran on the packed FP8 base
+    ref = load_dequantized_reference(tmp_path / "base", dtype=torch.float32)
+    for block in find_moe_blocks(ref):
+        sel = layers[str(block.layer)]
+        experts, w = sel["selected_experts"][:3], sel["weights"][:3]
+        weights = [x / sum(w) for x in w]
+        got = adapter_tensors(tmp_path / "adapter", block)
+        for name, p in block.experts.named_parameters():
+            want = sum(wt * p[j].detach() for j, wt in zip(experts, weights)).unsqueeze(0)
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)

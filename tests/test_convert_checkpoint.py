@@ -152,7 +152,24 @@ def test_no_safetensors_and_unsupported_quantization(tmp_path):
     with pytest.raises(NexusError, match="no model.safetensors"):
         ExpertReader(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8"}
+    cfg["quantization_config"] = {"quant_method": "gptq"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NexusError, match="'fp8' quantized checkpoints are not supported"):
+    with pytest.raises(NexusError, match="'gptq' quantized checkpoints are not supported"):
         ExpertReader(tmp_path)
+    cfg["quantization_config"] = {"quant_method": "fp8"}  # per-tensor scales: no weight_block_size
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NexusError, match="FP8 without weight_block_size"):
+        ExpertReader(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_fp8_experts_equal_transformers_dequantized_load(tmp_path, family, layout):
+    from quant_checkpoints import load_dequantized_reference, write_fp8_checkpoint
+
+    write_fp8_checkpoint(family, tmp_path, layout)
+    reader = ExpertReader(tmp_path)
+    kind = FusedSource if layout == "fused" else PerExpertSource
+    assert all(isinstance(s, kind) for s in reader.sources.values() if not isinstance(s, FusedSource) or
+               layout == "fused")
+    assert_reader_matches(reader, load_dequantized_reference(tmp_path, dtype=torch.float32))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_convert_checkpoint import write_mxfp4_gpt_oss
+from quant_checkpoints import load_dequantized_reference, write_fp8_checkpoint, write_mxfp4_gpt_oss
 from tiny_assets import ROOT, subprocess_env
 
 from nexus.base.loader import dequantized_nbytes, load_base_model, packed_nbytes
@@ -16,14 +16,25 @@ from nexus.moe import find_moe_blocks
 from nexus.shared import attach_shared_experts, shared_expert_modules
 
 LOGIT_ATOL = 1e-5  # fp32 throughout: the packed path and transformers' dequantized path differ only in summation order
+CASES = {  # name -> writer of a miniature checkpoint in a released layout
+    "gpt_oss-mxfp4": write_mxfp4_gpt_oss,
+    "qwen3_moe-fp8-per_expert": lambda d: write_fp8_checkpoint("qwen3_moe", d, "per_expert"),
+    "qwen3_moe-fp8-fused": lambda d: write_fp8_checkpoint("qwen3_moe", d, "fused"),
+    "deepseek_v3-fp8-per_expert": lambda d: write_fp8_checkpoint("deepseek_v3", d, "per_expert"),
+    "deepseek_v3-fp8-fused": lambda d: write_fp8_checkpoint("deepseek_v3", d, "fused"),
+}
 
 
 def reference_model(directory):
-    """transformers' own dequantized load of the checkpoint, in fp32 (the reference nobody here wrote)."""
-    from transformers import AutoModelForCausalLM, Mxfp4Config
+    """transformers' own dequantized view of the checkpoint, in fp32 (the reference nobody here wrote)."""
+    return load_dequantized_reference(directory, dtype=torch.float32).eval()
 
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=Mxfp4Config(dequantize=True),
-                                                dtype=torch.float32).eval()
+
+@pytest.fixture(scope="module", params=list(CASES))
+def quant_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    CASES[request.param](d)
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +48,26 @@ def tokens(seed=0, shape=(2, 12)):
     return torch.randint(4, 96, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_experts_stay_packed_and_logits_match(mxfp4_dir):
-    model = load_base_model(str(mxfp4_dir), dtype=torch.float32)
+def test_experts_stay_packed_and_logits_match(quant_dir):
+    model = load_base_model(str(quant_dir), dtype=torch.float32)
     blocks = find_moe_blocks(model)
     assert all(is_quantized_experts(b.experts) for b in blocks)
-    assert all(p.dtype == torch.uint8 for b in blocks for n, p in b.experts.named_parameters()
-               if not n.endswith("_bias"))
-    ref = reference_model(mxfp4_dir)
+    assert all(p.element_size() == 1 for b in blocks for n, p in b.experts.named_parameters()
+               if not n.endswith(("_bias", "_scale_inv")))
+    ref = reference_model(quant_dir)
     for b, rb in zip(blocks, find_moe_blocks(ref)):
         assert b.layout == rb.layout  # logical sizes and flags read the same from the packed module
-        for proj in ("gate_up_proj", "down_proj"):  # the bytes decode to what transformers dequantizes
+        for proj in b.experts.nexus_projections:  # the bytes decode to what transformers dequantizes
             assert torch.equal(b.experts.dequantized_weight(proj), getattr(rb.experts, proj))
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=LOGIT_ATOL, rtol=0)
 
 
-def test_input_gradient_equals_autograd_through_transformers_experts(mxfp4_dir):
-    model = load_base_model(str(mxfp4_dir), dtype=torch.float32)
-    ref = reference_model(mxfp4_dir)
-    experts, ref_experts = find_moe_blocks(model)[1].experts, find_moe_blocks(ref)[1].experts
+def test_input_gradient_equals_autograd_through_transformers_experts(quant_dir):
+    model = load_base_model(str(quant_dir), dtype=torch.float32)
+    ref = reference_model(quant_dir)
+    experts, ref_experts = find_moe_blocks(model)[-1].experts, find_moe_blocks(ref)[-1].experts
     g = torch.Generator().manual_seed(1)
     t, k, e = 40, 2, experts.num_experts
     x = torch.randn(t, 32, generator=g)
@@ -73,8 +84,8 @@ def test_input_gradient_equals_autograd_through_transformers_experts(mxfp4_dir):
     assert outs[0][1].abs().sum() > 0
 
 
-def test_shared_expert_gradients_equal_the_dequantized_models(mxfp4_dir):
-    models = [load_base_model(str(mxfp4_dir), dtype=torch.float32), reference_model(mxfp4_dir)]
+def test_shared_expert_gradients_equal_the_dequantized_models(quant_dir):
+    models = [load_base_model(str(quant_dir), dtype=torch.float32), reference_model(quant_dir)]
     ids = tokens(2)
     grads = []
     for m in models:

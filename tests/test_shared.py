@@ -10,7 +10,7 @@ import nexus
 from nexus.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
-from nexus.shared import (SHARED_NAME, init_shared_expert, parameter_summary, run_shared_expert,
+from nexus.shared import (SHARED_NAME, attach_shared_experts, init_shared_expert, parameter_summary, run_shared_expert,
                           shared_expert_modules, shared_experts_disabled)
 
 from conftest import FAMILIES, VOCAB, tiny_model
@@ -220,3 +220,24 @@ def test_adapter_file_keys_follow_design(fam, tmp_path):
     for b in find_moe_blocks(model):
         assert f"{b.path}.{SHARED_NAME}.down_proj" in keys
     assert (tmp_path / CONFIG_NAME).is_file()
+
+
+@pytest.mark.parametrize("width,expected", [(0.25, 4), (0.5, 8), (2, 32)])
+def test_fractional_width_round_trips_through_an_adapter(tmp_path, width, expected):
+    from nexus.adapter import load_model, save_adapter
+    from nexus.moe import shared_intermediate_size
+
+    assert shared_intermediate_size(2880, 0.25) == 704  # gpt-oss: a multiple of 64, the nearest to 720
+    model = tiny_model("qwen3_moe")  # routed experts of 16 units
+    model.save_pretrained(tmp_path / "base")
+    base = load_model(tmp_path / "base")
+    attach_shared_experts(base, init="random", width_multiplier=width, seed=0)
+    shared = next(iter(shared_expert_modules(base).values()))
+    assert shared.down_proj.shape == (1, 32, expected) and base._nexus_config["intermediate_size"] == expected
+    save_adapter(base, tmp_path / "adapter")
+    loaded = load_model(tmp_path / "adapter")
+    ids = torch.randint(4, 96, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, base(ids).logits, rtol=0, atol=0)
+    with pytest.raises(NexusError, match="--width-multiplier must be a positive number"):
+        attach_shared_experts(tiny_model("qwen3_moe"), width_multiplier=-0.5)

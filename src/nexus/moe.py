@@ -83,14 +83,15 @@ def shared_intermediate_size(routed: int, width_multiplier: float) -> int:
     """Hidden units of a shared expert `width_multiplier` times as wide as a routed expert of `routed` units.
 
     Whole multiples are exact. A fraction is rounded to the family's alignment: the largest power of
-    two up to 64 that divides the routed size (gpt-oss 2880 and DeepSeek-V3 2048 -> 64, a 24-unit
-    test expert -> 8), and is at least one such step: 0.25 x 2880 = 720.
+    two up to 64 that divides the routed size and does not exceed the unrounded width (gpt-oss 2880
+    and DeepSeek-V3 2048 -> 64; a 16-unit test expert at 0.25 -> 4), and is at least one such step:
+    0.25 x 2880 = 720 -> 704 (11 x 64).
     """
     w = check_width(width_multiplier)
     if w == int(w):
         return int(w) * routed
     align = 1
-    while align < MAX_WIDTH_ALIGNMENT and routed % (align * 2) == 0:
+    while align < MAX_WIDTH_ALIGNMENT and routed % (align * 2) == 0 and align * 2 <= w * routed:
         align *= 2
     return max(align, int(round(w * routed / align)) * align)
 

@@ -29,7 +29,9 @@ import torch
 
 from ..base import mxfp4
 from ..base.files import SafetensorsDir
-from ..base.sources import FusedSource, Mxfp4Source, PerExpertSource, map_expert_sources, quant_method
+from ..base import fp8
+from ..base.sources import (FusedSource, Mxfp4Source, PerExpertSource, map_expert_sources, quant_method,
+                            quantization_config)
 from ..errors import NexusError
 from ..moe import MoEBlock, find_moe_blocks
 
@@ -70,9 +72,16 @@ class ExpertReader:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         method = quant_method(self.config)
-        if method not in (None, "mxfp4"):
+        if method not in (None, "mxfp4", "fp8"):
             raise NexusError(f"--input {self.model_dir}: '{method}' quantized checkpoints are not supported by convert "
-                             f"(it reads bf16/fp16/fp32 and GPT-OSS MXFP4 experts); dequantize the model first")
+                             f"(it reads bf16/fp16/fp32, MXFP4 and fine-grained FP8 experts); dequantize the model first")
+        self.fp8_block = None
+        if method == "fp8":
+            block = quantization_config(self.config).get("weight_block_size")
+            if block is None:
+                raise NexusError(f"--input {self.model_dir}: FP8 without weight_block_size (per-tensor scales) is not "
+                                 f"supported by convert")
+            self.fp8_block = tuple(int(b) for b in block)
         self.model = meta_model(self.config)
         self.blocks = {b.layer: b for b in find_moe_blocks(self.model)}
         self.layers = sorted(self.blocks)
@@ -113,10 +122,12 @@ class ExpertReader:
             src = self.sources[name]
             if isinstance(src, FusedSource):
                 total += self.files.slice_nbytes(src.key, 0)
+                total += self.files.slice_nbytes(src.scale, 0) if src.scale is not None else 0
             elif isinstance(src, Mxfp4Source):
                 total += self.files.slice_nbytes(src.blocks, 0) + self.files.slice_nbytes(src.scales, 0)
             else:
                 total += sum(self.files.slice_nbytes(part[0]) for part in src.parts)
+                total += sum(self.files.slice_nbytes(s[0]) for s in src.scales) if src.scales is not None else 0
         return total
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -131,7 +142,10 @@ class ExpertReader:
         out = {}
         for pname, name, param in params:
             src = self.sources[name]
-            if isinstance(src, FusedSource):
+            if isinstance(src, FusedSource) and src.scale is not None:  # FP8 [out, in] + its scale grid
+                t = fp8.decode(self.files.read(src.key, expert), self.files.read(src.scale, expert), self.fp8_block)
+                t = t.T if self.blocks[layer].layout.is_transposed else t
+            elif isinstance(src, FusedSource):
                 t = self.files.read(src.key, expert).float()
             elif isinstance(src, Mxfp4Source):
                 blocks, scales = self.files.read(src.blocks, expert), self.files.read(src.scales, expert)
@@ -141,6 +155,10 @@ class ExpertReader:
                     t = mxfp4.decode(blocks, scales).T
                 except ValueError as e:
                     raise NexusError(f"{self.files.tensors[src.blocks].file}: '{src.blocks}': {e}") from None
+            elif src.scales is not None:  # FP8 per expert: each 2-D piece with its own scale grid
+                pieces = [fp8.decode(self.files.read(part[expert]), self.files.read(scales[expert]), self.fp8_block)
+                          for part, scales in zip(src.parts, src.scales)]
+                t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=src.concat_dim)
             else:
                 pieces = [self.files.read(part[expert]).float() for part in src.parts]
                 t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=src.concat_dim)
