@@ -41,6 +41,8 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
     if blocks.shape[-1] != BYTES_PER_BLOCK or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)} "
                          f"(expected blocks [..., G, {BYTES_PER_BLOCK}] and scales [..., G])")
+    if blocks.device.type == "cpu" and dtype in _CPU_VIEWS:
+        return _decode_cpu(blocks, scales, dtype)
     pairs, powers = _tables(blocks.device)
     *prefix, groups, nbytes = blocks.shape
     out = torch.nn.functional.embedding(blocks.int(), pairs)  # [..., G, 16, 2]: (low, high) per byte
@@ -54,6 +56,34 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
 
 
 _TABLES: dict = {}
+_CPU_VIEWS = {torch.bfloat16: "int16", torch.float32: "float32"}  # numpy has no bf16: its bits as int16
+_QUADS: dict = {}
+
+
+def _decode_cpu(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU decode: one lookup per two bytes (four values) in a 65536-entry table, then × 2^(scale-127).
+
+    torch's CPU gather runs one index at a time; numpy's `take` over uint16 indices is several times
+    faster (benchmarks/bench_scale.py measures it). Exact: each value is E2M1 × a power of two, which
+    the table entry times the power represents exactly in bf16 and fp32, as in the fp32 path.
+    """
+    import numpy as np
+
+    if dtype not in _QUADS:
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        c = torch.arange(65536)
+        quad = torch.stack([lut[c & 0xF], lut[(c >> 4) & 0xF], lut[(c >> 8) & 0xF], lut[c >> 12]], dim=1).to(dtype)
+        _QUADS[dtype] = quad.view(torch.int16).numpy() if dtype == torch.bfloat16 else quad.numpy()  # [65536, 4]
+    *prefix, groups, nbytes = blocks.shape
+    codes = blocks.contiguous().numpy().view(np.uint16)  # [..., G, 8]: little-endian, so byte 0 is the low half
+    values = torch.from_numpy(np.take(_QUADS[dtype], codes, axis=0, mode="wrap"))  # [..., G, 8, 4]
+    out = values.view(dtype).reshape(*prefix, groups, nbytes * 2)  # [..., G, 32]
+    _, powers = _tables(blocks.device)
+    out.mul_(torch.nn.functional.embedding(scales.int(), powers).to(dtype))  # × 2^(scale - 127), [..., G, 1]
+    top = scales == SCALE_MAX
+    if top.any():  # as in `decode`: ldexp's 2^128 is 2^127 · 2
+        out[top] *= 2
+    return out.reshape(*prefix, groups * nbytes * 2)
 
 
 def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
