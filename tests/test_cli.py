@@ -127,3 +127,16 @@ def test_a_torchrun_worker_leaves_through_exit_process_with_the_verbs_code(monke
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert left == [code] and e.value.code == code and ran == [True]
+
+
+def test_plan_native_base_is_the_checkpoint_not_its_dequantized_size(capsys):
+    from nexus.base.quantized import CHUNK_BYTES
+
+    plan = json.loads(run_cli(capsys, "plan", "--model", GPT_OSS_20B, "--json", "--width-multiplier", "0.25")[1])
+    released = json.loads((GPT_OSS_20B / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    mem = plan["memory_bytes"]
+    assert plan["quantization"] == "mxfp4" and plan["width_multiplier"] == 0.25
+    assert abs(mem["base_native"] - CHUNK_BYTES - released) / released < 0.01  # the released shards' bytes
+    assert abs(mem["base_dequantized"] / 1e9 - 41.8) < 0.1  # 20.9 B parameters in bf16
+    assert mem["train_native_base"] == mem["base_native"] + mem["trainable_optimizer_state"]
+    assert plan["shared_params_per_layer"] == 2880 * 2 * 704 + 2 * 704 + 704 * 2880 + 2880  # 0.25 -> 704 units
