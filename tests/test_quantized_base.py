@@ -13,7 +13,7 @@ from tiny_assets import ROOT, subprocess_env
 from nexus.base.loader import dequantized_nbytes, load_base_model, packed_nbytes
 from nexus.base.quantized import is_quantized_experts
 from nexus.moe import find_moe_blocks
-from nexus.shared import attach_shared_experts, shared_expert_modules
+from nexus.shared import attach_shared_experts, parameter_summary, shared_expert_modules
 
 LOGIT_ATOL = 1e-5  # fp32 throughout: the packed path and transformers' dequantized path differ only in summation order
 CASES = {  # name -> writer of a miniature checkpoint in a released layout
@@ -59,6 +59,7 @@ def test_experts_stay_packed_and_logits_match(quant_dir):
         assert b.layout == rb.layout  # logical sizes and flags read the same from the packed module
         for proj in b.experts.nexus_projections:  # the bytes decode to what transformers dequantizes
             assert torch.equal(b.experts.dequantized_weight(proj), getattr(rb.experts, proj))
+    assert parameter_summary(model)["total"] == parameter_summary(ref)["total"]  # weights held, not bytes
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=LOGIT_ATOL, rtol=0)

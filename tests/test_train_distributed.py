@@ -15,8 +15,19 @@ from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
-def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
-    model_dir = make_model_dir(tmp_path / "model")
+def mxfp4_model_dir(path):
+    """gpt-oss with MXFP4 experts as released, which NEXUS keeps packed, and the BPE tokenizer of these tests."""
+    from quant_checkpoints import write_mxfp4_gpt_oss
+    from train_helpers import make_tokenizer
+
+    write_mxfp4_gpt_oss(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("base", ["qwen3_moe", "gpt_oss-mxfp4"])
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, base):
+    model_dir = make_model_dir(tmp_path / "model") if base == "qwen3_moe" else mxfp4_model_dir(tmp_path / "model")
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
     # A trainable router frozen mid-run: DDP is rebuilt at the freeze without unused-parameter errors.
     args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
@@ -33,7 +44,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
 
     a = load_file(str(tmp_path / "ddp" / "final" / "nexus_adapter.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "nexus_adapter.safetensors"))
-    assert a.keys() == b.keys() and any("gate.weight" in k for k in a)
+    assert a.keys() == b.keys() and any(k.endswith(("gate.weight", "router.weight")) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     rows = zip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"))

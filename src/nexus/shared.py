@@ -216,8 +216,15 @@ def shared_experts_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:
-    """Counts of trainable and total parameters (each tensor once)."""
+    """Counts of trainable and total parameters (each tensor once; packed quantized experts count the
+    weights they hold, not their bytes)."""
     seen, total, trainable = set(), 0, 0
+    for m in model.modules():
+        projections = getattr(m, "nexus_projections", None)
+        if projections is not None:
+            total += sum(m.num_experts * o * i for o, i in projections.values())
+            for name in projections:
+                seen.update(id(p) for p in m.nexus_packed(name))
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -114,8 +114,12 @@ def _grouped(x: torch.Tensor, codec: Codec, packed: tuple[torch.Tensor, ...], co
     """Rows of `x` (sorted by expert, `counts` per expert) times each expert's weight.
 
     transpose=False: y = x @ W.T (forward, x (S, in) -> (S, out)); True: y = x @ W (backward, (S, out) -> (S, in)).
+    On CPU the weights decode to fp32 and the product is computed in fp32 (torch's CPU bf16 matmul runs
+    several times slower than fp32), then cast back to the input's dtype; on GPU in the input's dtype.
     """
-    dtype = x.dtype
+    in_dtype = x.dtype
+    dtype = torch.float32 if x.device.type == "cpu" else in_dtype
+    x = x.to(dtype)
     y = x.new_zeros(x.shape[0], out_features)
     w_out, w_in = (x.shape[1], out_features) if transpose else (out_features, x.shape[1])
     per_expert = w_out * w_in * dtype.itemsize
@@ -129,7 +133,7 @@ def _grouped(x: torch.Tensor, codec: Codec, packed: tuple[torch.Tensor, ...], co
             torch.mm(x[row:end], w, out=y[row:end])
             row = end
         del weight
-    return y
+    return y.to(in_dtype)
 
 
 class QuantizedGroupedLinear(torch.autograd.Function):
