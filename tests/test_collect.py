@@ -11,7 +11,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from tiny_assets import random_text, run_main, save_tiny_model, subprocess_env, write_jsonl
 
-from nexus.data import pad_batch, tokenize
+from nexus.data import pad_batch
 from nexus.moe import find_moe_blocks
 from nexus.routing import router_hooks
 from nexus.stats import collect as collect_mod
@@ -110,8 +110,8 @@ def test_collect_equals_statistics_of_transformers_router_logits(family, models,
     stats = collect(models[family], dataset, tmp_path / "rs.safetensors")
     tok = load_tokenizer(models[family])
     # Documents + EOS in pieces of 16 tokens; a piece would hold only the EOS of a 16-word document: none.
-    seqs = [ids[i:i + 16] for ids in tokenize([d.text for d in load_documents(dataset)], tok)
-            for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
+    docs = [tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in load_documents(dataset)]
+    seqs = [ids[i:i + 16] for ids in docs for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
     model = AutoModelForCausalLM.from_pretrained(models[family]).eval()
     assert_same_moments(stats, reference_moments(model, seqs))
     assert stats.tokens == sum(map(len, seqs)) and stats.model_type == family and stats.top_k == 2
@@ -224,8 +224,8 @@ def test_target_tokens_and_batches():
     class Tok:
         eos_token_id = 1
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(w) for w in text.split()]}
+        def __call__(self, texts, add_special_tokens=False):  # the batch call
+            return {"input_ids": [[int(w) for w in text.split()] for text in texts]}
 
     batches = list(collect_mod.iter_batches(["5 6 7 8 9", "10 11", "12 13 14"], Tok(), seq_len=4, batch_size=2,
                                             target_tokens=9))

@@ -1,4 +1,4 @@
-"""Datasets from local files: reading, chat rendering, tokenizing, packing and padding.
+"""Datasets from local files: reading, chat rendering and padding (tokenizing and packing: nexus.packing).
 
 Accepted `--dataset` values: a `.txt` file (one document per file), `.jsonl` / `.json` (records
 with a `text` field, or a `messages` list rendered with the tokenizer's chat template), `.parquet`
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,45 +186,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
     h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     return h.hexdigest()[:16]
-
-
-def tokenize(texts: Iterable[str], tokenizer, add_eos: bool = True) -> list[list[int]]:
-    """Token ids per text (no truncation), each followed by EOS when `add_eos`."""
-    out = []
-    eos = tokenizer.eos_token_id
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if add_eos and eos is not None:
-            ids = ids + [eos]
-        out.append(ids)
-    return out
-
-
-def pack(token_lists: Iterable[list[int]], seq_len: int, drop_last: bool = True) -> list[list[int]]:
-    """Concatenate documents and cut into `seq_len`-token sequences (the last partial one dropped)."""
-    if seq_len < 2:
-        raise NexusError(f"--seq-len must be at least 2, got {seq_len}")
-    buf: list[int] = []
-    seqs = []
-    for ids in token_lists:
-        buf.extend(ids)
-        while len(buf) >= seq_len:
-            seqs.append(buf[:seq_len])
-            buf = buf[seq_len:]
-    if buf and not drop_last:
-        seqs.append(buf)
-    return seqs
-
-
-def chunk(token_lists: Iterable[list[int]], seq_len: int) -> list[list[int]]:
-    """Split each document into pieces of at most `seq_len` tokens (no cross-document packing)."""
-    out = []
-    for ids in token_lists:
-        for i in range(0, len(ids), seq_len):
-            piece = ids[i:i + seq_len]
-            if len(piece) >= 2:
-                out.append(piece)
-    return out
 
 
 def check_seq_len(model_or_config, seq_len: int, what: str) -> None:
