@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import nexus
 from nexus.cli import main
 from nexus.errors import NexusError
-from nexus.train.checkpoint import OPTIMIZER
+from nexus.train.checkpoint import OPTIMIZER, RNG
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import FIELDS, read_metrics
 from nexus.train.recipe import Trainer
@@ -129,6 +129,21 @@ def test_router_trainable_then_frozen_at_the_ratio_also_across_resume(files, tmp
         assert again.keys() == ck["final"].keys()
         for k in again:
             torch.testing.assert_close(again[k], ck["final"][k], rtol=0, atol=0)
+
+
+def test_resume_says_when_rng_states_cannot_be_restored(files, tmp_path, caplog):
+    _run(_config(files, tmp_path / "a", max_steps=2, checkpoint_interval=1))
+    two_ranks = tmp_path / "two-ranks"  # a checkpoint as 2 processes write it, resumed by 1
+    shutil.copytree(tmp_path / "a" / "checkpoint-1", two_ranks)
+    state = torch.load(two_ranks / RNG, weights_only=True)
+    torch.save(state * 2, two_ranks / RNG)
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        _run(_config(files, tmp_path / "b", max_steps=2, resume_from_checkpoint=str(two_ranks)))
+    assert "RNG states not restored (it holds the RNG states of 2 processes, this run has 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        _run(_config(files, tmp_path / "c", max_steps=2, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1")))
+    assert "RNG states" not in caplog.text
 
 
 def test_bf16_base_trains_a_router_through_fp32_masters(files, tmp_path):
