@@ -12,6 +12,7 @@ from conftest import FAMILIES, tiny_model
 from tiny_assets import random_text, run_main, save_tiny_model, subprocess_env, write_jsonl
 
 from nexus.data import pad_batch
+from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.routing import router_hooks
 from nexus.stats import collect as collect_mod
@@ -269,3 +270,25 @@ def test_collect_bad_inputs(case, models, dataset, tmp_path):
                     "expert_mismatch": "num_experts differs (8 vs 4)"}[case]
     assert r.returncode == 2 and expected in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and _outputs(tmp_path) == before
+
+
+def test_routed_top_k_is_read_from_the_config_or_refused():
+    from types import SimpleNamespace
+
+    from nexus.routing import routed_top_k
+
+    assert routed_top_k(tiny_model("gpt_oss").config) == 2
+    assert routed_top_k(SimpleNamespace(model_type="aria_text", moe_topk=6)) == 6
+    assert routed_top_k(SimpleNamespace(model_type="gemma4_text", top_k_experts=8)) == 8
+    with pytest.raises(NexusError, match="model type 'mystery': its config names no number of experts routed"):
+        routed_top_k(SimpleNamespace(model_type="mystery", top_k=50))  # a sampling top_k is not a routing one
+
+
+def test_collector_refuses_a_router_that_selects_another_top_k():
+    stats = RouterStats([0], num_experts=4, top_k=2)
+    collector = Collector(stats)
+    collector.set_batch(torch.ones(1, 3))
+    logits = torch.randn(3, 4)
+    weights, indices = logits.softmax(-1).topk(3)
+    with pytest.raises(NexusError, match="layer 0: the router selects 3 experts per token, the model config says 2"):
+        collector(0, logits, weights, indices)
