@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import nexus
 from nexus.cli import main
+from nexus.data import load_tokenizer
 from nexus.errors import NexusError
 from nexus.train.checkpoint import OPTIMIZER, RNG
 from nexus.train.config import TrainConfig
@@ -209,6 +210,25 @@ def test_a_separate_teacher_model(files, tmp_path):
     t.setup()
     assert isinstance(t.teacher, SelfTeacher)
     t.cleanup()
+
+
+def test_a_teacher_without_tokenizer_is_a_warning_and_a_broken_one_an_error(files, tmp_path, caplog):
+    teacher = tmp_path / "teacher"
+    nexus.load_model(files[0]).save_pretrained(teacher)  # the weights, no tokenizer files
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        t = Trainer(_config(files, tmp_path / "out", teacher_model=str(teacher)))
+        t.setup()
+        t.cleanup()
+    assert f"--teacher-model {teacher}: no tokenizer there, so only the vocabulary sizes were compared" in caplog.text
+    with pytest.raises(NexusError, match=f"--model {teacher}: no tokenizer files there"):
+        load_tokenizer(teacher)  # transformers alone would build an empty one from config.json
+    (teacher / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(NexusError, match="--teacher-model .*: cannot load a tokenizer"):
+        t = Trainer(_config(files, tmp_path / "out2", teacher_model=str(teacher)))
+        try:
+            t.setup()
+        finally:
+            t.cleanup()
 
 
 def _cli_error(argv, capsys) -> str:

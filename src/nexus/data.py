@@ -151,6 +151,20 @@ def load_documents(path, tokenizer=None, text_field: str = "text", limit: int | 
     return docs
 
 
+# Files of a saved tokenizer; a directory holding none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "*.tiktoken")
+
+
+class NoTokenizerError(NexusError):
+    """A model directory without tokenizer files."""
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return any(any(p.glob(name)) if "*" in name else (p / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = False, what: str = "--model",
                    model_dir: bool = True):
     """The tokenizer of a model directory, or of an adapter's base model; errors name `what` (the flag).
@@ -167,6 +181,8 @@ def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = Fals
         path = Path(check_model_path(_resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
                                      what, need_config=False))
     check_model_type(path, what, trust_remote_code)
+    if not has_tokenizer_files(path):  # transformers would build an empty tokenizer from the config alone
+        raise NoTokenizerError(f"{what} {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
