@@ -181,7 +181,7 @@ def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = Fals
         path = Path(check_model_path(_resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
                                      what, need_config=False))
     check_model_type(path, what, trust_remote_code)
-    if not has_tokenizer_files(path):  # transformers would build an empty tokenizer from the config alone
+    if path.is_dir() and not has_tokenizer_files(path):  # transformers would build an empty one from config.json
         raise NoTokenizerError(f"{what} {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
