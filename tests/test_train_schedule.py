@@ -1,7 +1,5 @@
 """Schedules are pure functions of the step: warmup / stable / cosine lr, temperature annealing, KL warmup."""
 
-import math
-
 import pytest
 
 from nexus.errors import NexusError
