@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/bench_train.py                # defaults below; ~2-4 min on 2 CPU cores
     PYTHONPATH=src python benchmarks/bench_train.py --device cuda --seq-len 512 --batch-size 8
 
+The LoRA modes need PEFT (`pip install -e '.[bench]'`).
+
 One small random Qwen3-MoE model (sizes in MODEL below) and one synthetic dataset serve every mode:
 
     nexus-distill    nexus train, CE + KL against the student's own base (online teacher)

@@ -48,14 +48,12 @@ def table(q: int, res: dict) -> str:
 
 
 def plot(q: int, res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     if q == 1:
         names = list(res)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        fig = Figure(figsize=(15, 4.5))
+        axes = fig.subplots(1, 3)
         for ax, key, label in zip(axes, ("domain_ppl", "general_ppl", "domain_kl"),
                                   ("domain perplexity", "general perplexity", "KL(base ‖ model), domain")):
             x = range(len(names))
@@ -73,7 +71,8 @@ def plot(q: int, res: dict, path: Path) -> None:
             ax.set_title(label)
         axes[0].legend()
     elif q == 2:
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig = Figure(figsize=(7, 5))
+        ax = fig.add_subplot()
         for name, r in res.items():
             s = r["summary"]
             gain = -_pct(s["end_domain_ppl"][0], s["start_base_domain_ppl"][0])
@@ -89,7 +88,8 @@ def plot(q: int, res: dict, path: Path) -> None:
         for r in res.values():
             if r["knob"] not in knobs:
                 knobs.append(r["knob"])
-        fig, axes = plt.subplots(1, len(knobs), figsize=(5 * len(knobs), 4))
+        fig = Figure(figsize=(5 * len(knobs), 4))
+        axes = fig.subplots(1, len(knobs), squeeze=False)[0]
         for ax, knob in zip(axes, knobs):
             pts = [r for r in res.values() if r["knob"] == knob]
             xs = [r["value"] for r in pts]
@@ -110,7 +110,6 @@ def plot(q: int, res: dict, path: Path) -> None:
                 ax.legend(h1 + h2, l1 + l2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _setup_text(meta: dict) -> str:

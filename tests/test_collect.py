@@ -11,7 +11,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 from tiny_assets import random_text, run_main, save_tiny_model, subprocess_env, write_jsonl
 
-from nexus.data import pad_batch, tokenize
+from nexus.data import pad_batch
+from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.routing import router_hooks
 from nexus.stats import collect as collect_mod
@@ -110,8 +111,8 @@ def test_collect_equals_statistics_of_transformers_router_logits(family, models,
     stats = collect(models[family], dataset, tmp_path / "rs.safetensors")
     tok = load_tokenizer(models[family])
     # Documents + EOS in pieces of 16 tokens; a piece would hold only the EOS of a 16-word document: none.
-    seqs = [ids[i:i + 16] for ids in tokenize([d.text for d in load_documents(dataset)], tok)
-            for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
+    docs = [tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in load_documents(dataset)]
+    seqs = [ids[i:i + 16] for ids in docs for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
     model = AutoModelForCausalLM.from_pretrained(models[family]).eval()
     assert_same_moments(stats, reference_moments(model, seqs))
     assert stats.tokens == sum(map(len, seqs)) and stats.model_type == family and stats.top_k == 2
@@ -224,8 +225,8 @@ def test_target_tokens_and_batches():
     class Tok:
         eos_token_id = 1
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(w) for w in text.split()]}
+        def __call__(self, texts, add_special_tokens=False):  # the batch call
+            return {"input_ids": [[int(w) for w in text.split()] for text in texts]}
 
     batches = list(collect_mod.iter_batches(["5 6 7 8 9", "10 11", "12 13 14"], Tok(), seq_len=4, batch_size=2,
                                             target_tokens=9))
@@ -269,3 +270,25 @@ def test_collect_bad_inputs(case, models, dataset, tmp_path):
                     "expert_mismatch": "num_experts differs (8 vs 4)"}[case]
     assert r.returncode == 2 and expected in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and _outputs(tmp_path) == before
+
+
+def test_routed_top_k_is_read_from_the_config_or_refused():
+    from types import SimpleNamespace
+
+    from nexus.routing import routed_top_k
+
+    assert routed_top_k(tiny_model("gpt_oss").config) == 2
+    assert routed_top_k(SimpleNamespace(model_type="aria_text", moe_topk=6)) == 6
+    assert routed_top_k(SimpleNamespace(model_type="gemma4_text", top_k_experts=8)) == 8
+    with pytest.raises(NexusError, match="model type 'mystery': its config names no number of experts routed"):
+        routed_top_k(SimpleNamespace(model_type="mystery", top_k=50))  # a sampling top_k is not a routing one
+
+
+def test_collector_refuses_a_router_that_selects_another_top_k():
+    stats = RouterStats([0], num_experts=4, top_k=2)
+    collector = Collector(stats)
+    collector.set_batch(torch.ones(1, 3))
+    logits = torch.randn(3, 4)
+    weights, indices = logits.softmax(-1).topk(3)
+    with pytest.raises(NexusError, match="layer 0: the router selects 3 experts per token, the model config says 2"):
+        collector(0, logits, weights, indices)

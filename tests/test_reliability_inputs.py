@@ -221,7 +221,7 @@ CASES = {
     # sample
     ("sample", "missing dataset"): ({"--dataset": "{missing}"}, r"--dataset .*does-not-exist: no such file"),
     ("sample", "missing tokenizer"): ({"--tokenizer": "{missing}"}, r"--tokenizer .*does-not-exist: no such"),
-    ("sample", "not a tokenizer"): ({"--tokenizer": "{notmodel}"}, r"--tokenizer .*notmodel: cannot load a tokenizer"),
+    ("sample", "not a tokenizer"): ({"--tokenizer": "{notmodel}"}, r"--tokenizer .*notmodel: no tokenizer files there"),
     ("sample", "unsupported file type"): ({"--dataset": "{unknownsuffix}"}, r"unsupported file type '\.csv'"),
     ("sample", "bad JSON line"): ({"--dataset": "{badjson}"}, r"badjson\.jsonl: line 2 is not valid JSON"),
     ("sample", "seq-len 0"): ({}, r"--seq-len must be at least 1, got 0", ["--seq-len", "0"]),

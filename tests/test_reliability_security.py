@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 from pathlib import Path
 
 import pytest
@@ -106,8 +105,35 @@ def test_remote_code_in_a_model_directory_is_not_run_without_the_flag(tmp_path, 
 # ----------------------------------------------------------------------------------------------- network
 
 
-def test_tests_run_offline():
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+def test_local_paths_open_no_network_connection_even_online(model_and_data, tmp_path, monkeypatch, capsys):
+    """With hub access allowed (offline mode off), verbs on local paths connect to nothing."""
+    import socket
+
+    import huggingface_hub.constants
+
+    model, data = model_and_data
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def connect(sock, address):
+        attempts.append(address)
+        raise OSError("network refused by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: connect(None, address))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: connect(None, host))
+    for argv in (["plan", "--model", model], ["sample", "--dataset", data, "--tokenizer", model, "--output",
+                                               tmp_path / "s.jsonl", "--target-tokens", 50, "--seq-len", 16]):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    assert attempts == []
+    from nexus.data import load_tokenizer
+
+    with pytest.raises(NexusError, match="org/name: cannot load a tokenizer"):
+        load_tokenizer("org/name")  # a hub name is asked of the hub (the guard sees it), not refused locally
+    assert attempts
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
-from tiny_assets import nexus_cmd, subprocess_env
+from tiny_assets import nexus_cmd, run_main, subprocess_env
 from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 
@@ -67,3 +67,33 @@ def test_use_ddp_relaunches_under_torchrun(monkeypatch, tmp_path):
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
     assert cmd[6:] == ["nexus", "train", "--student-model", "m", "--dataset", "d", "--output-dir", str(tmp_path),
                        "--max-steps", "5"]
+
+
+def test_pipeline_with_use_ddp_runs_each_stage_once(tmp_path):
+    """Only train runs on 2 ranks (gloo); the pipeline around it, validate included, runs once."""
+    import yaml
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_text_dataset(tmp_path / "data.jsonl", n=12)
+    cfg = {"model": str(model_dir), "dataset": str(data), "work_dir": str(tmp_path / "out"), "stages": {
+        "train": {"student_model": str(model_dir), "init_strategy": "random", "use_ddp": True, "nproc": 2,
+                  "device": "cpu", "seq_len": 16, "batch_size": 1, "max_steps": 1},
+        "validate": {"dataset": [str(data)], "num_samples": 2, "seq_len": 16, "device": "cpu"}}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(nexus_cmd("pipeline", tmp_path / "pipeline.yaml"), env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("train", "validate"):
+        assert r.stdout.count(f"[pipeline] {stage}: done") == 1, r.stdout
+    launches = [line for line in r.stdout.splitlines() if line.startswith("launching: ")]
+    assert len(launches) == 1 and " -m nexus train " in launches[0], launches
+    state = json.loads((tmp_path / "out" / "train" / "final" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert (tmp_path / "out" / "validation" / "report.json").is_file()
+
+
+def test_pipeline_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
+    (tmp_path / "p.yaml").write_text(f"model: m\nwork_dir: {tmp_path}\nstages: {{analyze: {{}}}}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run_main("pipeline", tmp_path / "p.yaml")
+    assert r.returncode == 2 and "start it without torchrun" in r.stderr

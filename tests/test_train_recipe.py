@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 import nexus
 from nexus.cli import main
+from nexus.data import load_tokenizer
 from nexus.errors import NexusError
-from nexus.train.checkpoint import OPTIMIZER
+from nexus.train.checkpoint import OPTIMIZER, RNG
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import FIELDS, read_metrics
 from nexus.train.recipe import Trainer
@@ -131,6 +132,21 @@ def test_router_trainable_then_frozen_at_the_ratio_also_across_resume(files, tmp
             torch.testing.assert_close(again[k], ck["final"][k], rtol=0, atol=0)
 
 
+def test_resume_says_when_rng_states_cannot_be_restored(files, tmp_path, caplog):
+    _run(_config(files, tmp_path / "a", max_steps=2, checkpoint_interval=1))
+    two_ranks = tmp_path / "two-ranks"  # a checkpoint as 2 processes write it, resumed by 1
+    shutil.copytree(tmp_path / "a" / "checkpoint-1", two_ranks)
+    state = torch.load(two_ranks / RNG, weights_only=True)
+    torch.save(state * 2, two_ranks / RNG)
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        _run(_config(files, tmp_path / "b", max_steps=2, resume_from_checkpoint=str(two_ranks)))
+    assert "RNG states not restored (it holds the RNG states of 2 processes, this run has 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        _run(_config(files, tmp_path / "c", max_steps=2, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1")))
+    assert "RNG states" not in caplog.text
+
+
 def test_bf16_base_trains_a_router_through_fp32_masters(files, tmp_path):
     t = Trainer(_config(files, tmp_path / "bf16", dtype="bfloat16", freeze_router=False, max_steps=2))
     t.setup()
@@ -194,6 +210,25 @@ def test_a_separate_teacher_model(files, tmp_path):
     t.setup()
     assert isinstance(t.teacher, SelfTeacher)
     t.cleanup()
+
+
+def test_a_teacher_without_tokenizer_is_a_warning_and_a_broken_one_an_error(files, tmp_path, caplog):
+    teacher = tmp_path / "teacher"
+    nexus.load_model(files[0]).save_pretrained(teacher)  # the weights, no tokenizer files
+    with caplog.at_level("WARNING", logger="nexus.train"):
+        t = Trainer(_config(files, tmp_path / "out", teacher_model=str(teacher)))
+        t.setup()
+        t.cleanup()
+    assert f"--teacher-model {teacher}: no tokenizer there, so only the vocabulary sizes were compared" in caplog.text
+    with pytest.raises(NexusError, match=f"--model {teacher}: no tokenizer files there"):
+        load_tokenizer(teacher)  # transformers alone would build an empty one from config.json
+    (teacher / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(NexusError, match="--teacher-model .*: cannot load a tokenizer"):
+        t = Trainer(_config(files, tmp_path / "out2", teacher_model=str(teacher)))
+        try:
+            t.setup()
+        finally:
+            t.cleanup()
 
 
 def _cli_error(argv, capsys) -> str:

@@ -1,11 +1,9 @@
 """Schedules are pure functions of the step: warmup / stable / cosine lr, temperature annealing, KL warmup."""
 
-import math
-
 import pytest
 
 from nexus.errors import NexusError
-from nexus.train.schedule import Schedule, anneal, lr_factor
+from nexus.train.schedule import Schedule, anneal
 
 
 def test_plain_schedule_is_linear_warmup_then_constant():
@@ -18,14 +16,46 @@ def test_plain_schedule_is_linear_warmup_then_constant():
 
 
 def test_advanced_schedule_phases():
-    s = Schedule(max_steps=100, peak_lr=1.0, advanced=True, warmup_ratio=0.1, stable_ratio=0.3, final_lr_ratio=0.1)
-    lrs = [s.lr(i) for i in range(100)]
-    assert lrs[9] == pytest.approx(1.0) and all(v == pytest.approx(1.0) for v in lrs[10:40])
+    s = Schedule(max_steps=100, peak_lr=1.0, advanced=True, warmup_ratio=0.1, stable_ratio=0.29, final_lr_ratio=0.1)
+    lrs = [s.lr(i) for i in range(100)]  # warmup 0..9, stable 10..38, cosine decay over steps 39..99
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in lrs[9:40]) and lrs[40] < 1.0
+    assert lrs[69] == pytest.approx(0.55)  # halfway through the decay: halfway down, 0.1 + 0.9 / 2
     assert lrs[99] == pytest.approx(0.1)  # decays exactly to final_lr_ratio × peak at the last step
-    decay = lrs[40:]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-    mid = 40 + (99 - 40) / 2  # cosine: halfway down at the middle of the decay
-    assert lr_factor(int(mid), 100, 10, 30, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 29 / 59)))
+    decay = lrs[39:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+@pytest.mark.parametrize("max_steps, warmup, stable, final", [(100, 0.1, 0.3, 0.1), (57, 0.2, 0.5, 0.0),
+                                                               (10, 0.0, 0.0, 0.5)])
+def test_advanced_schedule_is_transformers_wsd_with_the_warmup_counting_the_step_taken(max_steps, warmup, stable,
+                                                                                      final):
+    """transformers is the reference: stable and cosine decay are get_wsd_schedule's; warmup is its linear
+    warmup from 0 (get_constant_schedule_with_warmup: WSD's own warmup starts at min_lr_ratio). Our step s
+    is the step about to be taken, so warmup step s has transformers' factor of s + 1 (step 0 learns)."""
+    import torch
+    from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
+
+    s = Schedule(max_steps=max_steps, peak_lr=1.0, advanced=True, warmup_ratio=warmup, stable_ratio=stable,
+                 final_lr_ratio=final)
+    decay = max_steps - 1 - s.warmup_steps - s.stable_steps  # ours reaches final_lr_ratio on the last step
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf = get_wsd_schedule(optimizer, s.warmup_steps, decay, num_stable_steps=s.stable_steps,
+                          min_lr_ratio=final).lr_lambdas[0]
+    warm = get_constant_schedule_with_warmup(optimizer, s.warmup_steps).lr_lambdas[0]
+    for step in range(max_steps):
+        expected = warm(step + 1) if step < s.warmup_steps else hf(step)
+        assert s.lr(step) == pytest.approx(expected, abs=1e-12), step
+
+
+def test_plain_schedule_is_transformers_constant_with_warmup_likewise():
+    import torch
+    from transformers import get_constant_schedule_with_warmup
+
+    s = Schedule(max_steps=50, peak_lr=1.0, warmup_ratio=0.2)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf = get_constant_schedule_with_warmup(optimizer, s.warmup_steps).lr_lambdas[0]
+    assert [s.lr(i) for i in range(50)] == pytest.approx([hf(i + 1) if i < 10 else hf(i) for i in range(50)])
 
 
 def test_temperature_anneals_linearly_from_start_ratio():

@@ -13,6 +13,7 @@ import nexus
 from conftest import VOCAB, tiny_model
 from nexus import cli
 from nexus.data import pad_batch
+from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.validate import evaluate, kl_divergence, nll, perplexity, routing_agreement
 from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, verdict
@@ -106,6 +107,25 @@ def test_separate_baseline_equals_shared_experts_off():
     for layer, metrics in same.layer_summary().items():
         assert separate.layer_summary()[layer] == pytest.approx(metrics, rel=1e-6)
     assert same.layer_summary()["1"]["shared_output_ratio"] > 0
+
+
+def test_a_baseline_with_other_experts_says_so_and_has_no_agreement(caplog):
+    model = nexus.attach_shared_experts(tiny_model("olmoe"), init="random", seed=1)
+    with caplog.at_level("WARNING", logger="nexus.validate"):
+        totals = evaluate(model, [_padded(_seqs([12, 7]))] * 2, baseline=tiny_model("olmoe", num_experts=4))
+    assert caplog.text.count("no routing agreement") == 2  # once per layer, not per batch
+    assert "layer 0: the model routes over 8 experts, the baseline over 4" in caplog.text
+    for m in totals.layer_summary().values():
+        assert m["routing_agreement"] is None and m["router_entropy"] > 0
+
+
+def test_real_tokens_refuses_a_token_count_that_is_not_the_batch():
+    from nexus.validate.metrics import real_tokens
+
+    x = torch.arange(6.0).reshape(3, 2)  # (T, H)
+    assert real_tokens(x, torch.tensor([True, False, True]), 0, "x").tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    with pytest.raises(NexusError, match="layer 3: the MoE block output has 3 token rows but the batch has 4"):
+        real_tokens(x, torch.ones(4, dtype=torch.bool), 3, "MoE block output")
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "deepseek_v3", "mixtral"])

@@ -1,4 +1,4 @@
-"""Datasets from local files: reading, chat rendering, tokenizing, packing and padding.
+"""Datasets from local files: reading, chat rendering and padding (tokenizing and packing: nexus.packing).
 
 Accepted `--dataset` values: a `.txt` file (one document per file), `.jsonl` / `.json` (records
 with a `text` field, or a `messages` list rendered with the tokenizer's chat template), `.parquet`
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +151,20 @@ def load_documents(path, tokenizer=None, text_field: str = "text", limit: int | 
     return docs
 
 
+# Files of a saved tokenizer; a directory holding none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "*.tiktoken")
+
+
+class NoTokenizerError(NexusError):
+    """A model directory without tokenizer files."""
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return any(any(p.glob(name)) if "*" in name else (p / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = False, what: str = "--model",
                    model_dir: bool = True):
     """The tokenizer of a model directory, or of an adapter's base model; errors name `what` (the flag).
@@ -168,6 +182,8 @@ def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = Fals
         path = Path(check_model_path(resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
                                      what, need_config=False))
     check_model_type(path, what, trust_remote_code)
+    if path.is_dir() and not has_tokenizer_files(path):  # transformers would build an empty one from config.json
+        raise NoTokenizerError(f"{what} {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -187,45 +203,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
     h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     return h.hexdigest()[:16]
-
-
-def tokenize(texts: Iterable[str], tokenizer, add_eos: bool = True) -> list[list[int]]:
-    """Token ids per text (no truncation), each followed by EOS when `add_eos`."""
-    out = []
-    eos = tokenizer.eos_token_id
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if add_eos and eos is not None:
-            ids = ids + [eos]
-        out.append(ids)
-    return out
-
-
-def pack(token_lists: Iterable[list[int]], seq_len: int, drop_last: bool = True) -> list[list[int]]:
-    """Concatenate documents and cut into `seq_len`-token sequences (the last partial one dropped)."""
-    if seq_len < 2:
-        raise NexusError(f"--seq-len must be at least 2, got {seq_len}")
-    buf: list[int] = []
-    seqs = []
-    for ids in token_lists:
-        buf.extend(ids)
-        while len(buf) >= seq_len:
-            seqs.append(buf[:seq_len])
-            buf = buf[seq_len:]
-    if buf and not drop_last:
-        seqs.append(buf)
-    return seqs
-
-
-def chunk(token_lists: Iterable[list[int]], seq_len: int) -> list[list[int]]:
-    """Split each document into pieces of at most `seq_len` tokens (no cross-document packing)."""
-    out = []
-    for ids in token_lists:
-        for i in range(0, len(ids), seq_len):
-            piece = ids[i:i + seq_len]
-            if len(piece) >= 2:
-                out.append(piece)
-    return out
 
 
 def check_seq_len(model_or_config, seq_len: int, what: str) -> None:

@@ -117,6 +117,8 @@ def exit_process(code: int) -> None:
     torchrun then reports the whole job as failed. Everything the job does is finished and flushed
     here, so that last teardown is skipped.
     """
+    # atexit has no public way to run its handlers before interpreter exit; tests/test_dist.py pins what
+    # this private CPython function does (every handler once, LIFO) on the Python in use.
     atexit._run_exitfuncs()  # logging's own flush is one of them
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
 import shutil
@@ -195,10 +196,12 @@ def build_stage_args(name: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true")
     mod.add_arguments(parser)
     try:
-        return parser.parse_args(argv)
+        args = parser.parse_args(argv)
     except (argparse.ArgumentError, SystemExit) as e:
         raise NexusError(f"pipeline stage '{name}': invalid options ({e}); command was: "
                          f"nexus {name} {shlex.join(argv)}") from None
+    args._argv = [name, *argv]  # this stage alone, for a verb that relaunches itself (train --use-ddp)
+    return args
 
 
 def is_complete(ctx: Context, name: str) -> bool:
@@ -271,5 +274,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run every stage
+        raise NexusError("nexus pipeline runs each stage once: start it without torchrun, and give the train "
+                         "stage `use_ddp: true` (and `nproc: N`) to train on N processes")
     run_pipeline(load_config(args.config), Path.cwd(), args.start, args.only, args.dry_run)
     return 0

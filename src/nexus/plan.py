@@ -20,6 +20,7 @@ from .errors import NexusError
 from .base.quantized import CHUNK_BYTES
 from .base.sources import quant_method, quantization_config
 from .moe import check_width, find_moe_blocks, shared_intermediate_size
+from .routing import routed_top_k
 
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
@@ -102,7 +103,7 @@ def make_plan(config, width_multiplier: float = 1) -> Plan:
     total = sum(p.numel() for p in model.parameters())
     expert_total = sum(p.numel() for b in blocks for p in b.experts.parameters())
     per_expert = sum(p.numel() for p in blocks[0].experts.parameters()) // layout.num_experts
-    top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(config, "experts_per_token", 0))
+    top_k = routed_top_k(config)
     embed = model.get_input_embeddings().weight.numel()
     # Active: every non-expert weight but the input embedding table (a row lookup), plus top-k experts.
     active = total - expert_total - embed + sum(top_k * b.layout.expert_numel() for b in blocks)

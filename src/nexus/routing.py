@@ -15,9 +15,25 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import NexusError
 from .moe import MoEBlock, find_moe_blocks
 
 RouterFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+# Config fields holding the experts routed per token, across transformers' MoE families (5.24):
+# num_experts_per_tok (most; an alias of moe_k / moe_topk in ERNIE-4.5-MoE and Hunyuan-MoE),
+# experts_per_token (older GPT-OSS configs), moe_topk (Aria), top_k_experts (Gemma 4).
+TOP_K_FIELDS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k_experts")
+
+
+def routed_top_k(config) -> int:
+    """Experts routed per token, from a transformers config; a config that does not say is an error."""
+    for name in TOP_K_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise NexusError(f"model type '{getattr(config, 'model_type', '?')}': its config names no number of experts "
+                     f"routed per token (looked for {', '.join(TOP_K_FIELDS)})")
 
 
 @contextlib.contextmanager

@@ -40,15 +40,6 @@ def field_shape(field: str, num_experts: int) -> tuple[int, ...]:
     return (num_experts, num_experts) if field == "prob_outer" else (num_experts,)
 
 
-def routed_top_k(config) -> int:
-    """Experts routed per token, from a transformers config (0 when the config does not say)."""
-    for name in ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
-
-
 class RouterStats:
     """Sums of router statistics for the MoE layers of one model (float64, on one device)."""
 
@@ -66,6 +57,7 @@ class RouterStats:
     def for_model(cls, model, source_model: str = "", device=None) -> "RouterStats":
         """Empty statistics shaped for `model` (sizes from its MoE blocks and config)."""
         from ..moe import find_moe_blocks
+        from ..routing import routed_top_k
 
         blocks = find_moe_blocks(model)
         experts = {b.layout.num_experts for b in blocks}
@@ -226,6 +218,9 @@ class Collector:
     def __call__(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         if logits.shape[0] != self.num_rows:
             raise RuntimeError(f"layer {layer}: router saw {logits.shape[0]} tokens, the batch has {self.num_rows}")
+        if indices.shape[-1] != self.stats.top_k:  # the recorded top_k must be what the routers do
+            raise NexusError(f"layer {layer}: the router selects {indices.shape[-1]} experts per token, the model "
+                             f"config says {self.stats.top_k}")
         if self.rows is not None:
             logits, weights, indices = (t.index_select(0, self.rows) for t in (logits, weights, indices))
         with torch.no_grad():

@@ -31,9 +31,10 @@ import torch
 
 from .. import dist
 from ..base.loader import DEQUANTIZE_HELP
-from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
+from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch
 from ..device import resolve_device
 from ..errors import NexusError
+from ..packing import iter_pieces
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
@@ -49,23 +50,22 @@ def partial_path(output: str | Path) -> Path:
 
 
 def iter_batches(texts, tokenizer, seq_len: int, batch_size: int, target_tokens: int = 0) -> Iterator[list[list[int]]]:
-    """Batches of token-id sequences, in data order, holding `target_tokens` tokens in all (0: everything)."""
-    budget = target_tokens if target_tokens > 0 else float("inf")
+    """Batches of token-id sequences, in data order, holding `target_tokens` tokens in all (0: everything).
+
+    Documents are chunked (nexus.packing) with pieces of a single token kept: a router sees every token.
+    """
+    budget = target_tokens if target_tokens > 0 else None
     batch: list[list[int]] = []
-    for text in texts:
-        ids = tokenize([text], tokenizer)[0]
-        if len(ids) > seq_len and len(ids) % seq_len == 1:
-            ids = ids[:-1]  # a document of exactly k x seq_len tokens: no sequence of a lone EOS
-        for start in range(0, len(ids), seq_len):
-            piece = ids[start:start + min(seq_len, budget)]
-            budget -= len(piece)
-            batch.append(piece)
+    for pieces in iter_pieces(texts, tokenizer, seq_len, pack=False, min_len=1):
+        if budget is not None:
+            pieces = pieces.limit_tokens(budget)
+            budget -= int(pieces.lengths.sum())
+        for seq in pieces.tolist():
+            batch.append(seq)
             if len(batch) == batch_size:
                 yield batch
                 batch = []
-            if budget <= 0:
-                break
-        if budget <= 0:
+        if budget is not None and budget <= 0:
             break
     if batch:
         yield batch

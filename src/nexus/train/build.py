@@ -12,7 +12,7 @@ from torch import nn
 from ..adapter import (attach_from_config, is_adapter_dir, load_adapter_weights, load_model, read_adapter_config,
                        resolve_base)
 from ..base.loader import check_model_path, load_base_model
-from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
+from ..data import NoTokenizerError, check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..device import resolve_device  # noqa: F401  (re-exported for train and precompute)
 from ..errors import NexusError
 from ..moe import find_moe_blocks
@@ -82,8 +82,10 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
                          f"distillation needs the same vocabulary")
     try:
         teacher_tok = load_tokenizer(teacher_path, what="--teacher-model")
-    except NexusError:
-        return  # a teacher directory without tokenizer files: the sizes matched
+    except NoTokenizerError:  # tokenizer files that do not load are an error (raised as is)
+        log.warning(f"warning: --teacher-model {teacher_path}: no tokenizer there, so only the vocabulary sizes were "
+                    f"compared ({vs} tokens each); make sure the teacher uses the student's tokenizer")
+        return
     ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
     if ft != fs:
         raise NexusError(f"--teacher-model {teacher_path}: its tokenizer differs from the student's (fingerprints "

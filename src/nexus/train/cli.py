@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..errors import NexusError
 from .config import TrainConfig
 
 _D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
@@ -122,7 +123,11 @@ def _launch_ddp(args) -> int:
     import torch
 
     nproc = args.nproc or torch.cuda.device_count() or 2
-    argv = list(getattr(args, "_argv", sys.argv[1:]))
+    # The command line of this train command alone (set by `nexus.cli.main` and by the pipeline); never
+    # sys.argv, which under `nexus pipeline` would relaunch every stage on every rank.
+    argv = getattr(args, "_argv", None)
+    if argv is None:
+        raise NexusError("--use-ddp: the train command line to relaunch is unknown (run `nexus train`)")
     out, skip = [], False
     for a in argv:
         if skip:

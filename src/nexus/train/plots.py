@@ -42,13 +42,12 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, title: str = "") -> Path:
-    import matplotlib
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state; PNG renders with Agg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(9, 2.8 * len(PANELS)), sharex=True)
-    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    fig = Figure(figsize=(9, 2.8 * len(PANELS)))
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    colors = iter(rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     plan = planned_schedule(run_config) if run_config else None
     for ax, (name, left, right) in zip(axes, PANELS):
         twin = ax.twinx() if any(_series(rows, k)[0] for k in right) else None
@@ -77,7 +76,6 @@ def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, t
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 

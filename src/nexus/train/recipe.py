@@ -331,6 +331,11 @@ class Trainer:
         rng = data["rng"]
         if rng is not None and len(rng) == self.world:
             ckpt.restore_rng(rng[self.rank])
+        elif self.rank == 0:  # the data order is exact either way; random ops (dropout) are not
+            why = f"it holds the RNG states of {len(rng)} processes, this run has {self.world}" if rng is not None \
+                else f"it has no {ckpt.RNG}"
+            log.warning(f"warning: --resume-from-checkpoint {path}: RNG states not restored ({why}); the data order "
+                        f"is exact, but random operations such as dropout will differ from an uninterrupted run")
         self.step = int(state["step"])
         if self.rank == 0:
             log.info(f"resumed from {path} at step {self.step}")

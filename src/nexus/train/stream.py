@@ -21,8 +21,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..data import chunk, iter_documents, pack, tokenize
+from ..data import iter_documents
 from ..errors import NexusError
+from ..packing import iter_pieces
 
 
 @dataclass(frozen=True)
@@ -67,22 +68,19 @@ class SequenceSet:
 
 def build_sequences(spec: DataSpec, tokenizer, flag: str = "--dataset") -> SequenceSet:
     """Read, tokenize and pack (or chunk and pad) a dataset into `spec.seq_len` sequences."""
-    docs = [d.text for d in iter_documents(spec.dataset, tokenizer, spec.text_field, spec.split, flag)]
-    if not docs:
-        raise NexusError(f"{flag} {spec.dataset}: no non-empty documents")
-    token_lists = tokenize(docs, tokenizer)
-    seqs = pack(token_lists, spec.seq_len) if spec.pack else chunk(token_lists, spec.seq_len)
-    if not seqs:
-        total = sum(len(t) for t in token_lists)
-        raise NexusError(f"{flag} {spec.dataset}: {total} tokens make no sequence of --seq-len {spec.seq_len}"
-                         + (" (packing drops the last partial sequence; use a smaller --seq-len or --no-pack)"
-                            if spec.pack else ""))
+    texts = (d.text for d in iter_documents(spec.dataset, tokenizer, spec.text_field, spec.split, flag))
+    counts: dict = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = np.full((len(seqs), spec.seq_len), pad_id, dtype=np.int32)
-    lengths = np.empty(len(seqs), dtype=np.int32)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        lengths[i] = len(s)
+    blocks = [p.padded(spec.seq_len, pad_id) for p in iter_pieces(texts, tokenizer, spec.seq_len, spec.pack,
+                                                                   counts=counts)]
+    if not counts.get("docs"):
+        raise NexusError(f"{flag} {spec.dataset}: no non-empty documents")
+    if not blocks:
+        raise NexusError(f"{flag} {spec.dataset}: {counts['tokens']} tokens make no sequence of --seq-len "
+                         f"{spec.seq_len}" + (" (packing drops the last partial sequence; use a smaller --seq-len "
+                                              "or --no-pack)" if spec.pack else ""))
+    ids = np.concatenate([b[0] for b in blocks])  # (n, L)
+    lengths = np.concatenate([b[1] for b in blocks])  # (n,)
     return SequenceSet(ids, lengths, int(pad_id))
 
 

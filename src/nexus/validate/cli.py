@@ -25,10 +25,10 @@ import torch
 
 from ..adapter import resolve_base, is_adapter_dir, read_adapter_config
 from ..chat import add_sampling_arguments, sampling_from_args, start_chat
-from ..data import (check_seq_len, chunk, iter_documents, load_tokenizer, pack, pad_batch, tokenize,
-                    tokenizer_fingerprint)
+from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenizer_fingerprint
 from ..device import add_device_arguments, load_for_inference
 from ..errors import NexusError
+from ..packing import iter_pieces
 from .metrics import evaluate
 from .report import EXCELLENT_BELOW_PCT, FAIL, FAIL_ABOVE_PCT, build_report, overall_verdict, verdict, write_report
 
@@ -59,20 +59,13 @@ def sequences(path: str, tokenizer, seq_len: int, num_samples: int, packed: bool
     with EOS between them and cut into full `seq_len` sequences (no padding).
     """
     out: list[list[int]] = []
-    buffer: list[int] = []  # packed mode: tokens not yet in a full sequence
-    docs = 0
-    for doc in iter_documents(path, tokenizer, text_field):
-        docs += 1
-        ids = tokenize([doc.text], tokenizer)
-        if packed:
-            buffer += ids[0]
-            pieces = pack([buffer], seq_len)
-            buffer = buffer[len(pieces) * seq_len:]
-        else:
-            pieces = chunk(ids, seq_len)
-        out += pieces[:num_samples - len(out)]
+    counts: dict = {}
+    texts = (doc.text for doc in iter_documents(path, tokenizer, text_field))
+    for pieces in iter_pieces(texts, tokenizer, seq_len, pack=packed, counts=counts):
+        out += pieces.head(num_samples - len(out)).tolist()
         if len(out) >= num_samples:
             break
+    docs = counts.get("docs", 0)
     if not docs:
         raise NexusError(f"--dataset {path}: no non-empty documents")
     if not out:

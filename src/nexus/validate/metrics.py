@@ -16,6 +16,7 @@ Definitions (shared/DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -33,6 +34,8 @@ from ..shared import SHARED_NAME, shared_experts_disabled
 # Rows of (tokens, vocab) processed at once in the KL, bounding its fp32 temporaries
 # (3 x 1024 x 201k x 4 bytes ≈ 2.4 GB for GPT-OSS's vocabulary).
 KL_CHUNK_ROWS = 1024
+
+log = logging.getLogger("nexus.validate")
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -192,6 +195,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     totals = Totals(perplexity_computed=compute_perplexity)
     state = {"pass": "model", "mask": None}
     captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    warned: set[int] = set()  # layers already warned about
 
     def on_router(which: str | None):
         def fn(layer, logits, weights, indices):  # logits (T, E), indices (T, k)
@@ -202,10 +206,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         def fn(routed, shared):  # (B, L, H) each
             flat_r = routed.reshape(-1, routed.shape[-1]).float()  # (T, H)
             flat_s = shared.reshape(-1, shared.shape[-1]).float()
-            mask = state["mask"]
-            if mask is not None and mask.numel() == flat_r.shape[0]:
-                keep = mask.to(flat_r.device)
-                flat_r, flat_s = flat_r[keep], flat_s[keep]
+            flat_r = real_tokens(flat_r, state["mask"], layer, "MoE block output")
+            flat_s = real_tokens(flat_s, state["mask"], layer, "shared expert output")
             totals.add(layer, "routed_norm", float(flat_r.norm(dim=-1).double().sum()), flat_r.shape[0])
             totals.add(layer, "shared_norm", float(flat_s.norm(dim=-1).double().sum()), flat_s.shape[0])
         return fn
@@ -250,10 +252,22 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 else:
                     totals.targets += int((mask[:, :-1] & mask[:, 1:]).sum())
                 del base_logits, logits
-                _router_metrics(totals, captured, state["mask"])
+                _router_metrics(totals, captured, state["mask"], warned)
                 if progress is not None:
                     progress(int(mask.sum()))
     return totals
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor, layer: int, what: str) -> torch.Tensor:
+    """The rows of x (T, ...) that are real tokens: mask (T,) bool, T = B*L in row-major order.
+
+    A block that saw another number of tokens than the batch holds is an error, never a silent
+    fallback to counting padding.
+    """
+    if mask.numel() != x.shape[0]:
+        raise NexusError(f"layer {layer}: the {what} has {x.shape[0]} token rows but the batch has {mask.numel()} "
+                         f"positions, so padding cannot be left out of the validation metrics")
+    return x[mask.to(x.device)]
 
 
 def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -262,20 +276,24 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.logits  # (B, L, V)
 
 
-def _router_metrics(totals: Totals, captured: dict, mask: torch.Tensor) -> None:
+def _router_metrics(totals: Totals, captured: dict, mask: torch.Tensor, warned: set) -> None:
     """Add per-layer entropy and agreement of one batch; `mask` (T,) selects real tokens."""
     layers = sorted({layer for _, layer in captured})
     for layer in layers:
         for which, key in (("model", "router_entropy"), ("baseline", "baseline_router_entropy")):
             if (which, layer) in captured:
                 logits, _ = captured[(which, layer)]  # (T, E)
-                keep = mask.to(logits.device)
-                ent = entropy(router_probs(logits[keep]))  # (N,)
+                ent = entropy(router_probs(real_tokens(logits, mask, layer, f"{which} router logits")))  # (N,)
                 totals.add(layer, key, float(ent.double().sum()), ent.numel())
         if ("model", layer) in captured and ("baseline", layer) in captured:
             (m_logits, m_idx), (b_logits, b_idx) = captured[("model", layer)], captured[("baseline", layer)]
             if m_logits.shape[-1] != b_logits.shape[-1]:
-                continue  # different numbers of experts: agreement is meaningless
-            keep = mask.to(m_idx.device)
-            agree = routing_agreement(m_idx[keep], b_idx.to(m_idx.device)[keep])  # (N,)
+                if layer not in warned:
+                    warned.add(layer)
+                    log.warning(f"warning: layer {layer}: the model routes over {m_logits.shape[-1]} experts, the "
+                                f"baseline over {b_logits.shape[-1]}; no routing agreement for this layer")
+                continue
+            m_idx = real_tokens(m_idx, mask, layer, "model routing")
+            b_idx = real_tokens(b_idx.to(m_idx.device), mask, layer, "baseline routing")
+            agree = routing_agreement(m_idx, b_idx)  # (N,)
             totals.add(layer, "routing_agreement", float(agree.double().sum()), agree.numel())
