@@ -32,7 +32,8 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, base)
     # A trainable router frozen mid-run: DDP is rebuilt at the freeze without unused-parameter errors.
     args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
             "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
-            "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu"]
+            "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu",
+            "--dtype", "float32"]  # the MXFP4 experts stay packed; fp32 rest, so the two runs agree to float tolerance
     env = subprocess_env()
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--output-dir", tmp_path / "ddp")[1:]],
