@@ -146,6 +146,8 @@ def rss():  # peak resident bytes of this process so far
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = load_base_model(d, dtype=torch.float32)
 attach_shared_experts(model, init="random", seed=0)
+model(torch.randint(0, 64, (1, 8))).logits.float().pow(2).mean().backward()  # one-time allocations, 8 tokens
+model.zero_grad(set_to_none=True)
 before = rss()
 ids = torch.randint(0, 64, (4, 128))  # 512 tokens x top-4: every expert is routed to
 model(ids).logits.float().pow(2).mean().backward()

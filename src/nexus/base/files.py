@@ -151,6 +151,38 @@ class SafetensorsDir:
         self.bytes_read += self.slice_nbytes(key, index)
         return tensor
 
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `key` with plain file reads (no memory map) into `out`, or into a new tensor when
+        `out` is None; returns it. `out` must be a contiguous CPU tensor of the stored dtype and size.
+
+        Used by the base loader: mapped pages would count toward the process's resident memory until
+        the map is closed, which for a multi-GB shard is GBs on top of the model being filled.
+        """
+        info = self.tensors[key]
+        dtype = STORED_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise NexusError(f"{info.file}: '{key}' is stored as {info.dtype}, which NEXUS does not read")
+        if out is None:
+            out = torch.empty(info.shape, dtype=dtype)
+        if out.dtype != dtype or out.numel() * out.element_size() != info.nbytes or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise ValueError(f"read_into: '{key}' ({info.dtype} {list(info.shape)}) does not fit "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.begin)
+                done = 0
+                while done < info.nbytes:
+                    n = f.readinto(buf[done:])
+                    if not n:
+                        raise OSError(f"file ends {info.nbytes - done} bytes early")
+                    done += n
+        except OSError as e:
+            raise NexusError(f"{info.file}: cannot read '{key}' ({e})") from None
+        self.bytes_read += info.nbytes
+        return out
+
     def release(self) -> None:
         """Close the memory maps, so the pages read so far stop counting toward this process's memory."""
         self._handles.clear()
@@ -163,6 +195,9 @@ class SafetensorsDir:
 
 
 _TORCH_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                 "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class StreamingWriter:

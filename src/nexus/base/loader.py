@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import NexusError
-from .files import SafetensorsDir
+from .files import STORED_DTYPES, SafetensorsDir
 from .quantized import MXFP4, Codec, fp8_codec, is_quantized_experts, quantize_experts
 from .sources import (SCALE_SUFFIX, SUPPORTED_QUANTIZATION, FusedSource, Mxfp4Source, PerExpertSource,
                       map_expert_sources, quant_method, quantization_config)
@@ -370,21 +370,29 @@ class _Plan:
         for key, name, how in self.reads:
             by_file.setdefault(self.files.tensors[key].file, []).append((key, name, how))
         for file in sorted(by_file):
-            for key, name, how in by_file[file]:
+            for key, name, how in sorted(by_file[file], key=lambda r: self.files.tensors[r[0]].begin):
                 self._fill(filled[name], key, name, how)
-            self.files.release()
         for name, tensor in filled.items():
             module_name, _, leaf = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
     def _fill(self, dest: torch.Tensor, key: str, name: str, how) -> None:
-        t = self.files.read(key)
+        """Read checkpoint tensor `key` into its place in `dest` (file reads, no memory maps)."""
         kind = how[0]
+        info = self.files.tensors[key]
+        if kind in ("copy", "rows") and dest.device.type == "cpu":  # straight into place when nothing converts
+            view = dest if kind == "copy" else dest[how[1], how[2]:how[2] + how[3]]
+            if STORED_DTYPES.get(info.dtype) == dest.dtype and view.is_contiguous() and \
+                    tuple(info.shape) == tuple(view.shape):
+                self.files.read_into(key, view)
+                return
+        t = self.files.read_into(key, None)
         if kind == "fp8":
             from . import fp8
 
-            t = fp8.decode(t.to(dest.device), self.files.read(how[1]).to(dest.device), self.codec.block, dest.dtype)
+            scale = self.files.read_into(how[1], None)
+            t = fp8.decode(t.to(dest.device), scale.to(dest.device), self.codec.block, dest.dtype)
             kind = "copy"
         if kind == "copy":
             view = dest
