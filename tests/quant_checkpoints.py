@@ -33,7 +33,7 @@ def write_mxfp4_gpt_oss(directory, seed=0):
     return model
 
 
-def write_fp8_checkpoint(family, directory, layout="per_expert", seed=0, block=FP8_BLOCK, **overrides):
+def write_fp8_checkpoint(family, directory, layout="per_expert", seed=0, block=FP8_BLOCK, prepare=None, **overrides):
     """A miniature block-FP8 checkpoint of `family` (see nexus.convert.fp8_writer), 2 shards numbered from 1
     as DeepSeek-V3 / Qwen3 number theirs. Returns the in-memory fp32 model it was written from.
 
@@ -41,6 +41,8 @@ def write_fp8_checkpoint(family, directory, layout="per_expert", seed=0, block=F
     as the real one's 576 rows are on 128 (see load_dequantized_reference).
     """
     model = tiny_model(family, seed=seed, **overrides)
+    if prepare is not None:  # e.g. give buffers the checkpoint stores values their init does not have
+        prepare(model)
     write_checkpoint(directory, model.config, fp8_tensors(model, layout, block), num_shards=2, first_shard=1,
                      quantization_config=fp8_quantization_config(model, block, qwen_style=family.startswith("qwen")))
     save_tiny_tokenizer(directory)

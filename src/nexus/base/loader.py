@@ -337,6 +337,8 @@ class _Plan:
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         params = dict(self.model.named_parameters())
+        buffers = {n for n, _ in self.model.named_buffers() if n.rpartition(".")[2] not in
+                   self.model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
         keys = set(self.files.keys())
         unexpected = []
         for key in self.files.keys():
@@ -345,6 +347,10 @@ class _Plan:
             target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, params)
             if target not in params and key in params:
                 target = key
+            if target in buffers or (target not in params and key in buffers):
+                # a persistent buffer the checkpoint stores (DeepSeek-V3's e_score_correction_bias steers routing)
+                self._read(key, target if target in buffers else key, ("buffer",))
+                continue
             if target not in params:
                 unexpected.append(key)
                 continue
@@ -362,8 +368,10 @@ class _Plan:
     def load(self, device: torch.device) -> None:
         """Allocate every planned parameter on `device`, then stream the shards one file at a time."""
         filled: dict[str, torch.Tensor] = {}
-        for _, name, _ in self.reads:
-            if name not in filled:
+        for _, name, how in self.reads:
+            if how[0] == "buffer":
+                filled[name] = self.model.get_buffer(name)  # real already (built outside the meta device)
+            elif name not in filled:
                 meta = self._param(name)
                 filled[name] = torch.empty(meta.shape, dtype=meta.dtype, device=device)
         by_file: dict[Path, list] = {}
@@ -372,7 +380,10 @@ class _Plan:
         for file in sorted(by_file):
             for key, name, how in sorted(by_file[file], key=lambda r: self.files.tensors[r[0]].begin):
                 self._fill(filled[name], key, name, how)
+        buffers = {name for _, name, how in self.reads if how[0] == "buffer"}
         for name, tensor in filled.items():
+            if name in buffers:
+                continue
             module_name, _, leaf = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
@@ -388,6 +399,11 @@ class _Plan:
                 self.files.read_into(key, view)
                 return
         t = self.files.read_into(key, None)
+        if kind == "buffer":
+            if tuple(t.shape) != tuple(dest.shape):
+                raise NexusError(f"{info.file}: '{key}' is {list(t.shape)}; the model's '{name}' is {list(dest.shape)}")
+            dest.copy_(t)
+            return
         if kind == "fp8":
             from . import fp8
 
