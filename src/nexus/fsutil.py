@@ -4,6 +4,9 @@ Outputs appear under their final name only once complete: everything is written 
 sibling first, then renamed (a rename within one filesystem is atomic on POSIX). A write that fails
 for want of room (full disk, quota, file size limit, read-only filesystem) becomes a `NexusError`
 naming the file; the temporary is removed and whatever had the final name before is untouched.
+Temporaries are private while written (mkstemp/mkdtemp make them 0600/0700) and get the modes a
+plain `open`/`mkdir` would have given (0666/0777 less the umask) just before the rename, so a group
+on a shared machine can read the outputs when the user's umask lets it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> NexusError | Non
         free = ""
     return NexusError(f"{path}: cannot write ({os.strerror(code)}{free}); nothing was written under this name "
                       f"and what it held before is unchanged")
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window other threads could see)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path, directory: bool = False) -> None:
+    """Give a temporary the mode `open`/`mkdir` would have: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def _temp_prefix(path: Path) -> str:
@@ -88,6 +110,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        publish_mode(tmp)
         os.replace(tmp, path)
     except Exception as e:
         err = write_error(path, e)
@@ -146,6 +169,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        publish_mode(tmp, directory=True)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
