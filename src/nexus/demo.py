@@ -141,6 +141,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rerun this stage and every later one (sample, collect, analyze, convert, train, validate)")
 
 
+def interrupted(args) -> str:
+    """The Ctrl-C message: rerunning the same command skips finished stages and resumes the others."""
+    from .rerun import command
+
+    return f"finished stages are kept; continue with: {command(args, drop={'--from': 1})}"
+
+
 def run(args) -> int:
     from .train.plots import plot_metrics, read_metrics
 

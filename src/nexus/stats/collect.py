@@ -13,7 +13,9 @@ prob_outer, topk_count, gate_sum, entropy_sum; see DESIGN.md), so memory does no
 
 Every --flush-every batches the running sums are written atomically to `<stem>.partial.safetensors`
 with the data position; `--resume` continues from there and ends with the same statistics as an
-uninterrupted run. Under torchrun, global batch b goes to rank b mod world size and the sums are
+uninterrupted run; without `--resume` a partial file is refused (the message gives the command that
+resumes and the one that starts over, `--overwrite`), and Ctrl-C prints the command that resumes.
+Under torchrun, global batch b goes to rank b mod world size and the sums are
 all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
 `<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,7 @@ from .. import dist
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
 from ..device import resolve_device
 from ..errors import NexusError
+from ..rerun import command
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
@@ -92,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-every", type=int, default=50,
                    help="write the partial statistics every N batches, for --resume (default 50)")
     p.add_argument("--resume", action="store_true", help="continue from <output stem>.partial.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output and discard a partial run's statistics")
     p.add_argument("--keep-raw", type=int, default=0, metavar="N",
                    help="also keep a uniform sample of N raw probability vectors per layer (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --keep-raw sample (default 0)")
@@ -102,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code (off by default)")
 
 
-def _check_args(args) -> None:
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
     if args.merge:
         return
     if not args.model or not args.dataset:
@@ -110,10 +116,47 @@ def _check_args(args) -> None:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
                              ("--flush-every", args.flush_every, 1), ("--target-tokens", args.target_tokens, 0),
                              ("--keep-raw", args.keep_raw, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+
+
+def _check_args(args) -> None:
+    check_options(args)
+    if args.merge:
+        return
     if Path(args.output).exists() and not (args.overwrite or args.resume):
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
+    partial = partial_path(args.output)
+    if partial.is_file() and not (args.overwrite or args.resume):
+        raise NexusError(f"{partial}: an interrupted run of this command holds the statistics of its first "
+                         f"{_batches_done(partial)} batches; continue it with: {resume_command(args)}   "
+                         f"or start over with: {command(args, add=('--overwrite',), drop={'--resume': 0})}")
+
+
+def resume_command(args) -> str:
+    return command(args, add=("--resume",), drop={"--overwrite": 0})
+
+
+def _batches_done(partial: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(partial), "pt") as f:
+            return str(int((f.metadata() or {})["batches_done"]))
+    except Exception:  # unreadable: --resume names the problem
+        return "?"
+
+
+def interrupted(args) -> str:
+    """The Ctrl-C message: what the partial statistics hold and the command that continues them."""
+    if args.merge:
+        return f"nothing was written to {args.output}"
+    partial = partial_path(args.output)
+    if partial.is_file():
+        return (f"{partial} holds the statistics of the first {_batches_done(partial)} batches; "
+                f"continue with: {resume_command(args)}")
+    return (f"nothing was saved yet (the first flush comes after --flush-every {args.flush_every} batches); "
+            f"start again with: {command(args, drop={'--resume': 0})}")
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
@@ -211,6 +254,10 @@ def run(args) -> int:
     if args.resume and Path(args.output).is_file() and not partial_path(args.output).is_file():
         print(f"--resume: {args.output} is complete (no {partial_path(args.output)}); nothing to do")
         return 0
+    if args.overwrite and not args.resume and int(os.environ.get("RANK", "0")) == 0:  # start over: drop a partial run
+        partial = partial_path(args.output)
+        for stale in (partial, *_partial_raws(partial)):
+            stale.unlink(missing_ok=True)
     device, dtype = _device_and_dtype(args)
     distributed = dist.init(device)
     device = dist.local_device(str(device))

@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='dtype of the teacher weights (default: as stored)')
 
 
+def interrupted(args) -> str:
+    """The Ctrl-C message: complete shards are kept and the same command continues from them."""
+    from ..rerun import command
+
+    return f"the complete shards in {args.output} are kept; continue with the same command: {command(args)}"
+
+
 def run(args) -> int:
     cfg = PrecomputeConfig(**{f.name: getattr(args, f.name) for f in fields(PrecomputeConfig)})
     try:

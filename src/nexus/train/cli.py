@@ -20,7 +20,10 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+from ..errors import NexusError
+from ..rerun import command
 from .config import TrainConfig
 
 _D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
@@ -136,7 +139,45 @@ def _launch_ddp(args) -> int:
     return subprocess.call(cmd, env=dict(os.environ))
 
 
+RESUME = ("--resume-from-checkpoint", "latest")
+
+
+def _resume_command(args) -> str:
+    return command(args, add=RESUME, drop={"--resume-from-checkpoint": 1})
+
+
+def _check_output_dir(args) -> None:
+    """A run already in --output-dir is continued only when asked; the refusal gives the commands."""
+    from . import checkpoint as ckpt
+    from .recipe import holds_run
+
+    if args.resume_from_checkpoint or not holds_run(args.output_dir):
+        return
+    found = ckpt.checkpoints(args.output_dir)
+    what = "a finished run" if (Path(args.output_dir) / "final").exists() else \
+        (f"an interrupted run (last checkpoint: {found[-1][1].name})" if found else
+         "an interrupted run with no checkpoint yet")
+    raise NexusError(f"--output-dir {args.output_dir} holds {what}; continue it with: {_resume_command(args)}   "
+                     f"or start over in another directory (or delete this one)")
+
+
+def interrupted(args) -> str:
+    """The Ctrl-C message: the checkpoint to continue from and the command that does."""
+    from . import checkpoint as ckpt
+
+    found = ckpt.checkpoints(args.output_dir)
+    where = f"{found[-1][1]} is the latest checkpoint" if found else \
+        f"no checkpoint was written yet (one every --checkpoint-interval {args.checkpoint_interval} steps)"
+    return f"{where}; continue with: {_resume_command(args)}"
+
+
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
+    TrainConfig.from_args(args).check()
+
+
 def run(args) -> int:
+    _check_output_dir(args)
     if args.use_ddp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_ddp(args)
     from .recipe import Trainer

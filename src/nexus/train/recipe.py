@@ -46,6 +46,13 @@ log = logging.getLogger("nexus.train")
 RUN_CONFIG = "run_config.json"
 
 
+def holds_run(output_dir: str | Path) -> bool:
+    """Whether `output_dir` holds (part of) a training run: its config, metrics, a checkpoint or final/."""
+    out = Path(output_dir)
+    return out.is_dir() and (any((out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final"))
+                             or bool(ckpt.checkpoints(out)))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.check()
@@ -126,8 +133,7 @@ class Trainer:
             if path is None and self.rank == 0:
                 log.info(f"no checkpoint in {self.out} yet: starting from step 0")
             return path
-        if self.out.exists() and any((self.out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final")) or \
-                ckpt.checkpoints(self.out):
+        if holds_run(self.out):
             raise NexusError(f"--output-dir {self.out} holds another run; pass --resume-from-checkpoint latest "
                              f"to continue it, or choose another --output-dir")
         return None
