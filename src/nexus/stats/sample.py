@@ -108,11 +108,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict (default train)")
 
 
-def _check_args(args) -> None:
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
     for flag, value, low in (("--target-tokens", args.target_tokens, 1), ("--max-candidates", args.max_candidates, 1),
                              ("--seq-len", args.seq_len, 1), ("--workers", args.workers, 1)):
         if value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+
+
+def _check_args(args) -> None:
+    check_options(args)
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
 

@@ -111,12 +111,10 @@ def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
     return baseline, _display(baseline)
 
 
-def check_args(args) -> dict[str, str]:
-    """Validate flag values before any model is loaded; returns the named datasets."""
+def check_options(args) -> dict[str, str]:
+    """Flag values alone (no file access; `nexus pipeline` checks these before any stage runs);
+    returns the named datasets."""
     datasets = parse_datasets(args.dataset)
-    for path in datasets.values():  # before any model is loaded
-        if not Path(path).exists():
-            raise NexusError(f"--dataset {path}: no such file or directory")
     if not datasets and not args.chat:
         raise NexusError("nothing to do: pass --dataset (held-out data to measure on) and/or --chat")
     if args.compute_perplexity and not datasets:
@@ -125,15 +123,24 @@ def check_args(args) -> dict[str, str]:
         raise NexusError("--fail-on-degradation needs --compute-perplexity (the verdict is on perplexity)")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--seq-len", args.seq_len, 2),
                              ("--batch-size", args.batch_size, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be >= {low}, got {value}")
     if args.excellent_threshold > args.fail_threshold:
         raise NexusError(f"--excellent-threshold ({args.excellent_threshold}) must not exceed "
                          f"--fail-threshold ({args.fail_threshold})")
-    if datasets and Path(args.output).exists() and not args.overwrite:
-        raise NexusError(f"--output {args.output}: exists (pass --overwrite to replace it)")
     if args.chat:
         sampling_from_args(args)
+    return datasets
+
+
+def check_args(args) -> dict[str, str]:
+    """Validate flag values and inputs before any model is loaded; returns the named datasets."""
+    datasets = check_options(args)
+    for path in datasets.values():  # before any model is loaded
+        if not Path(path).exists():
+            raise NexusError(f"--dataset {path}: no such file or directory")
+    if datasets and Path(args.output).exists() and not args.overwrite:
+        raise NexusError(f"--output {args.output}: exists (pass --overwrite to replace it)")
     return datasets
 
 
