@@ -300,3 +300,19 @@ def test_cli_on_gpu_bf16_matches_cpu(dirs):
         figures[device] = json.loads((out / "report.json").read_text())["datasets"]["general"]
     assert figures["cuda"]["tokens"] == figures["cpu"]["tokens"]
     assert figures["cuda"]["baseline_perplexity"] == pytest.approx(figures["cpu"]["baseline_perplexity"], rel=0.02)
+
+
+def test_validate_on_the_demo_model_with_default_flags(tmp_path):
+    """The bundled model has 256 positions: the default --seq-len fits it (1024 would be refused)."""
+    from nexus.demo_data import DEMO_MODEL_DIR
+    from tiny_assets import write_jsonl
+
+    save_adapter_dir(DEMO_MODEL_DIR, tmp_path / "adapter", init="random")
+    text = "def parse(header):\n    return header.split(':')\n" * 60  # longer than 256 tokens
+    data = write_jsonl(tmp_path / "domain.jsonl", [{"text": text}] * 2)
+    r = run_cli("validate", "--model", tmp_path / "adapter", "--dataset", f"domain={data}", "--output",
+                tmp_path / "v", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    tokens = report["datasets"]["domain"]["tokens"]
+    assert tokens > 256  # the documents were cut into 256-token sequences, not refused nor truncated away

@@ -34,6 +34,7 @@ import torch
 
 from .. import dist
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenize
+from ..defaults import SEQ_LEN_HELP, seq_len_for
 from ..device import resolve_device
 from ..errors import NexusError
 from ..rerun import command
@@ -88,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-tokens", type=int, default=1_000_000,
                    help="real (non-padding) tokens to collect; 0 = the whole dataset (default 1000000)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--seq-len", type=int, default=1024,
-                   help="longest sequence; longer documents are split (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"longest sequence; longer documents are split {SEQ_LEN_HELP}")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype; auto = the checkpoint's on GPU, float32 on CPU (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -274,6 +275,7 @@ def run(args) -> int:
     # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
     device_map = {"": str(device)} if device.type == "cuda" else None
     model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code).eval()
+    args.seq_len = seq_len_for(model, args.seq_len)
     check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)

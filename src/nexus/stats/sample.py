@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Document, iter_documents, load_tokenizer
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import atomic_path
 from .sampling import OBJECTIVES, build_pool, select
@@ -97,8 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop once the selection holds this many tokens (default 1000000)")
     p.add_argument("--max-candidates", type=int, default=10_000,
                    help="documents drawn from the dataset as the candidate pool (default 10000)")
-    p.add_argument("--seq-len", type=int, default=1024,
-                   help="truncate each document to this many tokens (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="truncate each document to this many tokens (default 1024, or the model's "
+                        "max_position_embeddings when the --tokenizer directory holds a smaller one)")
     p.add_argument("--objective", choices=OBJECTIVES, default="distribution",
                    help="distribution: min KL(selected || pool) unigram (default); coverage: max distinct tokens")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
@@ -112,12 +114,13 @@ def check_options(args) -> None:
     """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
     for flag, value, low in (("--target-tokens", args.target_tokens, 1), ("--max-candidates", args.max_candidates, 1),
                              ("--seq-len", args.seq_len, 1), ("--workers", args.workers, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
 
 
 def _check_args(args) -> None:
     check_options(args)
+    args.seq_len = seq_len_for(args.tokenizer, args.seq_len)
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
 

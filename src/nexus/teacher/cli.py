@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..defaults import SEQ_LEN_HELP
 from .precompute import PrecomputeConfig, precompute
 
 _D = {f.name: f.default for f in fields(PrecomputeConfig)}
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=_D["batch_size"],
                    help="sequences per forward, and per step for --num-steps")
     p.add_argument("--seq-len", type=int, default=_D["seq_len"],
-                   help="tokens per sequence; must equal train's --seq-len")
+                   help=f"tokens per sequence; must equal train's --seq-len {SEQ_LEN_HELP}")
     p.add_argument("--top-k", type=int, default=_D["top_k"], help="log-probabilities stored per position")
     p.add_argument("--router-topk", type=int, help="also store the top-R router log-probs of every MoE layer "
                                                    "(for --router-kl-weight and router metrics offline)")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..defaults import SEQ_LEN_HELP
 from ..errors import NexusError
 from ..rerun import command
 from .config import TrainConfig
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", help="split of a saved HF DatasetDict")
     g.add_argument("--eval-dataset", help="held-out data for eval_loss")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
-    g.add_argument("--seq-len", type=int, default=_D["seq_len"], help="tokens per sequence")
+    g.add_argument("--seq-len", type=int, default=_D["seq_len"],
+                   help=f"tokens per sequence (with --precomputed-teacher: the cache's) {SEQ_LEN_HELP}")
     g.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one document per sequence, right-padded (padding is masked out), instead of packing")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import __version__, dist
 from ..adapter import load_adapter_weights
 from ..data import load_tokenizer
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import write_json
 from ..moe import find_moe_blocks
@@ -71,6 +72,11 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.student_model, what="--student-model")
         self.model, original_routers = load_student(cfg, self.device)
+        if cfg.seq_len is None:  # the teacher cache's (it must match), else fitted to the model
+            from ..teacher.cache import TeacherCache
+
+            cfg.seq_len = TeacherCache(cfg.precomputed_teacher).seq_len if cfg.precomputed_teacher else \
+                seq_len_for(self.model, None)
         check_seq_len(self.model, cfg.seq_len, "student model")
         check_head_split(self.model, self.device)
         self.blocks = find_moe_blocks(self.model)

@@ -27,6 +27,7 @@ from ..adapter import _resolve_base, is_adapter_dir, read_adapter_config
 from ..chat import add_sampling_arguments, sampling_from_args, start_chat
 from ..data import (check_seq_len, chunk, iter_documents, load_tokenizer, pack, pad_batch, tokenize,
                     tokenizer_fingerprint)
+from ..defaults import SEQ_LEN_HELP, seq_len_for
 from ..device import add_device_arguments, load_for_inference
 from ..errors import NexusError
 from .metrics import evaluate
@@ -157,7 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-perplexity", action="store_true",
                    help="compute perplexity and degradation (KL and routing metrics are always computed)")
     p.add_argument("--num-samples", type=int, default=200, help="evaluation sequences per dataset (default 200)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence at most (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence at most {SEQ_LEN_HELP}")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
     p.add_argument("--pack", action="store_true",
                    help="concatenate documents into full --seq-len sequences (default: one document per "
@@ -191,6 +192,7 @@ def _validate(model, datasets: dict[str, str], args) -> int:
 
     baseline_path, baseline_name = baseline_plan(args.model, args.baseline)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    args.seq_len = seq_len_for(model, args.seq_len)
     check_seq_len(model, args.seq_len, "model")
     baseline = None
     if baseline_path is not None:
