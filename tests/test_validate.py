@@ -15,7 +15,7 @@ from nexus import cli
 from nexus.data import pad_batch
 from nexus.moe import find_moe_blocks
 from nexus.validate import evaluate, kl_divergence, nll, perplexity, routing_agreement
-from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, verdict
+from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, IMPROVED, overall_verdict, render_markdown, verdict
 from tiny_assets import run_cli
 from tiny_dirs import save_adapter_dir, save_base, write_datasets
 
@@ -149,7 +149,7 @@ def test_routing_agreement_counts_overlap_not_order():
 
 
 def test_verdict_thresholds():
-    assert verdict(-3.0) == EXCELLENT and verdict(4.99) == EXCELLENT
+    assert verdict(-3.0) == IMPROVED and verdict(0.0) == EXCELLENT and verdict(4.99) == EXCELLENT
     assert verdict(5.0) == ACCEPTABLE and verdict(10.0) == ACCEPTABLE
     assert verdict(10.01) == FAIL
     assert verdict(2.0, excellent_below=1.0, fail_above=1.5) == FAIL
@@ -316,3 +316,16 @@ def test_validate_on_the_demo_model_with_default_flags(tmp_path):
     report = json.loads((tmp_path / "v" / "report.json").read_text())
     tokens = report["datasets"]["domain"]["tokens"]
     assert tokens > 256  # the documents were cut into 256-token sequences, not refused nor truncated away
+
+
+def test_an_improvement_is_not_called_retention_or_degradation():
+    d = lambda pct: {"tokens": 10, "perplexity": 1.0, "baseline_perplexity": 1.0, "degradation_pct": pct,  # noqa: E731
+                     "kl": 0.0}
+    report = {"model": "m", "baseline": "b", "datasets": {"domain": d(-12.9), "general": d(1.8)}, "layers": {}}
+    assert overall_verdict(report) == EXCELLENT  # the worst dataset decides
+    text = render_markdown(report)
+    assert "| domain | 10 | 1.0000 | 1.0000 | -12.90 % | improved |" in text
+    assert "| general | 10 | 1.0000 | 1.0000 | +1.80 % | excellent retention |" in text
+    report["datasets"] = {"domain": d(-12.9)}
+    assert overall_verdict(report) == IMPROVED
+    assert "**improved** — every dataset's perplexity is lower" in render_markdown(report)

@@ -23,6 +23,7 @@ import yaml
 from .errors import NexusError
 from .fsutil import atomic_path, read_json
 from .pipeline import Context, run_pipeline
+from .validate.report import verdict
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -122,7 +123,7 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
             f"domain perplexity {dom['baseline_perplexity']:.2f} -> {dom['perplexity']:.2f} "
             f"({dom['degradation_pct']:+.1f} %)",
             f"general perplexity {gen['baseline_perplexity']:.2f} -> {gen['perplexity']:.2f} "
-            f"({gen['degradation_pct']:+.1f} %, retention {'excellent' if gen['degradation_pct'] < 5 else 'weak'})",
+            f"({gen['degradation_pct']:+.1f} %, {verdict(gen['degradation_pct'])})",
         ]
         lines += ["", "## Summary", ""] + [f"- {s}" for s in summary_lines]
     path = work / "REPORT.md"
@@ -149,7 +150,7 @@ def interrupted(args) -> str:
 
 
 def run(args) -> int:
-    from .train.plots import plot_metrics, read_metrics
+    from .train.plots import plot_run
 
     cfg = demo_config(args.max_steps, args.quick)
     cfg["work_dir"] = str(Path(args.output).resolve())
@@ -158,8 +159,7 @@ def run(args) -> int:
     t0 = time.time()
     run_pipeline(cfg, Path.cwd(), start=args.start, timings=seconds)
     train_dir = Path(ctx.out("train"))
-    plot_metrics(read_metrics(train_dir / "metrics.jsonl"), train_dir / "plots" / "metrics.png", None,
-                 title="demo training")
+    plot_run(train_dir, title="demo training")  # as `nexus plot-metrics`: with the planned lr / temperature
     path, summary = write_report(ctx, seconds)
     print(f"\nNEXUS demo finished in {time.time() - t0:.0f}s. Report: {path}")
     print(summary)

@@ -147,11 +147,26 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise NexusError(f"{path}: no such {what}")
+    if is_safetensors(path):
+        raise NexusError(f"{path}: a safetensors file, not JSON; expected a {what}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise NexusError(f"{path}: binary data (byte {e.start} is not UTF-8), not JSON; expected a {what}") from None
+    except json.JSONDecodeError as e:
         raise NexusError(f"{path}: not valid JSON ({e}); expected a {what}") from None
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether `path` starts like a safetensors file: an 8-byte little-endian header size, then '{'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
 @contextlib.contextmanager
