@@ -127,3 +127,15 @@ def test_a_torchrun_worker_leaves_through_exit_process_with_the_verbs_code(monke
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert left == [code] and e.value.code == code and ran == [True]
+
+
+def test_plan_on_a_hub_name_says_to_download_its_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    code, out, err = run_cli(capsys, "plan", "--model", "openai/gpt-oss-20b")
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: --model openai/gpt-oss-20b: no such local directory; a hub name is not fetched "
+                           "(nexus reads no network): download its config first, e.g. `hf download "
+                           "openai/gpt-oss-20b config.json --local-dir gpt-oss-20b`, then `nexus plan --model "
+                           "gpt-oss-20b`")
+    code, _, err = run_cli(capsys, "plan", "--model", "./models/gpt-oss-20b")  # a path: no hub advice
+    assert code == 2 and "no such model directory" in err and "hub" not in err
