@@ -67,3 +67,12 @@ def test_training_plot_is_the_one_plot_metrics_draws_with_the_planned_schedule(d
     fig = metrics_figure(read_metrics(train / "metrics.jsonl"), json.loads((train / "run_config.json").read_text()))
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert "planned lr" in labels and "planned temperature (right)" in labels
+
+
+def test_report_states_the_python_version_and_corpus_it_measured(demo_out):
+    import platform
+
+    line = next(x for x in (demo_out / "REPORT.md").read_text().splitlines() if x.startswith("Corpus: "))
+    assert f"CPython {platform.python_version()}" in line
+    rows = len((demo_out / "data" / "domain_eval.jsonl").read_text().splitlines())
+    assert f"domain_eval {rows} files / " in line

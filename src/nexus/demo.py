@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
 import yaml
 
+from . import demo_data
 from .errors import NexusError
 from .fsutil import atomic_path, read_json
 from .pipeline import Context, run_pipeline
@@ -55,6 +57,19 @@ def _fmt(x, digits=2):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def corpus_line(data_dir: Path) -> str:
+    """What the demo measured on: this interpreter's version and the files / bytes of each split used."""
+    parts = []
+    for split in demo_data.SPLITS:
+        path = data_dir / f"{split}.jsonl"
+        if path.is_file():
+            texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+            parts.append(f"{split} {len(texts)} files / {sum(len(t.encode()) for t in texts) / 1000:,.1f} kB")
+    return (f"Corpus: the standard library of CPython {platform.python_version()}, the interpreter that ran the "
+            f"demo (another version reads other files; docs/pipeline.md lists the splits per version): "
+            + ", ".join(parts) + ".")
+
+
 def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     """Compose REPORT.md from the stages' own outputs; returns its path and a two-line summary."""
     work = Path(ctx.work_dir)
@@ -68,7 +83,8 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     lines = ["# NEXUS demo report", "",
              f"Model: bundled demo MoE (`{ctx.model}`), {pca['num_experts']} experts per layer, "
              f"routed top-{pca.get('routing_top_k', '?')}. Config: `{CONFIG.name}`. "
-             f"Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".", ""]
+             f"Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".", "",
+             corpus_line(work / "data"), ""]
 
     summary = pca.get("summary", {})
     lines += ["## Router analysis", "",
