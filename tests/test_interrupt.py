@@ -135,3 +135,18 @@ def test_ctrl_c_in_pipeline_and_precompute_name_the_command_that_continues():
                          "resumes)")
     hint = teacher_cli.interrupted(Namespace(_argv=["precompute-teacher", "--output", "c d"], output="c d"))
     assert hint.endswith("continue with the same command: nexus precompute-teacher --output 'c d'")
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--dataset", "d.jsonl", "--tokenizer", "t", "--output", "s.jsonl"],
+    ["analyze", "--input", "s.safetensors", "--output", "p.json"],
+    ["convert", "--input", "m", "--output", "adapter dir", "--init-strategy", "zero"],
+])
+def test_ctrl_c_in_an_atomic_verb_says_nothing_was_written(argv):
+    from nexus.cli import build_parser, interrupted_hint
+
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    output = argv[argv.index("--output") + 1]
+    assert interrupted_hint(args) == (f"nothing was written to {output} (it appears only once complete); start "
+                                      f"again with: nexus {shlex.join(argv)}")

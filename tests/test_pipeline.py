@@ -150,6 +150,19 @@ def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, sta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]  # no work_dir, no demo data
 
 
+@pytest.mark.parametrize("key", ["model", "dataset"])
+def test_a_missing_model_or_dataset_is_refused_before_anything_is_written(tmp_path, key):
+    from tiny_assets import run_main
+
+    cfg = yaml.safe_load(_demo_like(tmp_path).read_text())
+    cfg[key] = str(tmp_path / "nowhere")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_main("pipeline", tmp_path / "p.yaml")
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'p.yaml'}: {key} {tmp_path / 'nowhere'}: no such " \
+                                            f"file or directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
 def test_a_stage_whose_input_is_not_made_is_refused_with_from(tmp_path):
     from tiny_assets import run_main
 

@@ -227,13 +227,18 @@ def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
     return {flag for action in parser._actions for flag in action.option_strings}  # argparse has no public list
 
 
-def check_config(ctx: Context, names: list[str], source: str = "pipeline config") -> None:
+def check_config(ctx: Context, names: list[str], source: str = "pipeline config", check_paths: bool = True) -> None:
     """Everything that can be checked before a stage runs: option names, their values (each verb's own
-    parser and flag checks), and that every stage's wired inputs will exist. Writes nothing."""
+    parser and flag checks), that every stage's wired inputs will exist, and (`check_paths`) that the
+    model and dataset do. Writes nothing."""
     import difflib
 
     from .cli import VERBS
 
+    for key in ("model", "dataset"):  # a local path (nexus reads no network), or the bundled demo's
+        value = ctx.cfg.get(key)
+        if check_paths and value and not _BUILTIN.search(str(value)) and not Path(getattr(ctx, key)).exists():
+            raise NexusError(f"{source}: {key} {getattr(ctx, key)}: no such file or directory")
     for name in names:
         stage = ctx.table[name]
         known = _known_flags(_stage_parser(name))
@@ -291,7 +296,7 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
     Every stage is checked (`check_config`) before anything runs or is written; `source` names the
     config in errors."""
     names = plan_stages(cfg, start, only)
-    check_config(Context(cfg, Path(base_dir), write_data=False), names, source)
+    check_config(Context(cfg, Path(base_dir), write_data=False), names, source, check_paths=not dry_run)
     ctx = Context(cfg, Path(base_dir), write_data=not dry_run)
     if not dry_run:
         Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)

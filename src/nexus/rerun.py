@@ -30,3 +30,9 @@ def command(args, add: tuple[str, ...] = (), drop: dict[str, int] | None = None)
     if add and add[0] not in {t.split("=", 1)[0] for t in out}:
         out += list(add)
     return "nexus " + shlex.join(out)
+
+
+def nothing_written(args) -> str:
+    """The Ctrl-C message of a verb whose output appears only once complete (written atomically)."""
+    return (f"nothing was written to {args.output} (it appears only once complete); start again with: "
+            f"{command(args)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..rerun import nothing_written
 from .core import convert
 
 
@@ -26,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the sanity forward through the full converted model "
                         "(for bases that do not fit in memory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+interrupted = nothing_written  # the Ctrl-C message: the adapter directory is written atomically
 
 
 def run(args: argparse.Namespace) -> int:

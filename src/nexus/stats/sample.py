@@ -31,6 +31,7 @@ from ..data import Document, iter_documents, load_tokenizer
 from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import atomic_path
+from ..rerun import nothing_written
 from .sampling import OBJECTIVES, build_pool, select
 
 _ENCODE_CHUNK = 256  # documents per tokenizer call
@@ -123,6 +124,9 @@ def _check_args(args) -> None:
     args.seq_len = seq_len_for(args.tokenizer, args.seq_len)
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
+
+
+interrupted = nothing_written  # the Ctrl-C message: the output is written atomically
 
 
 def run(args) -> int:
