@@ -221,3 +221,36 @@ def test_chat_on_the_demo_model_with_default_flags():
     assert said[0] == "commands: /reset  /system TEXT  /help  /exit", r.stderr
     assert all(line.startswith("(oldest turn dropped") for line in said[1:]), r.stderr  # no "exceeded the maximum"
     assert r.stdout.endswith("\n\n") and r.stdout.count("\n\n") >= 2  # two replies, each followed by a blank line
+
+
+SLOW_STREAM = """
+import sys, time
+from transformers import TextStreamer
+put = TextStreamer.put
+def slow_put(self, value):  # 50 ms per generated token: a reply lasts seconds
+    time.sleep(0.05)
+    return put(self, value)
+TextStreamer.put = slow_put
+from nexus.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_real_ctrl_c_during_a_reply_keeps_the_session(dirs):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STREAM, "chat", "--model", str(dirs["adapter"]), "--seed", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    proc.stdin.write("the word\n")
+    proc.stdin.flush()
+    first = proc.stdout.read(1)  # the reply has started
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("of and\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(input="", timeout=300)  # end of input ends the session
+    assert proc.returncode == 0, err[-2000:]
+    assert "(reply stopped" in err and "interrupted" not in err.replace("(reply stopped", "")
+    turns = (first + out).split("\n\n")
+    assert len(turns) == 3 and turns[1].strip() and turns[2] == ""  # the stopped reply, the next one, the end
