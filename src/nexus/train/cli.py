@@ -153,8 +153,8 @@ def _check_output_dir(args) -> None:
     from . import checkpoint as ckpt
     from .recipe import holds_run
 
-    if args.resume_from_checkpoint or not holds_run(args.output_dir):
-        return
+    if args.resume_from_checkpoint or int(os.environ.get("RANK", "0")) != 0 or not holds_run(args.output_dir):
+        return  # (under torchrun rank 0 checks, before any rank writes)
     found = ckpt.checkpoints(args.output_dir)
     what = "a finished run" if (Path(args.output_dir) / "final").exists() else \
         (f"an interrupted run (last checkpoint: {found[-1][1].name})" if found else
