@@ -129,23 +129,23 @@ def _check_args(args) -> None:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
     partial = partial_path(args.output)
     if partial.is_file() and not (args.overwrite or args.resume):
-        raise NexusError(f"{partial}: an interrupted run of this command holds the statistics of its first "
-                         f"{_batches_done(partial)} batches; continue it with: {resume_command(args)}   "
-                         f"or start over with: {command(args, add=('--overwrite',), drop={'--resume': 0})}")
+        raise NexusError(f"{partial}: holds {_what_partial_holds(partial)} of an interrupted run; continue it with: "
+                         f"{resume_command(args)} ; or start over with: "
+                         f"{command(args, add=('--overwrite',), drop={'--resume': 0})}")
 
 
 def resume_command(args) -> str:
     return command(args, add=("--resume",), drop={"--overwrite": 0})
 
 
-def _batches_done(partial: Path) -> str:
+def _what_partial_holds(partial: Path) -> str:
     from safetensors import safe_open
 
     try:
         with safe_open(str(partial), "pt") as f:
-            return str(int((f.metadata() or {})["batches_done"]))
+            return f"the statistics of the first {int((f.metadata() or {})['batches_done'])} batches"
     except Exception:  # unreadable: --resume names the problem
-        return "?"
+        return "the partial statistics"
 
 
 def interrupted(args) -> str:
@@ -154,8 +154,7 @@ def interrupted(args) -> str:
         return f"nothing was written to {args.output}"
     partial = partial_path(args.output)
     if partial.is_file():
-        return (f"{partial} holds the statistics of the first {_batches_done(partial)} batches; "
-                f"continue with: {resume_command(args)}")
+        return f"{partial} holds {_what_partial_holds(partial)}; continue with: {resume_command(args)}"
     return (f"nothing was saved yet (the first flush comes after --flush-every {args.flush_every} batches); "
             f"start again with: {command(args, drop={'--resume': 0})}")
 

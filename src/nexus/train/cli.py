@@ -159,7 +159,7 @@ def _check_output_dir(args) -> None:
     what = "a finished run" if (Path(args.output_dir) / "final").exists() else \
         (f"an interrupted run (last checkpoint: {found[-1][1].name})" if found else
          "an interrupted run with no checkpoint yet")
-    raise NexusError(f"--output-dir {args.output_dir} holds {what}; continue it with: {_resume_command(args)}   "
+    raise NexusError(f"--output-dir {args.output_dir} holds {what}; continue it with: {_resume_command(args)} ; "
                      f"or start over in another directory (or delete this one)")
 
 
