@@ -5,9 +5,10 @@ docstring is the verb's `--help` description. Modules are imported when the pars
 verb is listed only if it exists.
 
 Ctrl-C prints `interrupted; ...` with what the verb keeps and the exact command that continues it
-(a module's `interrupted(args)`), and exits 130. User errors (`NexusError`, a full disk) print `error: ...` and exit 2, without a traceback unless `--debug`;
-a process of a torchrun job that lost the others says so and exits 1. Anything else is a bug and keeps
-its traceback.
+(a module's `interrupted(args)`), and exits 130. User errors (`NexusError`, a full disk) print
+`error: ...` and exit 2, without a traceback unless `--debug`; a process of a torchrun job that lost
+the others says so and exits 1. Anything else is a bug and keeps its traceback. No parser accepts an
+abbreviated flag (`allow_abbrev=False`): a misspelling is an error, never another flag.
 """
 
 from __future__ import annotations
