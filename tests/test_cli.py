@@ -139,3 +139,12 @@ def test_plan_on_a_hub_name_says_to_download_its_config(capsys, monkeypatch, tmp
                            "gpt-oss-20b`")
     code, _, err = run_cli(capsys, "plan", "--model", "./models/gpt-oss-20b")  # a path: no hub advice
     assert code == 2 and "no such model directory" in err and "hub" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["collect", "--seq", "5"], "--seq"),
+                                        (["train", "--student-model", "m", "--output-dir", "o", "--max-step", "3"],
+                                         "--max-step"),
+                                        (["validate", "--model", "m", "--num-sample", "3"], "--num-sample")])
+def test_an_abbreviated_flag_is_an_error_not_another_flag(argv, flag, capsys):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and f"unrecognized arguments: {flag}" in err
