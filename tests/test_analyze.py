@@ -196,3 +196,42 @@ def test_pipeline_sample_collect_analyze(tmp_path):
     result = json.loads((tmp_path / "pca_stats.json").read_text())
     assert result["model_type"] == "olmoe" and result["tokens"] == 300 and list(result["layers"]) == ["0", "1"]
     assert (tmp_path / "plots" / "importance_heatmap.png").is_file()
+
+
+def _overlapping(labels) -> list[tuple[str, str]]:
+    boxes = [(t.get_text(), t.get_window_extent()) for t in labels if t.get_text() and t.get_visible()]
+    return [(a, b) for (a, ba), (b, bb) in zip(boxes, boxes[1:]) if ba.x1 > bb.x0]
+
+
+@pytest.mark.parametrize("layers, experts", [(4, 32), (24, 128), (2, 8)])
+def test_expert_labels_never_overlap(layers, experts):
+    import matplotlib.pyplot as plt
+
+    from nexus.stats import plots
+    from nexus.stats.analyze import analyze_stats
+
+    result = analyze_stats(synthetic_stats(layers, experts), top_k=4)
+    for draw in (plots.plot_importance_heatmap, plots.plot_selected):
+        fig = draw(result)
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        ticks = [int(t.get_text()) for t in ax.get_xticklabels()]
+        assert _overlapping(ax.get_xticklabels()) == [], (draw.__name__, ticks)
+        assert ticks[0] == 0 and len(ticks) >= min(experts, 8)  # still a useful number of labels
+        plt.close(fig)
+
+
+def test_explained_variance_names_each_of_a_few_layers_and_bands_many():
+    import matplotlib.pyplot as plt
+
+    from nexus.stats import plots
+    from nexus.stats.analyze import analyze_stats
+
+    fig = plots.plot_explained_variance(analyze_stats(synthetic_stats(4, 32), top_k=4))
+    assert len(fig.axes) == 1  # no continuous colour bar for 4 discrete layers
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [f"layer {i}" for i in range(4)]
+    plt.close(fig)
+    fig = plots.plot_explained_variance(analyze_stats(synthetic_stats(24, 16, tokens=64), top_k=4))
+    bar = fig.axes[1]  # a colour bar with one band per layer
+    assert fig.axes[0].get_legend() is None and [t.get_text() for t in bar.get_yticklabels()][:2] == ["0", "2"]
+    plt.close(fig)

@@ -116,7 +116,7 @@ def test_pipe_session(dirs):
     r = run_cli("chat", "--model", dirs["adapter"], "--max-new-tokens", "4", "--seed", "0",
                   input="the word\n/reset\nof and\n/exit\nnever answered\n")
     assert r.returncode == 0, r.stderr
-    assert [len(line.split()) for line in r.stdout.splitlines()] == [4, 4]
+    assert [len(line.split()) for line in r.stdout.splitlines()] == [4, 0, 4, 0]  # a blank line after each reply
     assert "(conversation reset)" in r.stderr
 
 
@@ -170,3 +170,87 @@ def test_missing_or_empty_model(dirs, capsys, kind):
     assert exc.value.code == 2
     assert err.startswith("error: --model") and str(path) in err
     assert ("no such directory" if kind == "missing" else "no config.json") in err
+
+
+def test_ctrl_c_during_a_reply_stops_that_reply_not_the_session(loaded, monkeypatch):
+    model, tok = loaded
+    real, calls = model.generate, []
+
+    def generate(*a, streamer=None, **k):  # the first reply is interrupted after a few words
+        calls.append(1)
+        if len(calls) == 1:
+            streamer.on_finalized_text("partial words ")
+            raise KeyboardInterrupt
+        return real(*a, streamer=streamer, **k)
+
+    monkeypatch.setattr(model, "generate", generate)
+    out, err = io.StringIO(), io.StringIO()
+    session = ChatSession(model, tok, GREEDY, out=out, err=err)
+    run_session(session, io.StringIO("the word\nof and\n"))
+    assert "(reply stopped" in err.getvalue() and len(calls) == 2
+    assert [m["content"] for m in session.history[::2]] == ["of and"]  # the stopped turn is not kept
+    assert out.getvalue().startswith("partial words \n\n")
+    with pytest.raises(KeyboardInterrupt):  # outside a session (--prompt), Ctrl-C stops the command
+        calls.clear()
+        ChatSession(model, tok, GREEDY, out=io.StringIO(), err=io.StringIO()).reply("the word")
+
+
+def test_a_reply_never_runs_past_the_context(loaded):
+    model, tok = loaded
+    err = io.StringIO()
+    session = ChatSession(model, tok, Sampling(temperature=0.0, max_new_tokens=50), out=io.StringIO(), err=err)
+    prompt = session.prompt_ids("the word").shape[1]
+    session.max_positions = prompt + 3
+    session.reply("the word")
+    assert len(session.history[1]["content"].split()) == 3
+    assert "replies stop at the model's context" in err.getvalue()
+    session = ChatSession(model, tok, Sampling(temperature=0.0), out=io.StringIO(), err=io.StringIO())
+    session.max_positions = prompt
+    assert session.reply("the word") == "" and "not sent" in session.err.getvalue()
+
+
+def test_chat_on_the_demo_model_with_default_flags():
+    """The bundled model has 256 positions and replies of 128 tokens: a long message gets a reply that
+    stops at the context, with no transformers warning in the middle of it."""
+    from nexus.demo_data import DEMO_MODEL_DIR
+
+    long_message = " ".join(["def parse(header): return header.split(':')"] * 20)
+    r = run_cli("chat", "--model", DEMO_MODEL_DIR, "--seed", "0", input=f"hello\n{long_message}\n", timeout=300)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert said[0] == "commands: /reset  /system TEXT  /help  /exit", r.stderr
+    assert all(line.startswith("(oldest turn dropped") for line in said[1:]), r.stderr  # no "exceeded the maximum"
+    assert r.stdout.endswith("\n\n") and r.stdout.count("\n\n") >= 2  # two replies, each followed by a blank line
+
+
+SLOW_STREAM = """
+import sys, time
+from transformers import TextStreamer
+put = TextStreamer.put
+def slow_put(self, value):  # 50 ms per generated token: a reply lasts seconds
+    time.sleep(0.05)
+    return put(self, value)
+TextStreamer.put = slow_put
+from nexus.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_real_ctrl_c_during_a_reply_keeps_the_session(dirs):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STREAM, "chat", "--model", str(dirs["adapter"]), "--seed", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    proc.stdin.write("the word\n")
+    proc.stdin.flush()
+    first = proc.stdout.read(1)  # the reply has started
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("of and\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(input="", timeout=300)  # end of input ends the session
+    assert proc.returncode == 0, err[-2000:]
+    assert "(reply stopped" in err and "interrupted" not in err.replace("(reply stopped", "")
+    turns = (first + out).split("\n\n")
+    assert len(turns) == 3 and turns[1].strip() and turns[2] == ""  # the stopped reply, the next one, the end

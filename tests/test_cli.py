@@ -140,3 +140,24 @@ def test_plan_native_base_is_the_checkpoint_not_its_dequantized_size(capsys):
     assert abs(mem["base_dequantized"] / 1e9 - 41.8) < 0.1  # 20.9 B parameters in bf16
     assert mem["train_native_base"] == mem["base_native"] + mem["trainable_optimizer_state"]
     assert plan["shared_params_per_layer"] == 2880 * 2 * 704 + 2 * 704 + 704 * 2880 + 2880  # 0.25 -> 704 units
+
+
+def test_plan_on_a_hub_name_says_to_download_its_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    code, out, err = run_cli(capsys, "plan", "--model", "openai/gpt-oss-20b")
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: --model openai/gpt-oss-20b: no such local directory; a hub name is not fetched "
+                           "(nexus reads no network): download its config first, e.g. `hf download "
+                           "openai/gpt-oss-20b config.json --local-dir gpt-oss-20b`, then `nexus plan --model "
+                           "gpt-oss-20b`")
+    code, _, err = run_cli(capsys, "plan", "--model", "./models/gpt-oss-20b")  # a path: no hub advice
+    assert code == 2 and "no such model directory" in err and "hub" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["collect", "--seq", "5"], "--seq"),
+                                        (["train", "--student-model", "m", "--output-dir", "o", "--max-step", "3"],
+                                         "--max-step"),
+                                        (["validate", "--model", "m", "--num-sample", "3"], "--num-sample")])
+def test_an_abbreviated_flag_is_an_error_not_another_flag(argv, flag, capsys):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and f"unrecognized arguments: {flag}" in err

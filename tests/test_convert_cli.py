@@ -100,7 +100,27 @@ def _shard(base, tmp_path, damage):
     return d
 
 
+def _router_stats(tmp_path):
+    from nexus.stats.accumulate import RouterStats
+
+    path = tmp_path / "router_stats.safetensors"
+    RouterStats([0, 1], 8, 2, "gpt_oss", "m").save(path)
+    return path
+
+
+def _binary(tmp_path):
+    path = tmp_path / "pca.bin"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    return path
+
+
 BAD = {
+    "router statistics as pca stats": (
+        lambda base, t: dict(stats=_router_stats(t)),
+        r"--pca-stats .*router_stats\.safetensors: a safetensors file \(router statistics from `nexus collect`\?\), "
+        r"not a pca_stats\.json; make one with: nexus analyze --input .*router_stats\.safetensors"),
+    "binary pca stats": (lambda base, t: dict(stats=_binary(t)),
+                         r"pca\.bin: binary data \(byte 0 is not UTF-8\), not JSON; expected a pca_stats\.json"),
     "expert count": (lambda base, t: dict(stats=_bad_stats(t, num_experts=16)),
                      r"--pca-stats .*bad_stats\.json: made for 16 experts per layer, the model has 8"),
     "layers": (lambda base, t: dict(stats=_bad_stats(t, layers={"0": {"selected_experts": [1], "weights": [1.0]}})),

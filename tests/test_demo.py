@@ -57,3 +57,23 @@ def test_rerun_skips_finished_stages(demo_out, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--quick", "--output", str(demo_out)])
     assert capsys.readouterr().out.count("complete, skipping") == 6
+
+
+def test_training_plot_is_the_one_plot_metrics_draws_with_the_planned_schedule(demo_out, tmp_path):
+    from nexus.train.plots import metrics_figure, plot_run, read_metrics
+
+    train = demo_out / "train"
+    again, steps = plot_run(train, tmp_path / "metrics.png", title="demo training")
+    assert steps == 4 and again.read_bytes() == (train / "plots" / "metrics.png").read_bytes()
+    fig = metrics_figure(read_metrics(train / "metrics.jsonl"), json.loads((train / "run_config.json").read_text()))
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "planned lr" in labels and "planned temperature (right)" in labels
+
+
+def test_report_states_the_python_version_and_corpus_it_measured(demo_out):
+    import platform
+
+    line = next(x for x in (demo_out / "REPORT.md").read_text().splitlines() if x.startswith("Corpus: "))
+    assert f"CPython {platform.python_version()}" in line
+    rows = len((demo_out / "data" / "domain_eval.jsonl").read_text().splitlines())
+    assert f"domain_eval {rows} files / " in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -102,5 +103,77 @@ def test_bad_configs(tmp_path, text, message):
 def test_unknown_stage_option_names_the_stage(tmp_path):
     cfg = {"model": "m", "work_dir": str(tmp_path), "stages": {"analyze": {"top_kk": 3}}}
     ctx = Context(cfg, tmp_path)
-    with pytest.raises(NexusError, match="pipeline stage 'analyze': invalid options"):
+    with pytest.raises(NexusError, match="stage 'analyze': unrecognized arguments: --top-kk 3"):
         build_stage_args("analyze", stage_argv(ctx, "analyze"))
+
+
+# ---------------------------------------------------------------------- checks before anything is written
+
+def _demo_like(tmp_path, **stages) -> Path:
+    """A config on the bundled demo model and corpus (whose splits are written on first use)."""
+    cfg = {"model": "nexus-demo:model", "work_dir": str(tmp_path / "work"),
+           "stages": {"sample": {"dataset": "nexus-demo:data/general_train", "target_tokens": 500},
+                      "collect": {"target_tokens": 500}, "analyze": {"top_k": 2},
+                      "convert": {"init_strategy": "pca_top2"},
+                      "train": {"dataset": "nexus-demo:data/domain_train", "max_steps": 2},
+                      "validate": {"dataset": ["nexus-demo:data/domain_eval"]}}}
+    for name, opts in stages.items():
+        if opts is None:
+            del cfg["stages"][name]
+        else:
+            cfg["stages"][name].update(opts)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"train": {"batch_size": 0}}, "stage 'train': --batch-size must be at least 1, got 0"),
+    ({"train": {"max_steps": "many"}}, "stage 'train': argument --max-steps: invalid int value: 'many'"),
+    ({"train": {"max_step": 5}}, r"stages.train.max_step: `nexus train` has no option --max-step \(did you mean "
+                                 r"max_steps\?\)"),
+    ({"collect": {"seq": 64}}, "stages.collect.seq: `nexus collect` has no option --seq"),  # no prefix matching
+    ({"validate": {"num_samples": 0}}, "stage 'validate': --num-samples must be >= 1, got 0"),
+    ({"convert": None}, "stage 'train' needs --student-model: add a 'convert' stage, or set stages.train.student_model"),
+    ({"sample": None}, "stage 'collect' needs --dataset: add a 'sample' stage"),
+])
+def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, stages, message):
+    from tiny_assets import run_main
+
+    config = _demo_like(tmp_path, **stages)
+    r = run_main("pipeline", config)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: "), r.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "usage:" not in r.stderr and r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]  # no work_dir, no demo data
+
+
+@pytest.mark.parametrize("key", ["model", "dataset"])
+def test_a_missing_model_or_dataset_is_refused_before_anything_is_written(tmp_path, key):
+    from tiny_assets import run_main
+
+    cfg = yaml.safe_load(_demo_like(tmp_path).read_text())
+    cfg[key] = str(tmp_path / "nowhere")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_main("pipeline", tmp_path / "p.yaml")
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'p.yaml'}: {key} {tmp_path / 'nowhere'}: no such " \
+                                            f"file or directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_a_stage_whose_input_is_not_made_is_refused_with_from(tmp_path):
+    from tiny_assets import run_main
+
+    r = run_main("pipeline", _demo_like(tmp_path), "--from", "train")
+    assert r.returncode == 2 and "stage 'train' needs --student-model" in r.stderr and "--from convert" in r.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    from tiny_assets import run_main
+
+    r = run_main("pipeline", _demo_like(tmp_path), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "train: nexus train" in r.stdout and not (tmp_path / "work").exists()

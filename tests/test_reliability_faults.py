@@ -33,7 +33,7 @@ from nexus.stats.reservoir import RawReservoir, raw_path
 from nexus.teacher import cache as cache_mod
 from nexus.teacher.cache import MANIFEST, TeacherCache
 from tiny_assets import run_main
-from tiny_assets import nexus_cmd, subprocess_env
+from tiny_assets import nexus_cmd, slowed, subprocess_env
 from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
@@ -101,29 +101,6 @@ def test_collect_killed_at_a_random_point_resumes_to_the_same_statistics(files, 
     ra, rb = RawReservoir.load(raw_path(out)), RawReservoir.load(raw_path(ref))
     assert all(torch.equal(ra.keys[i], rb.keys[i]) and torch.equal(ra.probs[i], rb.probs[i]) for i in ra.moe_layers)
     assert leftovers(out.parent, lambda n: n in ("stats.safetensors", "stats.raw.safetensors")) == []
-
-
-# Tiny models run a stage in a blink: wrappers that sleep after each call of the named functions
-# widen the window a kill has to land in.
-SLOWED = """
-import importlib, sys, time
-module, seconds, names = importlib.import_module(sys.argv[1]), float(sys.argv[2]), sys.argv[3].split(",")
-def slowed(f):
-    def g(*a, **k):
-        out = f(*a, **k)
-        time.sleep(seconds)
-        return out
-    return g
-for name in names:
-    setattr(module, name, slowed(getattr(module, name)))
-from nexus.cli import main
-main(sys.argv[4:])
-"""
-
-
-def slowed(module: str, seconds: float, names: list[str], *args) -> list[str]:
-    """A command running `nexus ARGS` with `module.NAME` sleeping `seconds` after each call."""
-    return [sys.executable, "-c", SLOWED, module, str(seconds), ",".join(names), *map(str, args)]
 
 
 @pytest.fixture(scope="module")

@@ -272,7 +272,9 @@ CASES = {
     ("convert", "pca_stats of another model"): ({"--pca-stats": "{pca_other}"},
                                                 r"made for 4 experts per layer, the model has 8"),
     ("convert", "truncated pca_stats"): ({"--pca-stats": "{pca_trunc}"}, r"pca-trunc\.json: not valid JSON"),
-    ("convert", "statistics instead of pca_stats"): ({"--pca-stats": "{stats}"}, r"stats\.safetensors: not valid JSON"),
+    ("convert", "statistics instead of pca_stats"): (
+        {"--pca-stats": "{stats}"}, r"stats\.safetensors: a safetensors file \(router statistics from `nexus "
+                                    r"collect`\?\), not a pca_stats\.json; make one with: nexus analyze --input "),
     ("convert", "missing pca_stats"): ({"--pca-stats": "{missing}"}, r"does-not-exist: no such pca_stats\.json"),
     ("convert", "scale nan"): ({}, r"--scale must be a finite number", ["--scale", "nan"]),
     ("convert", "negative width"): ({}, r"--width-multiplier must be a positive integer", ["--width-multiplier", "-1"]),
@@ -380,7 +382,8 @@ CASES = {
     ("pipeline", "invalid YAML"): ({}, r"bad\.yaml: not valid YAML"),
     ("pipeline", "unknown stage"): ({"{yaml_bad}": "{yaml_stage}"}, r"unknown stage 'distill'"),
     ("pipeline", "invalid stage option"): ({"{yaml_bad}": "{yaml_option}"},
-                                           r"pipeline stage 'sample': invalid options .*--target-tokens"),
+                                           r"option\.yaml: stage 'sample': argument --target-tokens: invalid int "
+                                           r"value: 'lots'"),
 }
 
 

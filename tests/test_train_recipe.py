@@ -260,7 +260,8 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, capsys):
     (busy / "checkpoint-3").mkdir(parents=True)
     (busy / "checkpoint-3" / "trainer_state.json").write_text("{}")
     err = _cli_error(base + ["--output-dir", str(busy)], capsys)
-    assert "holds another run" in err and "--resume-from-checkpoint latest" in err
+    assert "holds an interrupted run (last checkpoint: checkpoint-3)" in err
+    assert f"continue it with: nexus {' '.join(base)} --output-dir {busy} --resume-from-checkpoint latest" in err
 
     err = _cli_error(["train", "--student-model", str(model_dir), "--dataset", str(data), "--output-dir",
                       str(tmp_path / "o4")], capsys)

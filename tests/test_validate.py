@@ -16,7 +16,7 @@ from nexus.data import pad_batch
 from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.validate import evaluate, kl_divergence, nll, perplexity, routing_agreement
-from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, verdict
+from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, IMPROVED, overall_verdict, render_markdown, verdict
 from tiny_assets import run_cli
 from tiny_dirs import save_adapter_dir, save_base, write_datasets
 
@@ -169,7 +169,7 @@ def test_routing_agreement_counts_overlap_not_order():
 
 
 def test_verdict_thresholds():
-    assert verdict(-3.0) == EXCELLENT and verdict(4.99) == EXCELLENT
+    assert verdict(-3.0) == IMPROVED and verdict(0.0) == EXCELLENT and verdict(4.99) == EXCELLENT
     assert verdict(5.0) == ACCEPTABLE and verdict(10.0) == ACCEPTABLE
     assert verdict(10.01) == FAIL
     assert verdict(2.0, excellent_below=1.0, fail_above=1.5) == FAIL
@@ -320,3 +320,32 @@ def test_cli_on_gpu_bf16_matches_cpu(dirs):
         figures[device] = json.loads((out / "report.json").read_text())["datasets"]["general"]
     assert figures["cuda"]["tokens"] == figures["cpu"]["tokens"]
     assert figures["cuda"]["baseline_perplexity"] == pytest.approx(figures["cpu"]["baseline_perplexity"], rel=0.02)
+
+
+def test_validate_on_the_demo_model_with_default_flags(tmp_path):
+    """The bundled model has 256 positions: the default --seq-len fits it (1024 would be refused)."""
+    from nexus.demo_data import DEMO_MODEL_DIR
+    from tiny_assets import write_jsonl
+
+    save_adapter_dir(DEMO_MODEL_DIR, tmp_path / "adapter", init="random")
+    text = "def parse(header):\n    return header.split(':')\n" * 60  # longer than 256 tokens
+    data = write_jsonl(tmp_path / "domain.jsonl", [{"text": text}] * 2)
+    r = run_cli("validate", "--model", tmp_path / "adapter", "--dataset", f"domain={data}", "--output",
+                tmp_path / "v", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    tokens = report["datasets"]["domain"]["tokens"]
+    assert tokens > 256  # the documents were cut into 256-token sequences, not refused nor truncated away
+
+
+def test_an_improvement_is_not_called_retention_or_degradation():
+    d = lambda pct: {"tokens": 10, "perplexity": 1.0, "baseline_perplexity": 1.0, "degradation_pct": pct,  # noqa: E731
+                     "kl": 0.0}
+    report = {"model": "m", "baseline": "b", "datasets": {"domain": d(-12.9), "general": d(1.8)}, "layers": {}}
+    assert overall_verdict(report) == EXCELLENT  # the worst dataset decides
+    text = render_markdown(report)
+    assert "| domain | 10 | 1.0000 | 1.0000 | -12.90 % | improved |" in text
+    assert "| general | 10 | 1.0000 | 1.0000 | +1.80 % | excellent retention |" in text
+    report["datasets"] = {"domain": d(-12.9)}
+    assert overall_verdict(report) == IMPROVED
+    assert "**improved** — every dataset's perplexity is lower" in render_markdown(report)

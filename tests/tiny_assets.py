@@ -83,3 +83,26 @@ def run_main(*args) -> subprocess.CompletedProcess:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+# Tiny models run a stage in a blink: wrappers that sleep after each call of the named functions
+# widen the window a kill has to land in.
+SLOWED = """
+import importlib, sys, time
+module, seconds, names = importlib.import_module(sys.argv[1]), float(sys.argv[2]), sys.argv[3].split(",")
+def slowed(f):
+    def g(*a, **k):
+        out = f(*a, **k)
+        time.sleep(seconds)
+        return out
+    return g
+for name in names:
+    setattr(module, name, slowed(getattr(module, name)))
+from nexus.cli import main
+main(sys.argv[4:])
+"""
+
+
+def slowed(module: str, seconds: float, names: list[str], *args) -> list[str]:
+    """A command running `nexus ARGS` with `module.NAME` sleeping `seconds` after each call."""
+    return [sys.executable, "-c", SLOWED, module, str(seconds), ",".join(names), *map(str, args)]

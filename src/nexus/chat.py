@@ -7,8 +7,11 @@
 Prompts are rendered with the tokenizer's own chat template (GPT-OSS: the harmony format) and the
 conversation history is kept between turns. Commands: /reset (forget the conversation), /system TEXT
 (set the system prompt; starts a new conversation), /help, /exit. Input is read line by line, so a
-pipe works as well as a terminal; end of input exits. A model without a chat template continues
-each input as plain text, without history.
+pipe works as well as a terminal; end of input exits. Ctrl-C during a reply stops that reply and
+the session goes on. Piped or redirected output has a blank line after each reply, so turns stay
+apart. A reply is at most --max-new-tokens (default: the model's generation_config, else 512)
+and never runs past the model's context. A model without a chat template continues each input as
+plain text, without history.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import IO, Iterator
 
 import torch
 
+from .defaults import DEFAULT_MAX_NEW_TOKENS, max_positions
 from .device import add_device_arguments, load_for_inference
 
 HELP = "commands: /reset  /system TEXT  /help  /exit"
@@ -32,7 +36,7 @@ HARMONY_STOPS = ("<|return|>", "<|end|>", "<|call|>")
 class Sampling:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: the model's generation_config, else 512; within its context
 
 
 def is_harmony(tokenizer) -> bool:
@@ -84,8 +88,13 @@ class ChatSession:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.history: list[dict] = []
+        self.stop_reply_on_interrupt = False  # a session (run_session): Ctrl-C stops the reply, not the session
         self.templated = bool(getattr(tokenizer, "chat_template", None))
-        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_positions = max_positions(model)
+        self._clip_noted = False
+        # the model's own reply length (generation_config.json), else ours
+        self.default_new = getattr(getattr(model, "generation_config", None), "max_new_tokens", None) \
+            or DEFAULT_MAX_NEW_TOKENS
 
     def messages(self, user_text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -100,29 +109,66 @@ class ChatSession:
                                                  tokenize=True, return_dict=True, return_tensors="pt")
         return enc["input_ids"]
 
+    def _reserve(self) -> int:
+        """Tokens a reply should have room for: the asked length, at most half the context by default."""
+        asked = self.sampling.max_new_tokens
+        if asked is not None:
+            return min(asked, self.max_positions - 1) if self.max_positions else asked
+        return min(self.default_new, self.max_positions // 2) if self.max_positions else self.default_new
+
     def _fit(self, user_text: str) -> torch.Tensor:
         """Prompt ids; the oldest turns are dropped while the prompt leaves no room for the reply."""
         ids = self.prompt_ids(user_text)
-        while self.max_positions and ids.shape[1] + self.sampling.max_new_tokens > self.max_positions \
+        while self.max_positions and ids.shape[1] + self._reserve() > self.max_positions \
                 and len(self.history) >= 2:
             self.history = self.history[2:]
             self.err.write("(oldest turn dropped: the conversation no longer fits the context)\n")
             ids = self.prompt_ids(user_text)
         return ids
 
+    def reply_length(self, prompt_len: int) -> int:
+        """New tokens for a reply to a prompt of `prompt_len` tokens: --max-new-tokens (default: the
+        model's generation_config, else DEFAULT_MAX_NEW_TOKENS), never past its context."""
+        asked = self.sampling.max_new_tokens
+        length = self.default_new if asked is None else asked
+        if self.max_positions:
+            room = self.max_positions - prompt_len
+            if asked is not None and asked > room and not self._clip_noted:
+                self.err.write(f"(--max-new-tokens {asked}: replies stop at the model's context of "
+                               f"{self.max_positions} tokens)\n")
+                self._clip_noted = True
+            length = min(length, room)
+        return length
+
     def reply(self, user_text: str) -> str:
         """Generate the answer to `user_text`, streaming it to `out`; the turn joins the history."""
         ids = self._fit(user_text)
+        length = self.reply_length(ids.shape[1])
+        if length < 1:
+            self.err.write(f"(not sent: the message takes {ids.shape[1]} tokens, the model's whole context of "
+                           f"{self.max_positions}; /reset or write less)\n")
+            self.err.flush()
+            return ""
         device = self.model.get_input_embeddings().weight.device
         ids = ids.to(device)  # (1, L)
         s = self.sampling
-        kwargs = dict(max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0)
+        kwargs = dict(max_new_tokens=length, do_sample=s.temperature > 0)
         if s.temperature > 0:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
-                                      streamer=_streamer(self.tokenizer, self.out), **kwargs)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
+                                          streamer=_streamer(self.tokenizer, self.out), **kwargs)
+        except KeyboardInterrupt:
+            if not self.stop_reply_on_interrupt:
+                raise
+            self.out.write("\n")
+            self.out.flush()
+            self.err.write("(reply stopped; this turn is not kept in the conversation — /exit or end of input "
+                           "ends the session)\n")
+            self.err.flush()
+            return ""
         new = out[0, ids.shape[1]:]  # (N,) generated tokens
         raw = self.tokenizer.decode(new, skip_special_tokens=False)
         text = final_answer(raw) if HARMONY_FINAL in raw else self.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -184,6 +230,8 @@ def read_lines(stream: IO[str], out: IO[str], prompt: str = "> ") -> Iterator[st
 def run_session(session: ChatSession, stream: IO[str] | None = None) -> None:
     """Chat until /exit or end of input."""
     stream = stream or sys.stdin
+    session.stop_reply_on_interrupt = True
+    separate = not session.out.isatty()  # a pipe or file: a blank line after each reply tells turns apart
     if not session.templated:
         session.err.write("note: this model's tokenizer has no chat template; each input is continued "
                           "as plain text, without conversation history\n")
@@ -192,6 +240,9 @@ def run_session(session: ChatSession, stream: IO[str] | None = None) -> None:
     for line in read_lines(stream, session.out):
         if not session.handle(line):
             break
+        if separate and line.strip() and not line.strip().startswith("/"):
+            session.out.write("\n")
+            session.out.flush()
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -200,7 +251,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sampling temperature; 0 = greedy (default {d.temperature})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p})")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"longest reply in tokens (default {d.max_new_tokens})")
+                   help=f"longest reply in tokens (default: the model's generation_config max_new_tokens, else "
+                        f"{DEFAULT_MAX_NEW_TOKENS}; a reply never runs past the model's context)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     p.add_argument("--system", default=None, help="system prompt")
 
@@ -212,7 +264,7 @@ def sampling_from_args(args) -> Sampling:
         raise NexusError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise NexusError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise NexusError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.seed is not None:
         from transformers import set_seed

@@ -4,9 +4,11 @@ Each verb lives in its own module with `add_arguments(parser)` and `run(args) ->
 docstring is the verb's `--help` description. Modules are imported when the parser is built, so a
 verb is listed only if it exists.
 
-User errors (`NexusError`, a full disk) print `error: ...` and exit 2, without a traceback unless `--debug`;
-a process of a torchrun job that lost the others says so and exits 1. Anything else is a bug and keeps
-its traceback.
+Ctrl-C prints `interrupted; ...` with what the verb keeps and the exact command that continues it
+(a module's `interrupted(args)`), and exits 130. User errors (`NexusError`, a full disk) print
+`error: ...` and exit 2, without a traceback unless `--debug`; a process of a torchrun job that lost
+the others says so and exits 1. Anything else is a bug and keeps its traceback. No parser accepts an
+abbreviated flag (`allow_abbrev=False`): a misspelling is an error, never another flag.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="nexus",
+        prog="nexus", allow_abbrev=False,
         description="NEXUS: add trainable shared experts to a Mixture-of-Experts model and specialize it "
                     "by distillation. Pipeline: sample -> collect -> analyze -> convert -> "
                     "(precompute-teacher) -> train -> validate / chat.",
@@ -54,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, modname in VERBS.items():
         mod = importlib.import_module(modname, __package__)
         doc = (mod.__doc__ or "").strip()
-        p = sub.add_parser(verb, help=doc.splitlines()[0] if doc else None, description=doc,
+        p = sub.add_parser(verb, help=doc.splitlines()[0] if doc else None, description=doc, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show full tracebacks for errors")
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _module=mod, _verb=verb)
     return parser
 
 
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args._run(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = interrupted_hint(args)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one message for the job
+            print("interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         _exit(130)
     except Exception as e:
         described = describe_error(e)
@@ -82,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {message}", file=sys.stderr)
         _exit(exit_code)
     _exit(code or 0)
+
+
+def interrupted_hint(args) -> str | None:
+    """What the verb left behind after Ctrl-C and the command that continues it (`interrupted(args)` of its module)."""
+    hint = getattr(getattr(args, "_module", None), "interrupted", None)
+    if hint is None:
+        return None
+    try:
+        return hint(args)
+    except Exception:  # a hint must never hide the interruption itself
+        return None
 
 
 def _exit(code: int) -> None:

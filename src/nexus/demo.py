@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
 import yaml
 
+from . import demo_data
 from .errors import NexusError
 from .fsutil import atomic_path, read_json
 from .pipeline import Context, run_pipeline
+from .validate.report import verdict
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -54,6 +57,19 @@ def _fmt(x, digits=2):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def corpus_line(data_dir: Path) -> str:
+    """What the demo measured on: this interpreter's version and the files / bytes of each split used."""
+    parts = []
+    for split in demo_data.SPLITS:
+        path = data_dir / f"{split}.jsonl"
+        if path.is_file():
+            texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+            parts.append(f"{split} {len(texts)} files / {sum(len(t.encode()) for t in texts) / 1000:,.1f} kB")
+    return (f"Corpus: the standard library of CPython {platform.python_version()}, the interpreter that ran the "
+            f"demo (another version reads other files; docs/pipeline.md lists the splits per version): "
+            + ", ".join(parts) + ".")
+
+
 def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     """Compose REPORT.md from the stages' own outputs; returns its path and a two-line summary."""
     work = Path(ctx.work_dir)
@@ -67,7 +83,8 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     lines = ["# NEXUS demo report", "",
              f"Model: bundled demo MoE (`{ctx.model}`), {pca['num_experts']} experts per layer, "
              f"routed top-{pca.get('routing_top_k', '?')}. Config: `{CONFIG.name}`. "
-             f"Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".", ""]
+             f"Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".", "",
+             corpus_line(work / "data"), ""]
 
     summary = pca.get("summary", {})
     lines += ["## Router analysis", "",
@@ -122,7 +139,7 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
             f"domain perplexity {dom['baseline_perplexity']:.2f} -> {dom['perplexity']:.2f} "
             f"({dom['degradation_pct']:+.1f} %)",
             f"general perplexity {gen['baseline_perplexity']:.2f} -> {gen['perplexity']:.2f} "
-            f"({gen['degradation_pct']:+.1f} %, retention {'excellent' if gen['degradation_pct'] < 5 else 'weak'})",
+            f"({gen['degradation_pct']:+.1f} %, {verdict(gen['degradation_pct'])})",
         ]
         lines += ["", "## Summary", ""] + [f"- {s}" for s in summary_lines]
     path = work / "REPORT.md"
@@ -141,8 +158,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rerun this stage and every later one (sample, collect, analyze, convert, train, validate)")
 
 
+def interrupted(args) -> str:
+    """The Ctrl-C message: rerunning the same command skips finished stages and resumes the others."""
+    from .rerun import command
+
+    return f"finished stages are kept; continue with: {command(args, drop={'--from': 1})}"
+
+
 def run(args) -> int:
-    from .train.plots import plot_metrics, read_metrics
+    from .train.plots import plot_run
 
     cfg = demo_config(args.max_steps, args.quick)
     cfg["work_dir"] = str(Path(args.output).resolve())
@@ -151,8 +175,7 @@ def run(args) -> int:
     t0 = time.time()
     run_pipeline(cfg, Path.cwd(), start=args.start, timings=seconds)
     train_dir = Path(ctx.out("train"))
-    plot_metrics(read_metrics(train_dir / "metrics.jsonl"), train_dir / "plots" / "metrics.png", None,
-                 title="demo training")
+    plot_run(train_dir, title="demo training")  # as `nexus plot-metrics`: with the planned lr / temperature
     path, summary = write_report(ctx, seconds)
     print(f"\nNEXUS demo finished in {time.time() - t0:.0f}s. Report: {path}")
     print(summary)

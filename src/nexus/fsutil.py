@@ -4,6 +4,9 @@ Outputs appear under their final name only once complete: everything is written 
 sibling first, then renamed (a rename within one filesystem is atomic on POSIX). A write that fails
 for want of room (full disk, quota, file size limit, read-only filesystem) becomes a `NexusError`
 naming the file; the temporary is removed and whatever had the final name before is untouched.
+Temporaries are private while written (mkstemp/mkdtemp make them 0600/0700) and get the modes a
+plain `open`/`mkdir` would have given (0666/0777 less the umask) just before the rename, so a group
+on a shared machine can read the outputs when the user's umask lets it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> NexusError | Non
         free = ""
     return NexusError(f"{path}: cannot write ({os.strerror(code)}{free}); nothing was written under this name "
                       f"and what it held before is unchanged")
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window other threads could see)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path, directory: bool = False) -> None:
+    """Give a temporary the mode `open`/`mkdir` would have: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def _temp_prefix(path: Path) -> str:
@@ -88,6 +110,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        publish_mode(tmp)
         os.replace(tmp, path)
     except Exception as e:
         err = write_error(path, e)
@@ -124,11 +147,26 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise NexusError(f"{path}: no such {what}")
+    if is_safetensors(path):
+        raise NexusError(f"{path}: a safetensors file, not JSON; expected a {what}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise NexusError(f"{path}: binary data (byte {e.start} is not UTF-8), not JSON; expected a {what}") from None
+    except json.JSONDecodeError as e:
         raise NexusError(f"{path}: not valid JSON ({e}); expected a {what}") from None
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether `path` starts like a safetensors file: an 8-byte little-endian header size, then '{'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
 @contextlib.contextmanager
@@ -146,6 +184,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        publish_mode(tmp, directory=True)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")

@@ -42,6 +42,7 @@ class Stage:
     done: str = ""  # path relative to the output that marks completion ("" = the output itself)
     resume: tuple = ()  # extra args that continue an unfinished run
     resume_if_exists: bool = True  # pass `resume` only when the output already exists (partial)
+    needs: dict = field(default_factory=dict)  # flag -> the stage whose output it is wired to
 
 
 def _stage_table():
@@ -52,11 +53,13 @@ def _stage_table():
                         {"--dataset": lambda c: c.dataset, "--tokenizer": lambda c: c.model}),
         "collect": Stage("collect", VERBS["collect"], "--output", "router_stats.safetensors",
                          {"--model": lambda c: c.model, "--dataset": lambda c: c.out("sample")},
-                         resume=("--resume",), resume_if_exists=False),  # its partial state sits beside the output
+                         resume=("--resume",), resume_if_exists=False,  # its partial state sits beside the output
+                         needs={"--dataset": "sample"}),
         "analyze": Stage("analyze", VERBS["analyze"], "--output", "pca_stats.json",
-                         {"--input": lambda c: c.out("collect")}),
+                         {"--input": lambda c: c.out("collect")}, needs={"--input": "collect"}),
         "convert": Stage("convert", VERBS["convert"], "--output", "adapter",
-                         {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")}),
+                         {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")},
+                         needs={"--pca-stats": "analyze"}),
         "precompute-teacher": Stage("precompute-teacher", VERBS["precompute-teacher"], "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
                                      "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},
@@ -65,16 +68,22 @@ def _stage_table():
                        {"--student-model": lambda c: c.out("convert"), "--dataset": lambda c: c.dataset,
                         "--precomputed-teacher": lambda c: c.out("precompute-teacher") if c.enabled(
                             "precompute-teacher") else None},
-                       done="final", resume=("--resume-from-checkpoint", "latest")),
+                       done="final", resume=("--resume-from-checkpoint", "latest"),
+                       needs={"--student-model": "convert"}),
         "validate": Stage("validate", VERBS["validate"], "--output", "validation",
-                          {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json"),
+                          {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json",
+                          needs={"--model": "train"}),
     }
 
 
 class Context:
-    def __init__(self, cfg: dict, base_dir: Path):
+    """Paths of one config. With `write_data=False`, `nexus-demo:data/SPLIT` names its file without
+    writing it (for the checks made before anything is written)."""
+
+    def __init__(self, cfg: dict, base_dir: Path, write_data: bool = True):
         self.cfg = cfg
         self.base_dir = base_dir
+        self.write_data = write_data
         self.work_dir = self._abs(cfg.get("work_dir", "nexus_out"))
         self.model = self.path(cfg["model"])
         self.dataset = self.path(cfg["dataset"]) if cfg.get("dataset") else None
@@ -85,7 +94,7 @@ class Context:
         return str(p if p.is_absolute() else (self.base_dir / p))
 
     def path(self, value) -> str:
-        return self._abs(resolve_builtin(str(value), self.work_dir))
+        return self._abs(resolve_builtin(str(value), self.work_dir, self.write_data))
 
     def stage_opt(self, stage: str, key: str, default=None):
         return (self.cfg["stages"].get(stage) or {}).get(key, default)
@@ -101,9 +110,10 @@ class Context:
 _BUILTIN = re.compile(r"nexus-demo:(model|data/(\w+))")
 
 
-def resolve_builtin(value: str, work_dir: str | None) -> str:
+def resolve_builtin(value: str, work_dir: str | None, write: bool = True) -> str:
     """Replace `nexus-demo:model` by the bundled demo model's directory and `nexus-demo:data/SPLIT`
-    by a JSONL file of that split of the demo corpus (written once under `work_dir/data/`)."""
+    by a JSONL file of that split of the demo corpus (written once under `work_dir/data/`, unless
+    not `write`)."""
     def sub(m: re.Match) -> str:
         from . import demo_data
 
@@ -115,7 +125,7 @@ def resolve_builtin(value: str, work_dir: str | None) -> str:
         if work_dir is None:
             raise NexusError(f"{m.group(0)}: demo data needs a work_dir")
         path = Path(work_dir) / "data" / f"{split}.jsonl"
-        if not path.is_file():
+        if write and not path.is_file():
             demo_data.write_split(split, path)
         return str(path)
 
@@ -153,7 +163,7 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def _argv(options: dict, work_dir: str) -> list[str]:
+def _argv(options: dict, work_dir: str, write: bool = True) -> list[str]:
     """`{"target_tokens": 10, "pack": True}` -> `["--target-tokens", "10", "--pack"]`."""
     argv = []
     for key, value in options.items():
@@ -163,9 +173,9 @@ def _argv(options: dict, work_dir: str) -> list[str]:
                 argv.append(flag)
         elif isinstance(value, list):
             for v in value:
-                argv += [flag, resolve_builtin(str(v), work_dir)]
+                argv += [flag, resolve_builtin(str(v), work_dir, write)]
         elif value is not None:
-            argv += [flag, resolve_builtin(str(value), work_dir)]
+            argv += [flag, resolve_builtin(str(value), work_dir, write)]
     return argv
 
 
@@ -184,24 +194,81 @@ def stage_argv(ctx: Context, name: str) -> list[str]:
     out_key = stage.output_flag.lstrip("-").replace("-", "_")
     opts.pop(out_key, None)
     argv += [stage.output_flag, ctx.out(name)]
-    return argv + _argv(opts, ctx.work_dir)
+    return argv + _argv(opts, ctx.work_dir, ctx.write_data)
 
 
-def build_stage_args(name: str, argv: list[str]) -> argparse.Namespace:
-    """Parse a stage's argv with that verb's own parser (so the same flags and checks apply)."""
+class _StageParser(argparse.ArgumentParser):
+    """A verb's parser whose errors are one-line `NexusError`s (no usage dump, no exit)."""
+
+    def error(self, message):
+        raise NexusError(message)
+
+
+def _stage_parser(name: str) -> argparse.ArgumentParser:
     from .cli import VERBS
 
     mod = importlib.import_module(VERBS[name], __package__)
-    parser = argparse.ArgumentParser(prog=f"nexus {name}", exit_on_error=False)
+    parser = _StageParser(prog=f"nexus {name}", exit_on_error=False, allow_abbrev=False, add_help=False)
     parser.add_argument("--debug", action="store_true")
     mod.add_arguments(parser)
+    return parser
+
+
+def build_stage_args(name: str, argv: list[str], source: str = "pipeline config") -> argparse.Namespace:
+    """Parse a stage's argv with that verb's own parser (so the same flags and checks apply)."""
     try:
-        args = parser.parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise NexusError(f"pipeline stage '{name}': invalid options ({e}); command was: "
-                         f"nexus {name} {shlex.join(argv)}") from None
-    args._argv = [name, *argv]  # this stage alone, for a verb that relaunches itself (train --use-ddp)
+        args = _stage_parser(name).parse_args(argv)
+    except (argparse.ArgumentError, NexusError) as e:
+        raise NexusError(f"{source}: stage '{name}': {e}") from None
+    args._argv, args._verb = [name, *argv], name  # for the commands printed by refusals and Ctrl-C
     return args
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}  # argparse has no public list
+
+
+def check_config(ctx: Context, names: list[str], source: str = "pipeline config", check_paths: bool = True) -> None:
+    """Everything that can be checked before a stage runs: option names, their values (each verb's own
+    parser and flag checks), that every stage's wired inputs will exist, and (`check_paths`) that the
+    model and dataset do. Writes nothing."""
+    import difflib
+
+    from .cli import VERBS
+
+    for key in ("model", "dataset"):  # a local path (nexus reads no network), or the bundled demo's
+        value = ctx.cfg.get(key)
+        if check_paths and value and not _BUILTIN.search(str(value)) and not Path(getattr(ctx, key)).exists():
+            raise NexusError(f"{source}: {key} {getattr(ctx, key)}: no such file or directory")
+    for name in names:
+        stage = ctx.table[name]
+        known = _known_flags(_stage_parser(name))
+        for key in ctx.cfg["stages"].get(name) or {}:
+            flag = "--" + str(key).replace("_", "-")
+            if flag not in known:
+                close = difflib.get_close_matches(flag, sorted(known), n=1)
+                hint = f" (did you mean {close[0].lstrip('-').replace('-', '_')}?)" if close else ""
+                raise NexusError(f"{source}: stages.{name}.{key}: `nexus {name}` has no option {flag}{hint}")
+        args = build_stage_args(name, stage_argv(ctx, name), source)
+        check = getattr(importlib.import_module(VERBS[name], __package__), "check_options", None)
+        if check is not None:
+            try:
+                check(args)
+            except NexusError as e:
+                raise NexusError(f"{source}: stage '{name}': {e}") from None
+        given = {"--" + str(k).replace("_", "-") for k in ctx.cfg["stages"].get(name) or {}}
+        for flag, producer in stage.needs.items():
+            if flag in given or is_complete(ctx, producer):
+                continue
+            if producer in names and names.index(producer) < names.index(name):
+                continue
+            key = flag.lstrip("-").replace("-", "_")
+            if ctx.enabled(producer):
+                raise NexusError(f"{source}: stage '{name}' needs {flag} {ctx.out(producer)}, the output of stage "
+                                 f"'{producer}', which does not exist and is not run here (run without "
+                                 f"--from/--only, or --from {producer})")
+            raise NexusError(f"{source}: stage '{name}' needs {flag}: add a '{producer}' stage, or set "
+                             f"stages.{name}.{key} to an existing {producer} output")
 
 
 def is_complete(ctx: Context, name: str) -> bool:
@@ -224,13 +291,16 @@ def plan_stages(cfg: dict, start: str | None = None, only: str | None = None) ->
 
 
 def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only: str | None = None,
-                 dry_run: bool = False, timings: dict | None = None) -> list[str]:
-    """Run the stages of a loaded config (paths relative to `base_dir`); returns the stages that ran."""
-    ctx = Context(cfg, Path(base_dir))
+                 dry_run: bool = False, timings: dict | None = None, source: str = "pipeline config") -> list[str]:
+    """Run the stages of a loaded config (paths relative to `base_dir`); returns the stages that ran.
+
+    Every stage is checked (`check_config`) before anything runs or is written; `source` names the
+    config in errors."""
     names = plan_stages(cfg, start, only)
-    for name in names:  # every stage's options are checked before anything runs or is written
-        build_stage_args(name, stage_argv(ctx, name))
-    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    check_config(Context(cfg, Path(base_dir), write_data=False), names, source, check_paths=not dry_run)
+    ctx = Context(cfg, Path(base_dir), write_data=not dry_run)
+    if not dry_run:
+        Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
     forced = set(names) if (start or only) else set()
     ran = []
     for name in names:
@@ -252,7 +322,7 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
         print(f"[pipeline] {name}: nexus {name} {shlex.join(argv)}")
         if dry_run:
             continue
-        args = build_stage_args(name, argv)
+        args = build_stage_args(name, argv, source)
         mod = importlib.import_module(ctx.table[name].module, __package__)
         t0 = time.time()
         code = mod.run(args)
@@ -273,9 +343,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print each stage's command without running it")
 
 
+def interrupted(args) -> str:
+    """The Ctrl-C message: the command that skips the finished stages and resumes the interrupted one."""
+    from .rerun import command
+
+    again = command(args, drop={"--from": 1, "--only": 1, "--dry-run": 0})
+    return f"finished stages are kept; continue with: {again} (it skips them; an interrupted collect or train resumes)"
+
+
 def run(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run every stage
         raise NexusError("nexus pipeline runs each stage once: start it without torchrun, and give the train "
                          "stage `use_ddp: true` (and `nproc: N`) to train on N processes")
-    run_pipeline(load_config(args.config), Path.cwd(), args.start, args.only, args.dry_run)
+    run_pipeline(load_config(args.config), Path.cwd(), args.start, args.only, args.dry_run, source=args.config)
     return 0

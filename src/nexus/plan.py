@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .base.sources import quant_method, quantization_config
 from .moe import check_width, find_moe_blocks, shared_intermediate_size
 from .routing import routed_top_k
 
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
@@ -52,12 +54,16 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     """A transformers config from a model directory or a bare config.json."""
     from transformers import AutoConfig
 
-    path = Path(path)
+    given, path = str(path), Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise NexusError(f"--model {path}: directory holds no config.json")
         path = path / "config.json"
     if not path.is_file():
+        if HUB_NAME.match(given):
+            raise NexusError(f"--model {path}: no such local directory; a hub name is not fetched (nexus reads no "
+                             f"network): download its config first, e.g. `hf download {path} config.json "
+                             f"--local-dir {path.name}`, then `nexus plan --model {path.name}`")
         raise NexusError(f"--model {path}: no such model directory or config.json")
     try:
         data = json.loads(path.read_text())

@@ -15,6 +15,6 @@ converted model on a few tokens runs before the output directory appears (--skip
 base does not fit in memory; every shared expert is still probed on random inputs).
 """
 
-from .cli import add_arguments, run
+from .cli import add_arguments, interrupted, run
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "interrupted", "run"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..rerun import nothing_written
 from .core import convert
 
 
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(for bases that do not fit in memory)")
     p.add_argument("--dequantize", action="store_true", help="sanity check: " + DEQUANTIZE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+interrupted = nothing_written  # the Ctrl-C message: the adapter directory is written atomically
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NexusError
-from ..fsutil import read_json
+from ..fsutil import is_safetensors, read_json
 
 PCA_FORMAT = "nexus-pca-stats"
 PCA_VERSION = 1
@@ -67,6 +67,9 @@ def load_selection(path: str | Path, strategy: Strategy, moe_layers: list[int],
     """
     path = Path(path)
     flag = "--pca-stats"
+    if is_safetensors(path):
+        raise NexusError(f"{flag} {path}: a safetensors file (router statistics from `nexus collect`?), not a "
+                         f"pca_stats.json; make one with: nexus analyze --input {path} --output pca_stats.json")
     stats = read_json(path, "pca_stats.json (router statistics from `nexus analyze`)")
     if not isinstance(stats, dict) or stats.get("format") != PCA_FORMAT:
         raise NexusError(f"{flag} {path}: not a pca_stats.json (format != '{PCA_FORMAT}')")

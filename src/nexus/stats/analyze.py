@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import NexusError
 from ..fsutil import atomic_dir, write_json
+from ..rerun import nothing_written
 from .accumulate import FIELDS, RouterStats
 from .pca import HEADLINE_K, IMPORTANCE, MERGE_WEIGHTS, analyze_layer, summarize
 
@@ -111,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for plots and summary.md (default: plots/ beside --output)")
     p.add_argument("--no-plots", action="store_true", help="write only the JSON")
     p.add_argument("--model", default=None, help="check the statistics against this model's config (optional)")
+
+
+interrupted = nothing_written  # the Ctrl-C message: the output is written atomically
 
 
 def run(args) -> int:

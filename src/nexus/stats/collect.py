@@ -13,7 +13,9 @@ prob_outer, topk_count, gate_sum, entropy_sum; see DESIGN.md), so memory does no
 
 Every --flush-every batches the running sums are written atomically to `<stem>.partial.safetensors`
 with the data position; `--resume` continues from there and ends with the same statistics as an
-uninterrupted run. Under torchrun, global batch b goes to rank b mod world size and the sums are
+uninterrupted run; without `--resume` a partial file is refused (the message gives the command that
+resumes and the one that starts over, `--overwrite`), and Ctrl-C prints the command that resumes.
+Under torchrun, global batch b goes to rank b mod world size and the sums are
 all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
 `<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +35,11 @@ import torch
 from .. import dist
 from ..base.loader import DEQUANTIZE_HELP
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch
+from ..defaults import SEQ_LEN_HELP, seq_len_for
 from ..device import resolve_device
 from ..errors import NexusError
 from ..packing import iter_pieces
+from ..rerun import command
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
@@ -85,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-tokens", type=int, default=1_000_000,
                    help="real (non-padding) tokens to collect; 0 = the whole dataset (default 1000000)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--seq-len", type=int, default=1024,
-                   help="longest sequence; longer documents are split (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"longest sequence; longer documents are split {SEQ_LEN_HELP}")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="dtype of the model's weights; auto = as stored in the checkpoint (default auto)")
     p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
@@ -94,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-every", type=int, default=50,
                    help="write the partial statistics every N batches, for --resume (default 50)")
     p.add_argument("--resume", action="store_true", help="continue from <output stem>.partial.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output and discard a partial run's statistics")
     p.add_argument("--keep-raw", type=int, default=0, metavar="N",
                    help="also keep a uniform sample of N raw probability vectors per layer (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --keep-raw sample (default 0)")
@@ -104,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code (off by default)")
 
 
-def _check_args(args) -> None:
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
     if args.merge:
         return
     if not args.model or not args.dataset:
@@ -112,10 +119,46 @@ def _check_args(args) -> None:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
                              ("--flush-every", args.flush_every, 1), ("--target-tokens", args.target_tokens, 0),
                              ("--keep-raw", args.keep_raw, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+
+
+def _check_args(args) -> None:
+    check_options(args)
+    if args.merge:
+        return
     if Path(args.output).exists() and not (args.overwrite or args.resume):
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
+    partial = partial_path(args.output)
+    if partial.is_file() and not (args.overwrite or args.resume):
+        raise NexusError(f"{partial}: holds {_what_partial_holds(partial)} of an interrupted run; continue it with: "
+                         f"{resume_command(args)} ; or start over with: "
+                         f"{command(args, add=('--overwrite',), drop={'--resume': 0})}")
+
+
+def resume_command(args) -> str:
+    return command(args, add=("--resume",), drop={"--overwrite": 0})
+
+
+def _what_partial_holds(partial: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(partial), "pt") as f:
+            return f"the statistics of the first {int((f.metadata() or {})['batches_done'])} batches"
+    except Exception:  # unreadable: --resume names the problem
+        return "the partial statistics"
+
+
+def interrupted(args) -> str:
+    """The Ctrl-C message: what the partial statistics hold and the command that continues them."""
+    if args.merge:
+        return f"nothing was written to {args.output}"
+    partial = partial_path(args.output)
+    if partial.is_file():
+        return f"{partial} holds {_what_partial_holds(partial)}; continue with: {resume_command(args)}"
+    return (f"nothing was saved yet (the first flush comes after --flush-every {args.flush_every} batches); "
+            f"start again with: {command(args, drop={'--resume': 0})}")
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
@@ -213,6 +256,10 @@ def run(args) -> int:
     if args.resume and Path(args.output).is_file() and not partial_path(args.output).is_file():
         print(f"--resume: {args.output} is complete (no {partial_path(args.output)}); nothing to do")
         return 0
+    if args.overwrite and not args.resume and int(os.environ.get("RANK", "0")) == 0:  # start over: drop a partial run
+        partial = partial_path(args.output)
+        for stale in (partial, *_partial_raws(partial)):
+            stale.unlink(missing_ok=True)
     device, dtype = _device_and_dtype(args)
     distributed = dist.init(device)
     device = dist.local_device(str(device))
@@ -230,6 +277,7 @@ def run(args) -> int:
     device_map = {"": str(device)} if device.type == "cuda" else None
     model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code,
                        dequantize=args.dequantize).eval()
+    args.seq_len = seq_len_for(model, args.seq_len)
     check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)

@@ -2,6 +2,7 @@
 
 Input is the pca_stats.json dictionary. Files written into a directory:
 explained_variance.png, importance_heatmap.png, importance_rank.png, selected_experts.png, summary.md.
+Each `plot_*` function returns its open figure when given no path.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from .pca import HEADLINE_K
 
 DPI = 120
+LEGEND_MAX_LAYERS = 12  # up to this many layers get a legend; more get a discrete colour bar
 
 
 def _plt():
@@ -35,12 +37,41 @@ def _grid_size(num_layers: int, num_experts: int) -> tuple[float, float]:
     return width, height
 
 
+NICE_STEPS = (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 200, 256, 500, 1000)
+TICK_FONT = 8  # points
+LABEL_GAP_IN = 0.12  # blank space between two tick labels, inches
+
+
 def _ticks(n: int, most: int = 32) -> np.ndarray:
-    step = max(1, int(np.ceil(n / most)))
+    """At most `most` tick positions over 0..n-1, at a round step."""
+    step = next((s for s in NICE_STEPS if np.ceil(n / s) <= most), int(np.ceil(n / most)))
     return np.arange(0, n, step)
 
 
-def plot_explained_variance(result: dict, path: Path) -> None:
+def _labels_fitting(n: int, axis_inches: float) -> int:
+    """How many tick labels of up to len(str(n - 1)) digits fit side by side along `axis_inches`."""
+    digit_in = 0.6 * TICK_FONT / 72  # a digit is about 0.6 em wide
+    return max(2, int(axis_inches / (len(str(max(n - 1, 0))) * digit_in + LABEL_GAP_IN)))
+
+
+def _expert_ticks(ax, fig, n: int) -> None:
+    """Expert-index ticks on the x axis, as many as fit without overlapping."""
+    fig.canvas.draw()  # layout done: the axes' real width is known
+    width = ax.get_window_extent().width / fig.dpi
+    ticks = _ticks(n, _labels_fitting(n, width))
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=TICK_FONT)
+
+
+def _finish(plt, fig, path: Path | None):
+    """Save to `path` and close; with no path, return the open figure (for tests and notebooks)."""
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return None
+
+
+def plot_explained_variance(result: dict, path: Path | None = None):
     plt = _plt()
     layers = _layers(result)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -48,21 +79,29 @@ def plot_explained_variance(result: dict, path: Path) -> None:
     for j, layer in enumerate(layers):
         ratios = np.asarray(result["layers"][layer]["explained_variance_ratio"])
         x = np.arange(1, len(ratios) + 1)
-        ax.plot(x, np.cumsum(ratios), color=cmap(j / max(1, len(layers) - 1)), lw=1.2, alpha=0.85)
+        ax.plot(x, np.cumsum(ratios), color=cmap(j / max(1, len(layers) - 1)), lw=1.2, alpha=0.85,
+                label=f"layer {layer}")
     ax.axhline(0.9, color="gray", ls=":", lw=1)
     ax.text(1, 0.905, "90 %", color="gray", fontsize=8, va="bottom")
     ax.set(xlabel="principal components", ylabel="cumulative explained variance",
            title="Router probabilities: cumulative explained variance per MoE layer", ylim=(0, 1.02))
     ax.set_xlim(1, result["num_experts"])
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(int(layers[0]), int(layers[-1])))
-    fig.colorbar(sm, ax=ax, label="layer")
+    if len(layers) <= LEGEND_MAX_LAYERS:  # a few discrete layers: one legend entry each
+        ax.legend(fontsize=8, loc="lower right", ncols=2 if len(layers) > 6 else 1)
+    else:  # many: a colour bar with one band per layer position
+        from matplotlib.colors import BoundaryNorm
+
+        norm = BoundaryNorm(np.arange(len(layers) + 1) - 0.5, cmap.N)
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+        bar = fig.colorbar(sm, ax=ax, label="MoE layer")
+        shown = _ticks(len(layers), 16)
+        bar.set_ticks(shown, labels=[layers[i] for i in shown])
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return _finish(plt, fig, path)
 
 
-def plot_importance_heatmap(result: dict, path: Path) -> None:
+def plot_importance_heatmap(result: dict, path: Path | None = None):
     plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
@@ -72,18 +111,17 @@ def plot_importance_heatmap(result: dict, path: Path) -> None:
     rows, cols = zip(*[(j, e) for j, layer in enumerate(layers) for e in result["layers"][layer]["selected_experts"]])
     marker = max(4.0, min(40.0, 3000.0 / (num * max(len(layers), 1)) ** 0.9))
     ax.scatter(cols, rows, s=marker, facecolors="none", edgecolors="cyan", linewidths=0.9, label="selected")
-    ax.set_xticks(_ticks(num))
     ax.set_yticks(_ticks(len(layers)), [layers[i] for i in _ticks(len(layers))])
     ax.set(xlabel="expert", ylabel="layer",
            title=f"Expert importance ({result['selection']['importance']}; share of each layer), selected circled")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
     fig.colorbar(im, ax=ax, label="share of layer importance")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _expert_ticks(ax, fig, num)
+    return _finish(plt, fig, path)
 
 
-def plot_importance_rank(result: dict, path: Path) -> None:
+def plot_importance_rank(result: dict, path: Path | None = None):
     plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
@@ -110,11 +148,10 @@ def plot_importance_rank(result: dict, path: Path) -> None:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return _finish(plt, fig, path)
 
 
-def plot_selected(result: dict, path: Path) -> None:
+def plot_selected(result: dict, path: Path | None = None):
     plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
@@ -128,7 +165,6 @@ def plot_selected(result: dict, path: Path) -> None:
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest",
                    vmin=0.0, vmax=float(np.nanmax(grid)))
     ax.set_facecolor("#f2f2f2")
-    ax.set_xticks(_ticks(num))
     ax.set_yticks(_ticks(len(layers)), [layers[i] for i in _ticks(len(layers))])
     ax.set(xlabel="expert", ylabel="layer", title="Selected experts per layer (colour = merge weight)")
     fig.colorbar(im, ax=ax, label="merge weight")
@@ -137,8 +173,8 @@ def plot_selected(result: dict, path: Path) -> None:
     axk.set(xlabel="k selected", title="k")
     axk.set_xlim(0, max(ks) * 1.25)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _expert_ticks(ax, fig, num)
+    return _finish(plt, fig, path)
 
 
 def summary_markdown(result: dict) -> str:

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Document, iter_documents, load_tokenizer
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import atomic_path
+from ..rerun import nothing_written
 from .sampling import OBJECTIVES, build_pool, select
 
 _ENCODE_CHUNK = 256  # documents per tokenizer call
@@ -97,8 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop once the selection holds this many tokens (default 1000000)")
     p.add_argument("--max-candidates", type=int, default=10_000,
                    help="documents drawn from the dataset as the candidate pool (default 10000)")
-    p.add_argument("--seq-len", type=int, default=1024,
-                   help="truncate each document to this many tokens (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="truncate each document to this many tokens (default 1024, or the model's "
+                        "max_position_embeddings when the --tokenizer directory holds a smaller one)")
     p.add_argument("--objective", choices=OBJECTIVES, default="distribution",
                    help="distribution: min KL(selected || pool) unigram (default); coverage: max distinct tokens")
     p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
@@ -108,13 +111,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict (default train)")
 
 
-def _check_args(args) -> None:
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
     for flag, value, low in (("--target-tokens", args.target_tokens, 1), ("--max-candidates", args.max_candidates, 1),
                              ("--seq-len", args.seq_len, 1), ("--workers", args.workers, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+
+
+def _check_args(args) -> None:
+    check_options(args)
+    args.seq_len = seq_len_for(args.tokenizer, args.seq_len)
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
+
+
+interrupted = nothing_written  # the Ctrl-C message: the output is written atomically
 
 
 def run(args) -> int:

@@ -19,6 +19,7 @@ import argparse
 from dataclasses import fields
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..defaults import SEQ_LEN_HELP
 from .precompute import PrecomputeConfig, precompute
 
 _D = {f.name: f.default for f in fields(PrecomputeConfig)}
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=_D["batch_size"],
                    help="sequences per forward, and per step for --num-steps")
     p.add_argument("--seq-len", type=int, default=_D["seq_len"],
-                   help="tokens per sequence; must equal train's --seq-len")
+                   help=f"tokens per sequence; must equal train's --seq-len {SEQ_LEN_HELP}")
     p.add_argument("--top-k", type=int, default=_D["top_k"], help="log-probabilities stored per position")
     p.add_argument("--router-topk", type=int, help="also store the top-R router log-probs of every MoE layer "
                                                    "(for --router-kl-weight and router metrics offline)")
@@ -50,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help='dtype of the teacher weights (default: as stored)')
     p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+
+
+def interrupted(args) -> str:
+    """The Ctrl-C message: complete shards are kept and the same command continues from them."""
+    from ..rerun import command
+
+    return f"the complete shards in {args.output} are kept; continue with the same command: {command(args)}"
 
 
 def run(args) -> int:

@@ -20,6 +20,7 @@ import torch
 from .. import __version__, dist
 from ..adapter import load_model
 from ..data import load_tokenizer, tokenizer_fingerprint
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import read_json
 from ..moe import find_moe_blocks
@@ -42,7 +43,7 @@ class PrecomputeConfig:
     num_sequences: int | None = None
     num_steps: int | None = None
     batch_size: int = 1
-    seq_len: int = 1024
+    seq_len: int | None = None  # None: from the model (nexus.defaults.seq_len_for)
     top_k: int = 64
     router_topk: int | None = None
     seed: int = 0
@@ -113,6 +114,7 @@ def precompute(cfg: PrecomputeConfig) -> Path:
     device = resolve_device(cfg.device)  # under torchrun: this rank's GPU
     rank, world = dist.rank(), dist.world_size()
     tokenizer = load_tokenizer(cfg.model, what="--model")
+    cfg.seq_len = seq_len_for(cfg.model, cfg.seq_len)
     spec = DataSpec(dataset=str(Path(cfg.dataset).resolve()), seq_len=cfg.seq_len, pack=cfg.pack, seed=cfg.seed,
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)

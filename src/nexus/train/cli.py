@@ -20,9 +20,12 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..defaults import SEQ_LEN_HELP
 from ..errors import NexusError
+from ..rerun import command
 from .config import TrainConfig
 
 _D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
@@ -43,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", help="split of a saved HF DatasetDict")
     g.add_argument("--eval-dataset", help="held-out data for eval_loss")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
-    g.add_argument("--seq-len", type=int, default=_D["seq_len"], help="tokens per sequence")
+    g.add_argument("--seq-len", type=int, default=_D["seq_len"],
+                   help=f"tokens per sequence (with --precomputed-teacher: the cache's) {SEQ_LEN_HELP}")
     g.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one document per sequence, right-padded (padding is masked out), instead of packing")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -144,7 +148,45 @@ def _launch_ddp(args) -> int:
     return subprocess.call(cmd, env=dict(os.environ))
 
 
+RESUME = ("--resume-from-checkpoint", "latest")
+
+
+def _resume_command(args) -> str:
+    return command(args, add=RESUME, drop={"--resume-from-checkpoint": 1})
+
+
+def _check_output_dir(args) -> None:
+    """A run already in --output-dir is continued only when asked; the refusal gives the commands."""
+    from . import checkpoint as ckpt
+    from .recipe import holds_run
+
+    if args.resume_from_checkpoint or int(os.environ.get("RANK", "0")) != 0 or not holds_run(args.output_dir):
+        return  # (under torchrun rank 0 checks, before any rank writes)
+    found = ckpt.checkpoints(args.output_dir)
+    what = "a finished run" if (Path(args.output_dir) / "final").exists() else \
+        (f"an interrupted run (last checkpoint: {found[-1][1].name})" if found else
+         "an interrupted run with no checkpoint yet")
+    raise NexusError(f"--output-dir {args.output_dir} holds {what}; continue it with: {_resume_command(args)} ; "
+                     f"or start over in another directory (or delete this one)")
+
+
+def interrupted(args) -> str:
+    """The Ctrl-C message: the checkpoint to continue from and the command that does."""
+    from . import checkpoint as ckpt
+
+    found = ckpt.checkpoints(args.output_dir)
+    where = f"{found[-1][1]} is the latest checkpoint" if found else \
+        f"no checkpoint was written yet (one every --checkpoint-interval {args.checkpoint_interval} steps)"
+    return f"{where}; continue with: {_resume_command(args)}"
+
+
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
+    TrainConfig.from_args(args).check()
+
+
 def run(args) -> int:
+    _check_output_dir(args)
     if args.use_ddp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_ddp(args)
     from .recipe import Trainer

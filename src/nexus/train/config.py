@@ -28,7 +28,7 @@ class TrainConfig:
     split: str | None = None
     eval_dataset: str | None = None
     eval_every: int = 0
-    seq_len: int = 1024
+    seq_len: int | None = None  # None: the teacher cache's, else from the model (nexus.defaults.seq_len_for)
     pack: bool = True
     init_strategy: str | None = None
     width_multiplier: float = 1
@@ -107,7 +107,7 @@ class TrainConfig:
             if value < 1:
                 raise NexusError(f"{flag} must be at least 1, got {value}")
         self.width_multiplier = check_width(self.width_multiplier)
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise NexusError(f"--seq-len must be at least 2, got {self.seq_len}")
         for flag, value in {"--ce-weight": self.ce_weight, "--router-kl-weight": self.router_kl_weight,
                             "--weight-decay": self.weight_decay, "--gradient-clip-val": self.gradient_clip_val,

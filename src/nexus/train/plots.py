@@ -41,13 +41,14 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return (list(zip(*pts))) if pts else ([], [])
 
 
-def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, title: str = "") -> Path:
-    from matplotlib import rcParams
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state; PNG renders with Agg
+def metrics_figure(rows: list[dict], run_config: dict | None = None, title: str = ""):
+    """The five-panel figure of a run's metrics (with the planned schedule when `run_config` is given)."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
 
     fig = Figure(figsize=(9, 2.8 * len(PANELS)))
     axes = fig.subplots(len(PANELS), 1, sharex=True)
-    colors = iter(rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    colors = iter(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     plan = planned_schedule(run_config) if run_config else None
     for ax, (name, left, right) in zip(axes, PANELS):
         twin = ax.twinx() if any(_series(rows, k)[0] for k in right) else None
@@ -73,10 +74,27 @@ def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, t
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_metrics(rows: list[dict], path: Path, run_config: dict | None = None, title: str = "") -> Path:
+    fig = metrics_figure(rows, run_config, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
+
+
+def plot_run(output_dir: str | Path, path: str | Path | None = None, title: str | None = None) -> tuple[Path, int]:
+    """Plot a `nexus train` output directory (metrics.jsonl, and run_config.json's planned schedule);
+    returns the PNG written (default OUTPUT_DIR/plots/metrics.png) and the number of rows."""
+    out = Path(output_dir)
+    rows = read_metrics(out / "metrics.jsonl")
+    if not rows:
+        raise NexusError(f"{out}: no metrics.jsonl with rows (is it a `nexus train` --output-dir?)")
+    run_config = read_json(out / "run_config.json", "run config") if (out / "run_config.json").is_file() else None
+    path = Path(path) if path else out / "plots" / "metrics.png"
+    return plot_metrics(rows, path, run_config, title=str(out) if title is None else title), len(rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,12 +103,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.output_dir)
-    rows = read_metrics(out / "metrics.jsonl")
-    if not rows:
-        raise NexusError(f"{out}: no metrics.jsonl with rows (is it a `nexus train` --output-dir?)")
-    run_config = read_json(out / "run_config.json", "run config") if (out / "run_config.json").is_file() else None
-    path = Path(args.output) if args.output else out / "plots" / "metrics.png"
-    plot_metrics(rows, path, run_config, title=str(out))
-    print(f"wrote {path} ({len(rows)} steps)")
+    path, n = plot_run(args.output_dir, args.output)
+    print(f"wrote {path} ({n} steps)")
     return 0

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import __version__, dist
 from ..adapter import load_adapter_weights
 from ..data import load_tokenizer
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import write_json
 from ..moe import find_moe_blocks
@@ -44,6 +45,13 @@ from .stream import SequenceStream, StepLayout, build_sequences, trim_padding
 
 log = logging.getLogger("nexus.train")
 RUN_CONFIG = "run_config.json"
+
+
+def holds_run(output_dir: str | Path) -> bool:
+    """Whether `output_dir` holds (part of) a training run: its config, metrics, a checkpoint or final/."""
+    out = Path(output_dir)
+    return out.is_dir() and (any((out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final"))
+                             or bool(ckpt.checkpoints(out)))
 
 
 class Trainer:
@@ -64,6 +72,11 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.student_model, what="--student-model")
         self.model, original_routers = load_student(cfg, self.device)
+        if cfg.seq_len is None:  # the teacher cache's (it must match), else fitted to the model
+            from ..teacher.cache import TeacherCache
+
+            cfg.seq_len = TeacherCache(cfg.precomputed_teacher).seq_len if cfg.precomputed_teacher else \
+                seq_len_for(self.model, None)
         check_seq_len(self.model, cfg.seq_len, "student model")
         check_head_split(self.model, self.device)
         self.blocks = find_moe_blocks(self.model)
@@ -126,8 +139,7 @@ class Trainer:
             if path is None and self.rank == 0:
                 log.info(f"no checkpoint in {self.out} yet: starting from step 0")
             return path
-        if self.out.exists() and any((self.out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final")) or \
-                ckpt.checkpoints(self.out):
+        if holds_run(self.out):
             raise NexusError(f"--output-dir {self.out} holds another run; pass --resume-from-checkpoint latest "
                              f"to continue it, or choose another --output-dir")
         return None

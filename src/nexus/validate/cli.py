@@ -26,6 +26,7 @@ import torch
 from ..adapter import resolve_base, is_adapter_dir, read_adapter_config
 from ..chat import add_sampling_arguments, sampling_from_args, start_chat
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenizer_fingerprint
+from ..defaults import SEQ_LEN_HELP, seq_len_for
 from ..device import add_device_arguments, load_for_inference
 from ..errors import NexusError
 from ..packing import iter_pieces
@@ -104,12 +105,10 @@ def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
     return baseline, _display(baseline)
 
 
-def check_args(args) -> dict[str, str]:
-    """Validate flag values before any model is loaded; returns the named datasets."""
+def check_options(args) -> dict[str, str]:
+    """Flag values alone (no file access; `nexus pipeline` checks these before any stage runs);
+    returns the named datasets."""
     datasets = parse_datasets(args.dataset)
-    for path in datasets.values():  # before any model is loaded
-        if not Path(path).exists():
-            raise NexusError(f"--dataset {path}: no such file or directory")
     if not datasets and not args.chat:
         raise NexusError("nothing to do: pass --dataset (held-out data to measure on) and/or --chat")
     if args.compute_perplexity and not datasets:
@@ -118,15 +117,24 @@ def check_args(args) -> dict[str, str]:
         raise NexusError("--fail-on-degradation needs --compute-perplexity (the verdict is on perplexity)")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--seq-len", args.seq_len, 2),
                              ("--batch-size", args.batch_size, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise NexusError(f"{flag} must be >= {low}, got {value}")
     if args.excellent_threshold > args.fail_threshold:
         raise NexusError(f"--excellent-threshold ({args.excellent_threshold}) must not exceed "
                          f"--fail-threshold ({args.fail_threshold})")
-    if datasets and Path(args.output).exists() and not args.overwrite:
-        raise NexusError(f"--output {args.output}: exists (pass --overwrite to replace it)")
     if args.chat:
         sampling_from_args(args)
+    return datasets
+
+
+def check_args(args) -> dict[str, str]:
+    """Validate flag values and inputs before any model is loaded; returns the named datasets."""
+    datasets = check_options(args)
+    for path in datasets.values():  # before any model is loaded
+        if not Path(path).exists():
+            raise NexusError(f"--dataset {path}: no such file or directory")
+    if datasets and Path(args.output).exists() and not args.overwrite:
+        raise NexusError(f"--output {args.output}: exists (pass --overwrite to replace it)")
     return datasets
 
 
@@ -143,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-perplexity", action="store_true",
                    help="compute perplexity and degradation (KL and routing metrics are always computed)")
     p.add_argument("--num-samples", type=int, default=200, help="evaluation sequences per dataset (default 200)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence at most (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence at most {SEQ_LEN_HELP}")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
     p.add_argument("--pack", action="store_true",
                    help="concatenate documents into full --seq-len sequences (default: one document per "
@@ -177,6 +185,7 @@ def _validate(model, datasets: dict[str, str], args) -> int:
 
     baseline_path, baseline_name = baseline_plan(args.model, args.baseline)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    args.seq_len = seq_len_for(model, args.seq_len)
     check_seq_len(model, args.seq_len, "model")
     baseline = None
     if baseline_path is not None:

@@ -2,6 +2,7 @@
 
 Verdicts follow the seeds: perplexity degradation below 5 % is excellent retention, above 10 % fails;
 in between is acceptable. Both thresholds are settable (`--excellent-threshold`, `--fail-threshold`).
+A lower perplexity than the baseline (negative degradation) is an improvement, not a retention.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ FORMAT = "nexus-validation"
 VERSION = 1
 EXCELLENT_BELOW_PCT = 5.0  # seeds: "Perplexity degradation: <5% (excellent retention)"
 FAIL_ABOVE_PCT = 10.0
-EXCELLENT, ACCEPTABLE, FAIL = "excellent retention", "acceptable", "fail"
+IMPROVED, EXCELLENT, ACCEPTABLE, FAIL = "improved", "excellent retention", "acceptable", "fail"
 
 
 def build_report(model: str, baseline: str, datasets: dict[str, Totals]) -> dict:
@@ -32,9 +33,12 @@ def build_report(model: str, baseline: str, datasets: dict[str, Totals]) -> dict
 
 def verdict(degradation: float | None, excellent_below: float = EXCELLENT_BELOW_PCT,
             fail_above: float = FAIL_ABOVE_PCT) -> str | None:
-    """'excellent retention' (< excellent_below %), 'fail' (> fail_above %), else 'acceptable'."""
+    """'improved' (< 0 %), 'excellent retention' (< excellent_below %), 'fail' (> fail_above %), else
+    'acceptable'."""
     if degradation is None:
         return None
+    if degradation < 0:
+        return IMPROVED
     if degradation < excellent_below:
         return EXCELLENT
     if degradation > fail_above:
@@ -45,7 +49,7 @@ def verdict(degradation: float | None, excellent_below: float = EXCELLENT_BELOW_
 def overall_verdict(report: dict, excellent_below: float = EXCELLENT_BELOW_PCT,
                     fail_above: float = FAIL_ABOVE_PCT) -> str | None:
     """The worst dataset verdict (None when perplexity was not computed)."""
-    order = [EXCELLENT, ACCEPTABLE, FAIL]
+    order = [IMPROVED, EXCELLENT, ACCEPTABLE, FAIL]
     verdicts = [verdict(d["degradation_pct"], excellent_below, fail_above) for d in report["datasets"].values()]
     verdicts = [v for v in verdicts if v is not None]
     return max(verdicts, key=order.index) if verdicts else None
@@ -66,11 +70,13 @@ def render_markdown(report: dict, excellent_below: float = EXCELLENT_BELOW_PCT,
         lines.append("No verdict: perplexity was not computed (run with `--compute-perplexity`).")
     else:
         worst = max(report["datasets"].items(), key=lambda kv: kv[1]["degradation_pct"])
-        lines.append(f"**{overall}** — largest perplexity degradation {worst[1]['degradation_pct']:+.2f} % "
-                     f"(`{worst[0]}`). Thresholds: below {excellent_below:g} % excellent retention, "
-                     f"above {fail_above:g} % fail.")
+        what = "every dataset's perplexity is lower than the baseline's; smallest improvement" \
+            if overall == IMPROVED else "largest perplexity degradation"
+        lines.append(f"**{overall}** — {what} {worst[1]['degradation_pct']:+.2f} % "
+                     f"(`{worst[0]}`). Thresholds: below 0 % improved, below {excellent_below:g} % excellent "
+                     f"retention, above {fail_above:g} % fail.")
     lines += ["", "## Datasets", "",
-              "| dataset | tokens | perplexity | baseline perplexity | degradation | verdict | KL(baseline ‖ model) |",
+              "| dataset | tokens | perplexity | baseline perplexity | change (+ = worse) | verdict | KL(baseline ‖ model) |",
               "|---|---:|---:|---:|---:|---|---:|"]
     for name, d in report["datasets"].items():
         v = verdict(d["degradation_pct"], excellent_below, fail_above) or "n/a"
@@ -84,7 +90,8 @@ def render_markdown(report: dict, excellent_below: float = EXCELLENT_BELOW_PCT,
                      f"{_f(m['routing_agreement'])} | {_f(m['shared_output_ratio'])} |")
     lines += ["", "## Definitions", "",
               "- Perplexity: exp(mean next-token NLL over non-padding targets), no auxiliary loss. "
-              "Degradation = (perplexity / baseline perplexity − 1) × 100.",
+              "Change (degradation_pct in report.json) = (perplexity / baseline perplexity − 1) × 100; negative "
+              "is an improvement.",
               "- KL: mean over non-padding positions of KL(baseline ‖ model) of the next-token distributions "
               "(nats, temperature 1).",
               "- Router entropy: mean entropy (nats) of softmax(router logits) over all experts.",
@@ -153,7 +160,7 @@ def write_plots(report: dict, directory: Path) -> list[Path]:
                         ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), names)
         ax.set_ylabel("perplexity")
-        ax.set_title("Perplexity per dataset (label: degradation)")
+        ax.set_title("Perplexity per dataset (label: change vs baseline; − = better)")
         ax.set_ylim(0, 1.12 * max(max(d["perplexity"], d["baseline_perplexity"])
                                   for d in report["datasets"].values() if d["perplexity"] is not None))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, frameon=False)
