@@ -217,7 +217,7 @@ CASES = {
     ("plan", "unsupported family"): ({"--model": "{unsupported}"}, r"--model .*unsupported/config\.json: model_type "
                                                                     r"'acme_moe' is not a model family"),
     ("plan", "truncated config.json"): ({"--model": "{model_badconfig}"}, r"config\.json: not valid JSON"),
-    ("plan", "width multiplier 0"): ({}, r"--width-multiplier must be >= 1, got 0", ["--width-multiplier", "0"]),
+    ("plan", "width multiplier 0"): ({}, r"--width-multiplier must be a positive number, got 0", ["--width-multiplier", "0"]),
     # sample
     ("sample", "missing dataset"): ({"--dataset": "{missing}"}, r"--dataset .*does-not-exist: no such file"),
     ("sample", "missing tokenizer"): ({"--tokenizer": "{missing}"}, r"--tokenizer .*does-not-exist: no such"),
@@ -277,7 +277,7 @@ CASES = {
                                     r"collect`\?\), not a pca_stats\.json; make one with: nexus analyze --input "),
     ("convert", "missing pca_stats"): ({"--pca-stats": "{missing}"}, r"does-not-exist: no such pca_stats\.json"),
     ("convert", "scale nan"): ({}, r"--scale must be a finite number", ["--scale", "nan"]),
-    ("convert", "negative width"): ({}, r"--width-multiplier must be a positive integer", ["--width-multiplier", "-1"]),
+    ("convert", "negative width"): ({}, r"--width-multiplier must be a positive number", ["--width-multiplier", "-1"]),
     # precompute-teacher (refused disk room, other settings: tests/test_teacher_cache.py)
     ("precompute-teacher", "missing model"): ({"--model": "{missing}"}, r"--model .*does-not-exist: no such"),
     ("precompute-teacher", "not a model"): ({"--model": "{notmodel}"}, NOT_A_MODEL),
