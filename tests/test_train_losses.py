@@ -187,3 +187,16 @@ def test_padding_changes_nothing(files, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     finally:
         t.cleanup()
+
+
+def test_a_bf16_head_on_cpu_is_multiplied_in_fp32_slices():
+    from nexus.train import losses
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 32, generator=g).bfloat16()
+    w = (torch.randn(losses.CPU_HEAD_ROWS + 77, 32, generator=g) * 0.1).bfloat16()  # more than one slice of rows
+    b = torch.randn(w.shape[0], generator=g).bfloat16()
+    want = torch.nn.functional.linear(h.double(), w.double(), b.double())  # exact products of the bf16 values
+    torch.testing.assert_close(losses.head_logits(h, w, b).double(), want, rtol=1e-5, atol=1e-5)
+    dz = torch.randn(6, w.shape[0], generator=g)
+    torch.testing.assert_close(losses.head_input_grad(dz, w).double(), dz.double() @ w.double(), rtol=1e-5, atol=1e-4)

@@ -37,7 +37,7 @@ class TeacherOut:
     def kl_terms(self, z: torch.Tensor, sl: slice, temperature: float) -> torch.Tensor:
         """Per-position KL for student logits z (n, V) of positions `sl`. -> (n,)"""
         if self.hidden is not None:
-            t = F.linear(self.hidden[sl], self.head.weight, self.head.bias).to(z.device)  # (n, V)
+            t = losses.head_logits(self.hidden[sl], self.head.weight, self.head.bias).to(z.device)  # (n, V)
             return losses.token_kl(z, t, temperature)
         return losses.sparse_token_kl(z, self.topk_logprobs[sl], self.topk_indices[sl], temperature)
 
