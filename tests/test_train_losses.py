@@ -147,10 +147,11 @@ def test_first_step_loss_equals_an_independent_computation(files, tmp_path):
         expected = ce_w * ce + kl_w * kl + rk_w * rkl
         row = t._optimizer_step(0)
         assert row["ce"] == pytest.approx(ce.item(), rel=1e-5)
-        assert row["kl"] == pytest.approx(kl.item(), rel=1e-4, abs=1e-8)
-        # ~1e-5: the routers differ only through small random shared experts upstream, so the fp32 roundoff of
-        # the two computations (different summation orders; different kernels on AVX2 and AVX-512) is ~1e-8 absolute
-        assert rkl.item() > 1e-6
+        # Both KLs are ~1e-5 (student and teacher differ only by small random shared experts), so the fp32
+        # roundoff of the two computations (other summation orders; other kernels on AVX2 and AVX-512
+        # machines) shows at ~1e-8 absolute: compared within 1e-7, after checking they are not ~0 anyway.
+        assert kl.item() > 1e-6 and rkl.item() > 1e-6
+        assert row["kl"] == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
         assert row["router_kl"] == pytest.approx(rkl.item(), rel=1e-4, abs=1e-7)
         assert row["loss"] == pytest.approx(expected.item(), rel=1e-5)
     finally:
