@@ -227,8 +227,8 @@ SLOW_STREAM = """
 import sys, time
 from transformers import TextStreamer
 put = TextStreamer.put
-def slow_put(self, value):  # 50 ms per generated token: a reply lasts seconds
-    time.sleep(0.05)
+def slow_put(self, value):  # 150 ms per generated token: a reply lasts seconds, even on a busy machine
+    time.sleep(0.15)
     return put(self, value)
 TextStreamer.put = slow_put
 from nexus.cli import main

@@ -64,7 +64,8 @@ def test_ctrl_c_in_collect_prints_the_command_that_resumes_to_the_same_statistic
 
     out = tmp_path / "stats.safetensors"
     partial = tmp_path / "stats.partial.safetensors"
-    err = ctrl_c(slowed("nexus.stats.collect", 0.1, ["_forward"], *args, "--output", out), partial.is_file)
+    # 0.3 s per batch: ~10 s between the first flush and the end, time for a busy machine to notice
+    err = ctrl_c(slowed("nexus.stats.collect", 0.3, ["_forward"], *args, "--output", out), partial.is_file)
     assert f"{partial} holds the statistics of the first" in err and not out.exists()
     again = printed_command(err)
     assert again == [str(a) for a in args] + ["--output", str(out), "--resume"]
@@ -102,9 +103,9 @@ def test_ctrl_c_in_train_prints_the_command_that_resumes_to_the_same_adapter(fil
     _ok(*args, "--output-dir", tmp_path / "ref")
 
     out = tmp_path / "run"
-    # each checkpoint save is followed by 3 s, so the interruption lands after checkpoint-2 (or, on a
+    # each checkpoint save is followed by 6 s, so the interruption lands after checkpoint-2 (or, on a
     # machine too busy to notice it in time, a later one), before the end
-    err = ctrl_c(slowed("nexus.train.checkpoint", 3.0, ["save"], *args, "--output-dir", out),
+    err = ctrl_c(slowed("nexus.train.checkpoint", 6.0, ["save"], *args, "--output-dir", out),
                  lambda: (out / "checkpoint-2").is_dir())
     assert re.search(r"/checkpoint-[24] is the latest checkpoint; ", err) and not (out / "final").exists(), err
     again = printed_command(err)
