@@ -223,34 +223,30 @@ def test_chat_on_the_demo_model_with_default_flags():
     assert r.stdout.endswith("\n\n") and r.stdout.count("\n\n") >= 2  # two replies, each followed by a blank line
 
 
-SLOW_STREAM = """
-import sys, time
+CTRL_C_MID_REPLY = """
+import os, signal, sys, time
 from transformers import TextStreamer
 put = TextStreamer.put
-def slow_put(self, value):  # 150 ms per generated token: a reply lasts seconds, even on a busy machine
-    time.sleep(0.15)
-    return put(self, value)
-TextStreamer.put = slow_put
+calls = [0]
+def put_then_ctrl_c(self, value):  # the first reply's second streamed piece sends this process a real SIGINT
+    calls[0] += 1
+    out = put(self, value)
+    if calls[0] == 3:  # 1: the prompt, 2 and 3: generated tokens; the reply is under way, whatever the machine's speed
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here, in the middle of the reply
+    return out
+TextStreamer.put = put_then_ctrl_c
 from nexus.cli import main
 main(sys.argv[1:])
 """
 
 
 def test_a_real_ctrl_c_during_a_reply_keeps_the_session(dirs):
-    import signal
-
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STREAM, "chat", "--model", str(dirs["adapter"]), "--seed", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
-    proc.stdin.write("the word\n")
-    proc.stdin.flush()
-    first = proc.stdout.read(1)  # the reply has started
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    proc.stdin.write("of and\n")
-    proc.stdin.flush()
-    out, err = proc.communicate(input="", timeout=300)  # end of input ends the session
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_MID_REPLY, "chat", "--model", str(dirs["adapter"]),
+                             "--seed", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env())
+    out, err = proc.communicate(input="the word\nof and\n", timeout=300)  # end of input ends the session
     assert proc.returncode == 0, err[-2000:]
     assert "(reply stopped" in err and "interrupted" not in err.replace("(reply stopped", "")
-    turns = (first + out).split("\n\n")
+    turns = out.split("\n\n")
     assert len(turns) == 3 and turns[1].strip() and turns[2] == ""  # the stopped reply, the next one, the end
