@@ -13,7 +13,7 @@ import pytest
 
 from nexus import cli
 from nexus.chat import ChatSession, Sampling, final_answer, harmony_display, run_session
-from tiny_assets import run_cli, subprocess_env
+from tiny_assets import run_cli, sigint_default, subprocess_env
 from tiny_dirs import save_adapter_dir, save_base
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=5)
@@ -244,7 +244,7 @@ main(sys.argv[1:])
 def test_a_real_ctrl_c_during_a_reply_keeps_the_session(dirs):
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_MID_REPLY, "chat", "--model", str(dirs["adapter"]),
                              "--seed", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=subprocess_env())
+                            text=True, env=subprocess_env(), preexec_fn=sigint_default)
     out, err = proc.communicate(input="the word\nof and\n", timeout=300)  # end of input ends the session
     assert proc.returncode == 0, err[-2000:]
     assert "(reply stopped" in err and "interrupted" not in err.replace("(reply stopped", "")

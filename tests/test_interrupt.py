@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from nexus.stats.accumulate import FIELDS, RouterStats
-from tiny_assets import run_main, slowed, subprocess_env
+from tiny_assets import run_main, sigint_default, slowed, subprocess_env
 from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
@@ -34,7 +34,8 @@ def _ok(*args):
 
 def ctrl_c(cmd: list[str], ready, timeout: float = 120) -> str:
     """Run `cmd`, send SIGINT once `ready()` holds; returns its stderr (the run must exit 130)."""
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)

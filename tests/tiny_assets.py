@@ -58,6 +58,14 @@ def subprocess_env(**extra) -> dict:
                 OMP_NUM_THREADS="1", **extra)
 
 
+def sigint_default() -> None:
+    """`preexec_fn` for a child that must receive Ctrl-C: a shell without job control starts background jobs
+    with SIGINT ignored, the child would inherit that, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def nexus_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "nexus", *map(str, args)]
 
