@@ -4,15 +4,13 @@ collect, train with the online self-teacher, validate, chat; and kill -9 + resum
 import json
 import math
 import random
-import signal
 import subprocess
-import time
 
 import pytest
 from quant_checkpoints import write_fp8_checkpoint, write_mxfp4_gpt_oss
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_assets import nexus_cmd, random_text, run_cli, subprocess_env, write_jsonl
+from tiny_assets import kill_after_step, nexus_cmd, random_text, run_cli, subprocess_env, write_jsonl
 
 from nexus.train.metrics import read_metrics
 
@@ -80,14 +78,7 @@ def test_kill_and_resume_is_bit_exact_on_a_quantized_base(tmp_path, data):
     victim = tmp_path / "victim"
     proc = subprocess.Popen(nexus_cmd(*args, "--output-dir", victim), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        rows = read_metrics(victim / "metrics.jsonl")
-        if rows and rows[-1]["step"] >= KILL_AFTER:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_step(proc, victim / "metrics.jsonl", KILL_AFTER)
     ok(*args, "--output-dir", victim, "--resume-from-checkpoint", "latest")
     expected, got = read_metrics(tmp_path / "ref" / "metrics.jsonl"), read_metrics(victim / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

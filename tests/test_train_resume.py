@@ -1,16 +1,14 @@
 """Kill -9 in the middle of a run, resume from the last checkpoint: the same losses as an uninterrupted run."""
 
 import json
-import signal
 import subprocess
-import time
 
 import pytest
 from safetensors.torch import load_file
 
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
-from tiny_assets import nexus_cmd, subprocess_env
+from tiny_assets import kill_after_step, nexus_cmd, subprocess_env
 from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
@@ -34,15 +32,7 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     victim = tmp_path / "victim"
     proc = subprocess.Popen(nexus_cmd(*args, "--output-dir", victim), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        rows = read_metrics(victim / "metrics.jsonl")
-        if rows and rows[-1]["step"] >= KILL_AFTER:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = read_metrics(victim / "metrics.jsonl")[-1]["step"]
+    killed_at = kill_after_step(proc, victim / "metrics.jsonl", KILL_AFTER, timeout=120)
     assert KILL_AFTER <= killed_at < STEPS and not (victim / "final").exists()
 
     out = subprocess.run(nexus_cmd(*args, "--output-dir", victim, "--resume-from-checkpoint", "latest"), env=env,

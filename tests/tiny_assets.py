@@ -66,6 +66,24 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def kill_after_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> int:
+    """SIGKILL a training run once its metrics.jsonl has reached `step`; returns the last step it logged."""
+    import signal
+    import time
+
+    from nexus.train.metrics import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_metrics(metrics)
+        if rows and rows[-1]["step"] >= step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    return read_metrics(metrics)[-1]["step"]
+
+
 def nexus_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "nexus", *map(str, args)]
 

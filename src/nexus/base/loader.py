@@ -110,14 +110,14 @@ def check_config_model_type(cfg: dict, where: str, trust_remote_code: bool = Fal
                      f"knows{hint}. Supported families: {', '.join(SUPPORTED_FAMILIES)}")
 
 
-def stored_quantization(path: str | os.PathLike) -> str | None:
-    """The quant_method a local model directory's config.json declares (None: unquantized or not local)."""
+def stored_quantization(path: str | os.PathLike) -> dict:
+    """The quantization_config a local model directory's config.json declares ({}: unquantized or not local)."""
     config = Path(path) / "config.json"
     try:
         q = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return q.get("quant_method") if isinstance(q, dict) else None
+        return {}
+    return q if isinstance(q, dict) else {}
 
 
 def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: bool = False, what="--model",
@@ -130,7 +130,8 @@ def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: b
     """
     path = check_model_path(path, what)
     check_model_type(path, what, trust_remote_code)
-    method = stored_quantization(path)
+    q = stored_quantization(path)
+    method = q.get("quant_method")
     if method is not None and method not in SUPPORTED_QUANTIZATION:
         raise NexusError(f"{what} {path}: '{method}' quantized checkpoints are not supported (NEXUS loads "
                          f"{', '.join(SUPPORTED_QUANTIZATION)} and unquantized checkpoints)")
@@ -147,7 +148,6 @@ def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: b
     elif method == "fp8":
         from transformers import FineGrainedFP8Config
 
-        q = quantization_config_of(path)
         kwargs["quantization_config"] = FineGrainedFP8Config(
             weight_block_size=tuple(q.get("weight_block_size") or (128, 128)), dequantize=True)
     try:
@@ -157,10 +157,6 @@ def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: b
         where = "" if Path(path).exists() else " (not a local directory; tried as a hub model name)"
         raise NexusError(f"{what} {path}: cannot load model{where} "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
-
-def quantization_config_of(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
 
 
 @contextlib.contextmanager

@@ -73,10 +73,6 @@ class Codec:
         weight, scale_inv = packed
         return fp8.decode(weight, scale_inv, self.block, dtype)
 
-    def nbytes_per_expert(self, out_features: int, in_features: int) -> int:
-        shapes, dtypes = self.packed_shapes(out_features, in_features, 1), self.packed_dtypes()
-        return sum(math.prod(shapes[s]) * dtypes[s].itemsize for s in self.suffixes)
-
 
 MXFP4 = Codec("mxfp4", ("_blocks", "_scales"))
 

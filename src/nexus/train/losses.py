@@ -132,7 +132,7 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """(n, H) hidden states -> (n, V) fp32 logits of a frozen head.
 
     On CPU a bf16/fp16 head is multiplied in fp32, a slice of its rows at a time: torch's CPU bf16
-    matmul runs at a small fraction of its fp32 speed (measured 0.3-5 vs 10-25 GFLOP/s per core), and
+    matmul (its generic GEMM) runs at a small fraction of its fp32 speed, and
     a 200k-row head makes it the slowest step of a training step.
     """
     if weight.device.type != "cpu" or weight.dtype == torch.float32:
