@@ -211,7 +211,7 @@ def report(results: dict, args) -> str:
         lines.append(f"| {s['name']} | {s['exit']} | {s['seconds']} | {rss} | {s.get('tokens_per_s_wall', '')} |")
     lines += ["", f"MXFP4 decode on one core, medians side by side: copy {d['copy_gb_s']:.2f} GB/s; decode "
               f"{d['decode_out_gb_s']:.2f} GB/s of bf16 out ({d['decode_packed_gb_s']:.3f} GB/s packed in), "
-              f"{100 / d['ratio']:.0f} % of the copy."]
+              f"{100 * d['ratio']:.0f} % of the copy."]
     return "\n".join(lines)
 
 

@@ -194,11 +194,12 @@ def test_padding_changes_nothing(files, tmp_path):
 
 
 def test_a_bf16_head_on_cpu_is_multiplied_in_fp32_slices():
+    from nexus.base import cpu_matmul
     from nexus.train import losses
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(6, 32, generator=g).bfloat16()
-    w = (torch.randn(losses.CPU_HEAD_ROWS + 77, 32, generator=g) * 0.1).bfloat16()  # more than one slice of rows
+    w = (torch.randn(cpu_matmul.SLICE_BYTES // (32 * 4) + 77, 32, generator=g) * 0.1).bfloat16()  # more than one slice of rows
     b = torch.randn(w.shape[0], generator=g).bfloat16()
     want = torch.nn.functional.linear(h.double(), w.double(), b.double())  # exact products of the bf16 values
     torch.testing.assert_close(losses.head_logits(h, w, b).double(), want, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import NexusError
+from .cpu_matmul import compute_frozen_linears_in_fp32
 from .files import STORED_DTYPES, SafetensorsDir
 from .quantized import MXFP4, Codec, fp8_codec, is_quantized_experts, quantize_experts
 from .sources import (SCALE_SUFFIX, SUPPORTED_QUANTIZATION, FusedSource, Mxfp4Source, PerExpertSource,
@@ -136,8 +137,16 @@ def load_base_model(path: str, dtype=None, device_map=None, trust_remote_code: b
         raise NexusError(f"{what} {path}: '{method}' quantized checkpoints are not supported (NEXUS loads "
                          f"{', '.join(SUPPORTED_QUANTIZATION)} and unquantized checkpoints)")
     if method is not None and not dequantize:
-        return load_quantized(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                              what=what)
+        model = load_quantized(path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                               what=what)
+    else:
+        model = _from_pretrained(path, dtype, device_map, trust_remote_code, what, method, q)
+    compute_frozen_linears_in_fp32(model)  # frozen bf16 linears on CPU: fp32 products (base.cpu_matmul)
+    return model
+
+
+def _from_pretrained(path: str, dtype, device_map, trust_remote_code: bool, what: str, method, q: dict) -> nn.Module:
+    """transformers' own load; a quantized checkpoint (`--dequantize`) is dequantized, never run on hub kernels."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}

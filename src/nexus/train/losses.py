@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..base.cpu_matmul import linear_fp32, linear_fp32_input_grad
+
 
 def next_token_positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a next-token loss applies. attention_mask (B, L) -> (src (N,), dst (N,)) flat indices.
@@ -125,35 +127,23 @@ def sparse_router_terms(student_logits: torch.Tensor, topk_logprobs: torch.Tenso
 TermsFn = Callable[[torch.Tensor, slice], dict[str, torch.Tensor]]
 
 
-CPU_HEAD_ROWS = 16384  # vocabulary rows of a low-precision head upcast to fp32 at a time on CPU (≈ 190 MB at H 2880)
-
-
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(n, H) hidden states -> (n, V) fp32 logits of a frozen head.
 
-    On CPU a bf16/fp16 head is multiplied in fp32, a slice of its rows at a time: torch's CPU bf16
-    matmul (its generic GEMM) runs at a small fraction of its fp32 speed, and
-    a 200k-row head makes it the slowest step of a training step.
+    On CPU a bf16/fp16 head is multiplied in fp32, a slice of its rows at a time
+    (`nexus.base.cpu_matmul`): torch's CPU bf16 matmul runs at a small fraction of its fp32 speed,
+    and a 200k-row head makes it the slowest step of a training step.
     """
     if weight.device.type != "cpu" or weight.dtype == torch.float32:
         return F.linear(h, weight, bias).float()
-    hf = h.float()
-    out = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32)
-    for v in range(0, weight.shape[0], CPU_HEAD_ROWS):
-        rows = slice(v, v + CPU_HEAD_ROWS)
-        out[:, rows] = F.linear(hf, weight[rows].float(), None if bias is None else bias[rows].float())
-    return out
+    return linear_fp32(h, weight, bias)
 
 
 def head_input_grad(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(n, V) fp32 gradient of the logits -> (n, H) gradient of the hidden states, as `head_logits` computes."""
     if weight.device.type != "cpu" or weight.dtype == torch.float32:
         return dz.to(weight.dtype) @ weight
-    out = torch.zeros(dz.shape[0], weight.shape[1], dtype=torch.float32)
-    for v in range(0, weight.shape[0], CPU_HEAD_ROWS):
-        rows = slice(v, v + CPU_HEAD_ROWS)
-        out += dz[:, rows] @ weight[rows].float()
-    return out
+    return linear_fp32_input_grad(dz, weight)
 
 
 class _ChunkedHead(torch.autograd.Function):
