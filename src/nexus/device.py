@@ -9,15 +9,37 @@ import torch
 from .base.loader import DEQUANTIZE_HELP
 from .errors import NexusError
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# The one table of --dtype values, for every verb: "auto" keeps the checkpoint's stored dtype.
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def canonical_dtype(value: str) -> str:
+    """A --dtype value (a name of DTYPES or an alias such as bf16) -> its name in DTYPES."""
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise NexusError(f"--dtype must be one of {', '.join([*DTYPES, *DTYPE_ALIASES])}, got {value!r}")
+    return name
+
+
+def dtype_name(value: str) -> str:
+    """`canonical_dtype` as an argparse `type`."""
+    try:
+        return canonical_dtype(value)
+    except NexusError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dtype ")) from None
+
+
+def torch_dtype(value: str):
+    """A --dtype value -> torch dtype, or "auto"."""
+    return DTYPES[canonical_dtype(value)]
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N, or auto (spread over all GPUs with device_map='auto'); "
                         "default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+    p.add_argument("--dtype", default="auto", type=dtype_name, metavar="{" + ",".join(DTYPES) + "}",
                    help="dtype of the base weights (default auto: as stored in the checkpoint; quantized "
                         "experts stay packed); shared experts stay float32")
     p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
@@ -61,7 +83,7 @@ def load_for_inference(path: str, args, what: str = "--model"):
     from .adapter import is_adapter_dir, load_model
     from .base.loader import load_base_model
 
-    kwargs = dict(dtype=DTYPES[args.dtype], device_map=device_map(args.device),
+    kwargs = dict(dtype=torch_dtype(args.dtype), device_map=device_map(args.device),
                   trust_remote_code=args.trust_remote_code, dequantize=getattr(args, "dequantize", False))
     if is_adapter_dir(path):
         model = load_model(path, **kwargs)

@@ -36,7 +36,7 @@ from .. import dist
 from ..base.loader import DEQUANTIZE_HELP
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch
 from ..defaults import SEQ_LEN_HELP, seq_len_for
-from ..device import resolve_device
+from ..device import DTYPES, dtype_name, resolve_device, torch_dtype
 from ..errors import NexusError
 from ..packing import iter_pieces
 from ..rerun import command
@@ -44,7 +44,6 @@ from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def partial_path(output: str | Path) -> Path:
@@ -92,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--seq-len", type=int, default=None,
                    help=f"longest sequence; longer documents are split {SEQ_LEN_HELP}")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    p.add_argument("--dtype", type=dtype_name, default="auto", metavar="{" + ",".join(DTYPES) + "}",
                    help="dtype of the model's weights; auto = as stored in the checkpoint (default auto)")
     p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -163,7 +162,7 @@ def interrupted(args) -> str:
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
     device = resolve_device(args.device)
-    dtype = DTYPES.get(args.dtype) or "auto"  # as stored: a bf16 checkpoint is not doubled to fp32 on CPU
+    dtype = torch_dtype(args.dtype)  # auto: as stored: a bf16 checkpoint is not doubled to fp32 on CPU
     return device, dtype
 
 

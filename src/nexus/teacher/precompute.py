@@ -19,12 +19,15 @@ import torch
 
 from .. import __version__, dist
 from ..adapter import load_model
+from ..base.loader import DEQUANTIZE_HELP
 from ..data import load_tokenizer, tokenizer_fingerprint
-from ..defaults import seq_len_for
+from ..defaults import SEQ_LEN_HELP, seq_len_for
+from ..device import DTYPES, dtype_name, torch_dtype
 from ..errors import NexusError
+from ..flags import flag
 from ..fsutil import read_json
 from ..moe import find_moe_blocks
-from ..train.build import DTYPES, check_seq_len, resolve_device, vocab_size
+from ..train.build import check_seq_len, resolve_device, vocab_size
 from ..train.forward import RouterCapture, backbone_of, check_head_split, hidden_states, lm_head_of
 from ..train.losses import default_chunk_size
 from ..train.metrics import format_eta
@@ -37,23 +40,28 @@ DISK_MARGIN = 1.05  # refuse unless the disk has 5% more room than the remaining
 
 @dataclass
 class PrecomputeConfig:
-    model: str
-    dataset: str
-    output: str
-    num_sequences: int | None = None
-    num_steps: int | None = None
-    batch_size: int = 1
-    seq_len: int | None = None  # None: from the model (nexus.defaults.seq_len_for)
-    top_k: int = 64
-    router_topk: int | None = None
-    seed: int = 0
-    pack: bool = True
-    text_field: str = "text"
-    split: str | None = None
-    shard_size: int = 1024
-    device: str | None = None
-    dtype: str = "auto"
-    dequantize: bool = False
+    """`nexus precompute-teacher` settings; each field is its flag (`nexus.flags`)."""
+
+    model: str = flag(help="the teacher: a model directory (or an adapter directory)")
+    dataset: str = flag(help="the training data, as given to `nexus train --dataset`")
+    output: str = flag(help="cache directory")
+    num_sequences: int | None = flag(None, "stream positions to store")
+    num_steps: int | None = flag(None, "store --num-steps × --batch-size sequences")
+    batch_size: int = flag(1, "sequences per forward, and per step for --num-steps")
+    # None: from the model (nexus.defaults.seq_len_for)
+    seq_len: int | None = flag(None, f"tokens per sequence; must equal train's --seq-len {SEQ_LEN_HELP}")
+    top_k: int = flag(64, "log-probabilities stored per position")
+    router_topk: int | None = flag(None, "also store the top-R router log-probs of every MoE layer "
+                                         "(for --router-kl-weight and router metrics offline)")
+    seed: int = flag(0, "data order; must equal train's --seed")
+    pack: bool = flag(True, "as train's --no-pack", negate="--no-pack")
+    text_field: str = flag("text", 'record field holding the text (chat records use "messages")')
+    split: str | None = flag(None, "split of a saved Hugging Face dataset (default: train)")
+    shard_size: int = flag(1024, "sequences per shard")
+    device: str | None = flag(None, "cpu, cuda or cuda:N (default: cuda if available); under torchrun, each rank's GPU")
+    dtype: str = flag("auto", "dtype of the teacher weights (default: as stored)", type=dtype_name,
+                      metavar="{" + ",".join(DTYPES) + "}")
+    dequantize: bool = flag(False, DEQUANTIZE_HELP)
 
     @property
     def total(self) -> int:
@@ -119,7 +127,7 @@ def precompute(cfg: PrecomputeConfig) -> Path:
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)
     stream = SequenceStream(seqs, cfg.seed)
-    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], dequantize=cfg.dequantize,
+    model = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
                        device_map={"": str(device)} if device.type == "cuda" else None).to(device).eval()
     check_seq_len(model, cfg.seq_len, "model")
     check_head_split(model, device)

@@ -13,7 +13,7 @@ from ..adapter import (attach_from_config, is_adapter_dir, load_adapter_weights,
                        resolve_base)
 from ..base.loader import check_model_path, load_base_model
 from ..data import NoTokenizerError, check_seq_len, load_tokenizer, tokenizer_fingerprint
-from ..device import resolve_device  # noqa: F401  (re-exported for train and precompute)
+from ..device import resolve_device, torch_dtype  # noqa: F401  (resolve_device re-exported for precompute)
 from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
@@ -23,7 +23,6 @@ from .stream import DataSpec, SequenceSet, build_sequences
 from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
 
 log = logging.getLogger("nexus.train")
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def student_base_path(student: str) -> str:
@@ -39,7 +38,7 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
     The router copy is taken before any adapter weights are loaded: it is the unmodified base's
     routing, which the self-teacher needs once the student's routers have been trained.
     """
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     adapter = is_adapter_dir(cfg.student_model)
     if adapter and cfg.init_strategy:
         raise NexusError(f"--init-strategy applies to a base model; --student-model {cfg.student_model} is an "
@@ -113,7 +112,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
         swap = model._nexus_config["trainable_router"]
         return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
     check_model_path(cfg.teacher_model, "--teacher-model")
-    teacher = load_model(cfg.teacher_model, dtype=DTYPES[cfg.dtype], dequantize=cfg.dequantize,
+    teacher = load_model(cfg.teacher_model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
                          device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)
     check_same_vocab(model, teacher, tokenizer, cfg.teacher_model)
     check_seq_len(teacher, cfg.seq_len, "teacher model")

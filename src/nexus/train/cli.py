@@ -22,102 +22,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..base.loader import DEQUANTIZE_HELP
-from ..defaults import SEQ_LEN_HELP
 from ..errors import NexusError
+from ..flags import add_flags
 from ..rerun import command
 from .config import TrainConfig
 
-_D = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
+GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
+    "model and data": ["student_model", "init_strategy", "width_multiplier", "teacher_model", "teacher_device",
+                       "precomputed_teacher", "dataset", "text_field", "split", "eval_dataset", "eval_every",
+                       "seq_len", "pack", "dtype", "dequantize", "device"],
+    "loss": ["ce_weight", "kl_weight", "router_kl_weight", "temperature", "final_temperature",
+             "temperature_anneal_start", "kl_weight_warmup", "kl_chunk_size"],
+    "router": ["freeze_router", "bias_freeze_ratio"],
+    "optimization": ["learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_steps",
+                     "gradient_clip_val", "gradient_checkpointing", "use_advanced_scheduler", "warmup_ratio",
+                     "stable_ratio", "final_lr_ratio", "sfa_interval", "sfa_alpha", "seed"],
+    "output": ["output_dir", "checkpoint_interval", "save_total_limit", "resume_from_checkpoint", "logging_steps",
+               "kl_warn_threshold", "grad_spike_threshold", "router_l1_warn_threshold"],
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--student-model", required=True,
-                   help="adapter directory (its base is resolved), or a base model with --init-strategy")
-    g.add_argument("--init-strategy", choices=("zero", "random"), help="initialize shared experts on a base model")
-    g.add_argument("--width-multiplier", type=float, default=1, metavar="M",
-                   help="shared expert width × a routed expert's, e.g. 2 or 0.25 (base model only; default 1)")
-    g.add_argument("--teacher-model", help="teacher (default: the student's own base, run without shared experts)")
-    g.add_argument("--teacher-device", help="device of a separate --teacher-model (default: --device)")
-    g.add_argument("--precomputed-teacher", metavar="DIR", help="teacher cache from `nexus precompute-teacher`")
-    g.add_argument("--dataset", help="training data: .txt/.jsonl/.json/.parquet file, folder, or saved HF dataset")
-    g.add_argument("--text-field", default=_D["text_field"], help="record field holding the text (else `messages`)")
-    g.add_argument("--split", help="split of a saved HF DatasetDict")
-    g.add_argument("--eval-dataset", help="held-out data for eval_loss")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
-    g.add_argument("--seq-len", type=int, default=_D["seq_len"],
-                   help=f"tokens per sequence (with --precomputed-teacher: the cache's) {SEQ_LEN_HELP}")
-    g.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="one document per sequence, right-padded (padding is masked out), instead of packing")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype of the frozen base (trainable weights are always fp32)")
-    g.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun, this rank's GPU)")
-
-    g = p.add_argument_group("loss")
-    g.add_argument("--ce-weight", type=float, default=_D["ce_weight"],
-                   help='weight of the cross-entropy (LM) loss on the data')
-    g.add_argument("--kl-weight", type=float, default=_D["kl_weight"], help="0 disables the teacher")
-    g.add_argument("--router-kl-weight", type=float, default=_D["router_kl_weight"],
-                   help="KL between teacher and student router probabilities, mean over layers")
-    g.add_argument("--temperature", type=float, default=_D["temperature"],
-                   help='distillation temperature T (start value when annealing)')
-    g.add_argument("--final-temperature", type=float, default=_D["final_temperature"],
-                   help="with --use-advanced-scheduler")
-    g.add_argument("--temperature-anneal-start", type=float, default=_D["temperature_anneal_start"],
-                   help="fraction of --max-steps where annealing starts (advanced scheduler)")
-    g.add_argument("--kl-weight-warmup", action="store_true", help="ramp the KL weight 0 -> --kl-weight over warmup")
-    g.add_argument("--kl-chunk-size", type=int, default=0, help="positions per LM-head chunk (0: from the vocab size)")
-
-    g = p.add_argument_group("router")
-    g.add_argument("--freeze-router", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep routers frozen (the default; --no-freeze-router trains them)")
-    g.add_argument("--bias-freeze-ratio", type=float,
-                   help="trainable router is frozen after this fraction of --max-steps (default 0.5); "
-                        "implies --no-freeze-router unless --freeze-router is given")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=float, default=_D["learning_rate"],
-                   help='peak learning rate of AdamW')
-    g.add_argument("--weight-decay", type=float, default=_D["weight_decay"],
-                   help='AdamW weight decay on the trainable weights')
-    g.add_argument("--batch-size", type=int, default=_D["batch_size"], help="sequences per micro-batch per rank")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=_D["gradient_accumulation_steps"],
-                   help='micro-batches accumulated per optimizer step')
-    g.add_argument("--max-steps", type=int, default=_D["max_steps"],
-                   help='optimizer steps to train for')
-    g.add_argument("--gradient-clip-val", type=float, default=_D["gradient_clip_val"], help="0 disables clipping")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help='recompute decoder layers in backward to save activation memory')
-    g.add_argument("--use-advanced-scheduler", action="store_true",
-                   help="DeepSeek-V3 style: warmup, stable, cosine decay; temperature annealing")
-    g.add_argument("--warmup-ratio", type=float, default=_D["warmup_ratio"],
-                   help='fraction of --max-steps with linear LR warmup, in [0, 1)')
-    g.add_argument("--stable-ratio", type=float, default=_D["stable_ratio"], help="advanced scheduler")
-    g.add_argument("--final-lr-ratio", type=float, default=_D["final_lr_ratio"], help="advanced scheduler")
-    g.add_argument("--sfa-interval", type=int, default=0,
-                   help="every N steps set trainable = α·anchor + (1−α)·current (anchor: the initial weights)")
-    g.add_argument("--sfa-alpha", type=float, default=_D["sfa_alpha"],
-                   help='SFA anchor weight: trainable = alpha * anchor + (1 - alpha) * current')
-    g.add_argument("--seed", type=int, default=_D["seed"], help="data order, init and RNG")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", required=True,
-                   help='run directory: metrics.jsonl, checkpoint-N/, final/')
-    g.add_argument("--checkpoint-interval", type=int, default=_D["checkpoint_interval"],
-                   help='save checkpoint-N/ every this many steps')
-    g.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
-    g.add_argument("--resume-from-checkpoint", metavar="PATH|latest",
-                   help='continue exactly from a checkpoint directory, or the latest in --output-dir')
-    g.add_argument("--logging-steps", type=int, default=_D["logging_steps"], help="console line every N steps")
-    g.add_argument("--kl-warn-threshold", type=float, default=_D["kl_warn_threshold"],
-                   help='warn when the KL exceeds this (possible collapse or divergence)')
-    g.add_argument("--grad-spike-threshold", type=float, default=_D["grad_spike_threshold"],
-                   help='warn when the pre-clip gradient norm exceeds this')
-    g.add_argument("--router-l1-warn-threshold", type=float, default=_D["router_l1_warn_threshold"],
-                   help='warn when router L1 drift from the teacher exceeds this')
-
+    for title, names in GROUPS.items():
+        add_flags(p.add_argument_group(title), TrainConfig, names)
     g = p.add_argument_group("distributed")
     g.add_argument("--use-ddp", action="store_true", help="launch torchrun with --nproc processes for this command")
     g.add_argument("--nproc", type=int, help="processes for --use-ddp (default: GPU count, or 2 on CPU)")
