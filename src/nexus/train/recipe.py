@@ -173,11 +173,14 @@ class Trainer:
         gc.collect()  # a replaced DDP wrapper must release its gradient hooks before the next backward
         self.student = StudentBackbone(self.model)
         if self.world > 1:
-            frozen = [n for n, p in self.student.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in self.student.named_buffers()]  # nothing to sync: all ranks load the same
-            DDP._set_params_and_buffers_to_ignore_for_model(self.student, frozen)  # the base: loaded identically
+            # The frozen base and its buffers are loaded identically on every rank: DDP's start-up broadcast
+            # of the whole module (init_sync) and its per-forward buffer broadcast would copy gigabytes for
+            # nothing. Only the trainable weights are made equal to rank 0's, then DDP reduces their gradients.
+            for p in self.student.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DDP(self.student, device_ids=ids)
+            self.student = DDP(self.student, device_ids=ids, init_sync=False, broadcast_buffers=False)
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:
