@@ -149,6 +149,9 @@ class InitProvenance:
         if self.pca_stats is not None:
             _str("init.pca_stats", self.pca_stats)
         object.__setattr__(self, "layers", tuple(self.layers))
+        for lp in self.layers:
+            if not isinstance(lp, LayerInit):
+                raise ConfigError("init.layers", f"must hold LayerInit records, got {type(lp).__name__}")
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"seed": self.seed}
