@@ -208,7 +208,7 @@ def test_fractional_width_keeps_the_merged_experts_strongest_units(bases, stats,
         torch.testing.assert_close(quarter["gate_up_proj"][0], torch.cat([gate[index], up[index]]), rtol=0, atol=0)
         torch.testing.assert_close(quarter["down_proj"][0], full["down_proj"][0][:, index], rtol=0, atol=0)
     model = nexus.load_model(tmp_path / "quarter", dtype=torch.float32)  # the recorded size is rebuilt exactly
-    assert model._nexus_config["intermediate_size"] == 4
+    assert model.nexus_config.intermediate_size == 4
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])

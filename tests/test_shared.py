@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import nexus
+from nexus import __version__
 from nexus.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
@@ -94,8 +98,9 @@ def test_save_load_round_trip_reproduces_logits(family, tmp_path):
         expected = model(ids).logits
     nexus.save_adapter(model, tmp_path / "adapter")
     cfg = read_adapter_config(tmp_path / "adapter")
-    assert cfg["format"] == "nexus-adapter" and cfg["model_type"] == family
-    assert cfg["base_model_name_or_path"] == str(base_dir.resolve())
+    assert cfg == replace(model.nexus_config, base_model_name_or_path=str(base_dir.resolve()), nexus_version=__version__)
+    assert cfg.model_type == family and cfg.gate and cfg.init_strategy == "random"
+    assert json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["format"] == "nexus-adapter"
     keys = load_file(str(tmp_path / "adapter" / WEIGHTS_NAME)).keys()
     assert all(f".{SHARED_NAME}." in k for k in keys)
     reloaded = nexus.load_model(tmp_path / "adapter")
@@ -233,7 +238,7 @@ def test_fractional_width_round_trips_through_an_adapter(tmp_path, width, expect
     base = load_model(tmp_path / "base")
     attach_shared_experts(base, init="random", width_multiplier=width, seed=0)
     shared = next(iter(shared_expert_modules(base).values()))
-    assert shared.down_proj.shape == (1, 32, expected) and base._nexus_config["intermediate_size"] == expected
+    assert shared.down_proj.shape == (1, 32, expected) and base.nexus_config.intermediate_size == expected
     save_adapter(base, tmp_path / "adapter")
     loaded = load_model(tmp_path / "adapter")
     ids = torch.randint(4, 96, (1, 8))

@@ -1,4 +1,4 @@
-"""Adapter directories: `nexus_config.json` + `nexus_adapter.safetensors`.
+"""Adapter directories: `nexus_config.json` (a `nexus.config.NexusConfig`) + `nexus_adapter.safetensors`.
 
 Keys of the safetensors file are `<moe block path>.nexus_shared_expert.<param>`, plus router
 parameters under their own names when they were trained. An adapter records the base it was made
@@ -9,6 +9,7 @@ the shared experts and loads their weights.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,50 +18,48 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .base.loader import ADAPTER_CONFIG, check_model_path, load_base_model
+from .base.loader import check_model_path, load_base_model
+from .config import CONFIG_NAME, FORMAT, VERSION, NexusConfig
 from .errors import NexusError
-from .fsutil import atomic_path, read_json, write_json
+from .fsutil import atomic_path
 from .moe import find_moe_blocks
 from .shared import SHARED_NAME, attach_shared_experts
 
-CONFIG_NAME = ADAPTER_CONFIG
 WEIGHTS_NAME = "nexus_adapter.safetensors"
-FORMAT = "nexus-adapter"
-VERSION = 1
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable NEXUS weights: shared experts (and routers when trainable), by full name."""
-    cfg = getattr(model, "_nexus_config", None)
+    cfg = getattr(model, "nexus_config", None)
     if cfg is None:
         raise NexusError("model has no NEXUS shared experts attached")
     state = {}
     for name, p in model.named_parameters():
         if f".{SHARED_NAME}." in name:
             state[name] = p.detach()
-    if cfg["trainable_router"]:
+    if cfg.trainable_router:
         for b in find_moe_blocks(model):
             for pname, p in b.router.named_parameters():
                 state[f"{b.path}.{b.router_name}.{pname}"] = p.detach()
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, extra_config: dict | None = None) -> Path:
-    """Write the adapter of `model` to `directory` (created if needed; each file written atomically)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of `model` to `directory` (created if needed; each file written atomically).
+
+    `model.nexus_config` is written with the base the model was loaded from (resolved to an absolute
+    path when it is a local directory) and this NEXUS's version.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = dict(model._nexus_config)
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     base = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", "")
     if base and Path(base).exists():
         base = str(Path(base).resolve())
-    config = {"format": FORMAT, "version": VERSION, "base_model_name_or_path": base, **cfg,
-              "nexus_version": __version__}
-    if extra_config:
-        config.update(extra_config)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    config = replace(model.nexus_config, base_model_name_or_path=base, nexus_version=__version__)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    write_json(directory / CONFIG_NAME, config)
+    config.to_json_file(directory / CONFIG_NAME)
     return directory
 
 
@@ -68,18 +67,9 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """Read and check `nexus_config.json`."""
-    cfg = read_json(Path(directory) / CONFIG_NAME, "NEXUS adapter config")
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise NexusError(f"{Path(directory) / CONFIG_NAME}: not a NEXUS adapter config (format != '{FORMAT}')")
-    if int(cfg.get("version", 0)) > VERSION:
-        raise NexusError(f"{Path(directory) / CONFIG_NAME}: adapter format version {cfg['version']} is newer "
-                         f"than this NEXUS understands ({VERSION})")
-    for key in ("base_model_name_or_path", "model_type", "moe_layers", "width_multiplier"):
-        if key not in cfg:
-            raise NexusError(f"{Path(directory) / CONFIG_NAME}: missing '{key}'")
-    return cfg
+def read_adapter_config(directory: str | os.PathLike) -> NexusConfig:
+    """Read and check `nexus_config.json` of an adapter directory."""
+    return NexusConfig.from_json_file(Path(directory) / CONFIG_NAME)
 
 
 def resolve_base(adapter_dir: Path, recorded: str) -> str:
@@ -119,21 +109,26 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
             expected[name].copy_(t)
 
 
-def attach_from_config(model: nn.Module, cfg: dict, source: str = "adapter") -> nn.Module:
-    """Attach shared experts shaped as `cfg` describes, after checking it fits `model`."""
+def attach_from_config(model: nn.Module, cfg: NexusConfig, source: str = "adapter") -> nn.Module:
+    """Attach shared experts shaped as `cfg` describes, after checking it fits `model`.
+
+    The shared experts start at zero (load their weights next); `model.nexus_config` is `cfg`, so
+    the adapter's record of its init is kept when the model is saved again.
+    """
     model_type = getattr(model.config, "model_type", None)
-    if cfg["model_type"] != model_type:
-        raise NexusError(f"{source}: made for model_type '{cfg['model_type']}', but the base is '{model_type}'")
-    layers = [b.layer for b in find_moe_blocks(model)]
-    if list(cfg["moe_layers"]) != layers:
-        raise NexusError(f"{source}: made for MoE layers {cfg['moe_layers']}, but the base has MoE layers {layers}")
-    if "num_experts" in cfg and cfg["num_experts"] != find_moe_blocks(model)[0].layout.num_experts:
-        raise NexusError(f"{source}: made for {cfg['num_experts']} experts per layer, the base has "
-                         f"{find_moe_blocks(model)[0].layout.num_experts}")
-    attach_shared_experts(model, init="zero", width_multiplier=cfg["width_multiplier"],
-                          intermediate_size=cfg.get("intermediate_size"),
-                          gate=cfg.get("gate", False), trainable_router=cfg.get("trainable_router", False))
-    model._nexus_config.update({k: cfg[k] for k in ("init_strategy", "scale") if k in cfg})
+    if cfg.model_type != model_type:
+        raise NexusError(f"{source}: made for model_type '{cfg.model_type}', but the base is '{model_type}'")
+    blocks = find_moe_blocks(model)
+    layers = [b.layer for b in blocks]
+    if list(cfg.moe_layers) != layers:
+        raise NexusError(f"{source}: made for MoE layers {list(cfg.moe_layers)}, but the base has MoE layers {layers}")
+    if cfg.num_experts != blocks[0].layout.num_experts:
+        raise NexusError(f"{source}: made for {cfg.num_experts} experts per layer, the base has "
+                         f"{blocks[0].layout.num_experts}")
+    attach_shared_experts(model, init="zero", width_multiplier=cfg.width_multiplier,
+                          intermediate_size=cfg.intermediate_size, gate=cfg.gate,
+                          trainable_router=cfg.trainable_router)
+    model.nexus_config = cfg
     return model
 
 
@@ -153,10 +148,9 @@ def load_model(path: str | os.PathLike, dtype=None, device_map=None, base_model:
         return load_base_model(str(path), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
                                dequantize=dequantize)
     cfg = read_adapter_config(path)
-    base = base_model or resolve_base(Path(path), cfg["base_model_name_or_path"])
+    base = base_model or resolve_base(Path(path), cfg.base_model_name_or_path)
     model = load_base_model(base, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
                             what=f"base model of adapter {path}", dequantize=dequantize)
     attach_from_config(model, cfg, source=str(Path(path) / CONFIG_NAME))
     load_adapter_weights(model, path)
-    model._nexus_adapter_path = str(path)
     return model

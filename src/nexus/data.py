@@ -179,7 +179,7 @@ def load_tokenizer(model_path: str | os.PathLike, trust_remote_code: bool = Fals
     path = Path(check_model_path(model_path, what, need_config=model_dir))
     if is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
         what = f"base model of {what} {model_path}"
-        path = Path(check_model_path(resolve_base(path, read_adapter_config(path)["base_model_name_or_path"]),
+        path = Path(check_model_path(resolve_base(path, read_adapter_config(path).base_model_name_or_path),
                                      what, need_config=False))
     check_model_type(path, what, trust_remote_code)
     if path.is_dir() and not has_tokenizer_files(path):  # transformers would build an empty one from config.json

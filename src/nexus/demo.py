@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from . import demo_data
+from .config import CONFIG_NAME, NexusConfig
 from .errors import NexusError
 from .fsutil import atomic_path, read_json
 from .pipeline import Context, run_pipeline
@@ -74,7 +75,7 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     """Compose REPORT.md from the stages' own outputs; returns its path and a two-line summary."""
     work = Path(ctx.work_dir)
     pca = read_json(ctx.out("analyze"), "pca_stats.json")
-    adapter_cfg = read_json(Path(ctx.out("convert")) / "nexus_config.json", "adapter config")
+    adapter_cfg = NexusConfig.from_json_file(Path(ctx.out("convert")) / CONFIG_NAME)
     report = read_json(Path(ctx.out("validate")) / "report.json", "validation report")
     train_dir = Path(ctx.out("train"))
     rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -100,8 +101,8 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
         lines += ["", f"![{png.stem}]({rel(png)})"]
 
     lines += ["", "## Initialization", "",
-              f"Strategy `{adapter_cfg.get('init_strategy')}`, width x{adapter_cfg.get('width_multiplier')}, "
-              f"scale {adapter_cfg.get('scale', 1.0)}: each layer's shared expert is the weighted average of the "
+              f"Strategy `{adapter_cfg.init_strategy}`, width x{adapter_cfg.width_multiplier}, "
+              f"scale {adapter_cfg.scale}: each layer's shared expert is the weighted average of the "
               f"experts selected above (the config fixes k; the category's recommendation is for reference)."]
 
     n = max(1, min(10, len(rows) // 2))  # single steps are noisy: compare the means of the first and last n

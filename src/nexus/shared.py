@@ -4,7 +4,8 @@ The shared expert is an instance of the family's own experts class holding a sin
 computes with the same math (GPT-OSS's clamped SwiGLU, biases), the same weight layout and the same
 experts kernels as the routed experts. It is registered as `<block>.nexus_shared_expert`, and a
 forward hook on the block adds its output to the block's output (keeping the block's return type:
-GPT-OSS returns a tuple). Base parameter names do not change.
+GPT-OSS returns a tuple). Base parameter names do not change. The model records what was attached
+as `model.nexus_config` (a `nexus.config.NexusConfig`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .config import NexusConfig
 from .errors import NexusError
 from .moe import MoEBlock, check_width, experts_class_for, find_moe_blocks, shared_intermediate_size
 
@@ -144,8 +146,10 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
         dtype: dtype of the trainable weights (fp32 by default, even over a bf16 base).
         tensors: {layer index: {param name: [1, ...] tensor}} to copy in instead of `init`.
         scale: multiplies each shared expert's output at init.
+
+    What was attached is recorded as `model.nexus_config`.
     """
-    if getattr(model, "_nexus_config", None) is not None:
+    if getattr(model, "nexus_config", None) is not None:
         raise NexusError("this model already has NEXUS shared experts attached")
     blocks = find_moe_blocks(model)
     std = float(getattr(model.config, "initializer_range", 0.02))
@@ -164,7 +168,7 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
             raise NexusError(f"no shared-expert tensors given for MoE layer {b.layer}")
         init_shared_expert(shared, init, std, layer_tensors, scale, generator)
         b.block.add_module(SHARED_NAME, shared)
-        b.block._nexus_hook = b.block.register_forward_hook(_block_hook, with_kwargs=True)
+        b.block.register_forward_hook(_block_hook, with_kwargs=True)
         for p in shared.parameters():
             p.requires_grad_(True)
         if trainable_router:
@@ -173,17 +177,12 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
             for p in b.router.parameters():
                 p.requires_grad_(True)
         inter = shared.down_proj.shape[1 if b.layout.is_transposed else 2]
-    model._nexus_config = {
-        "model_type": getattr(model.config, "model_type", None),
-        "moe_layers": [b.layer for b in blocks],
-        "num_experts": blocks[0].layout.num_experts,
-        "intermediate_size": int(inter),
-        "width_multiplier": check_width(width_multiplier),
-        "init_strategy": init if tensors is None else "tensors",
-        "gate": bool(gate),
-        "trainable_router": bool(trainable_router),
-        "scale": float(scale),
-    }
+    model.nexus_config = NexusConfig(
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or "",
+        model_type=getattr(model.config, "model_type", None), moe_layers=tuple(b.layer for b in blocks),
+        num_experts=blocks[0].layout.num_experts, intermediate_size=int(inter),
+        width_multiplier=check_width(width_multiplier), init_strategy=init if tensors is None else "tensors",
+        gate=bool(gate), trainable_router=bool(trainable_router), scale=float(scale))
     return model
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..config import CONFIG_NAME  # an adapter directory stands where a model may
 from ..errors import NexusError
 from .cpu_matmul import compute_frozen_linears_in_fp32
 from .files import STORED_DTYPES, SafetensorsDir
@@ -40,7 +41,6 @@ from .sources import (SCALE_SUFFIX, SUPPORTED_QUANTIZATION, FusedSource, Mxfp4So
                       map_expert_sources, quant_method, quantization_config)
 
 log = logging.getLogger("nexus.base")
-ADAPTER_CONFIG = "nexus_config.json"  # an adapter directory stands where a model may (nexus.adapter.CONFIG_NAME)
 DEQUANTIZE_HELP = ("load a quantized base (MXFP4, FP8) dequantized by transformers instead of keeping its "
                    "packed weights (about 4x the memory for MXFP4; default: keep the checkpoint's quantization)")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -65,9 +65,9 @@ def check_model_path(path: str | os.PathLike, what: str = "--model", need_config
     """
     p = Path(path)
     if p.is_dir():
-        if need_config and not (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).is_file():
+        if need_config and not (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
             raise NexusError(f"{what} {path}: directory holds no config.json (not a transformers model "
-                             f"directory) and no {ADAPTER_CONFIG} (not a NEXUS adapter)")
+                             f"directory) and no {CONFIG_NAME} (not a NEXUS adapter)")
         return str(p)
     if p.exists():
         raise NexusError(f"{what} {path}: expected a model directory, got a file")

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..adapter import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME
+from ..adapter import WEIGHTS_NAME
+from ..config import CONFIG_NAME, FORMAT, VERSION, InitProvenance, LayerInit, NexusConfig
 from ..errors import NexusError
-from ..fsutil import atomic_dir, write_json
+from ..fsutil import atomic_dir
 from ..moe import check_width, shared_intermediate_size
 from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from .checkpoint import ExpertReader
@@ -312,7 +313,7 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
                 log(f"layer {lp.layer} [{i + 1}/{len(blocks)}]: {len(lp.experts)} experts, "
                     f"{human(reader.bytes_read - read0)} read, {time.perf_counter() - t0:.2f} s, "
                     f"peak RSS {human(peak_rss_bytes())}, ETA {eta:.0f} s")
-        write_json(tmp / CONFIG_NAME, adapter_config(plan, reader, seed))
+        adapter_config(plan, reader, seed).to_json_file(tmp / CONFIG_NAME)
         if check:
             delta = sanity_forward(tmp, dequantize=dequantize)
             log(f"sanity check: {CHECK_TOKENS} tokens through the converted model, all logits finite "
@@ -329,18 +330,13 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     return summary
 
 
-def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> dict:
-    """nexus_config.json as `nexus.save_adapter` writes it, plus the init's provenance."""
+def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> NexusConfig:
+    """The adapter's config as `nexus.save_adapter` writes it, plus the init's provenance."""
     s = plan.strategy
-    init = {"strategy": s.name, "seed": seed, "scale": plan.scale, "width_multiplier": plan.width_multiplier}
-    if s.reads_experts:
-        init["pca_stats"] = str(plan.pca_stats)
-        init["layers"] = {str(lp.layer): {"experts": lp.experts, "weights": lp.weights} for lp in plan.layers}
-        for lp in plan.layers:
-            if lp.kept_units is not None:  # a fractional width: which hidden units of the merged expert were kept
-                init["layers"][str(lp.layer)]["kept_units"] = lp.kept_units
-    return {"format": FORMAT, "version": VERSION, "base_model_name_or_path": str(reader.model_dir.resolve()),
-            "model_type": reader.config.model_type, "moe_layers": [lp.layer for lp in plan.layers],
-            "num_experts": plan.num_experts, "intermediate_size": plan.shared_intermediate_size,
-            "width_multiplier": plan.width_multiplier, "init_strategy": s.name, "gate": False,
-            "trainable_router": False, "scale": float(plan.scale), "nexus_version": __version__, "init": init}
+    layers = tuple(LayerInit(lp.layer, lp.experts, lp.weights, lp.kept_units) for lp in plan.layers) \
+        if s.reads_experts else ()
+    init = InitProvenance(seed=seed, pca_stats=str(plan.pca_stats) if s.reads_experts else None, layers=layers)
+    return NexusConfig(base_model_name_or_path=str(reader.model_dir.resolve()), model_type=reader.config.model_type,
+                       moe_layers=tuple(lp.layer for lp in plan.layers), num_experts=plan.num_experts,
+                       intermediate_size=plan.shared_intermediate_size, width_multiplier=plan.width_multiplier,
+                       init_strategy=s.name, scale=float(plan.scale), nexus_version=__version__, init=init)

@@ -59,9 +59,7 @@ def model_shape(path: str) -> tuple[str, list[int], int]:
 
     if is_adapter_dir(path):
         cfg = read_adapter_config(path)
-        if "num_experts" in cfg:
-            return cfg["model_type"], list(cfg["moe_layers"]), int(cfg["num_experts"])
-        path = cfg["base_model_name_or_path"]
+        return cfg.model_type, list(cfg.moe_layers), cfg.num_experts
     from transformers import AutoModelForCausalLM
 
     config = load_config(path)

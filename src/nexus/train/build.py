@@ -4,6 +4,7 @@ before any step runs, and errors name the flag to fix."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ log = logging.getLogger("nexus.train")
 def student_base_path(student: str) -> str:
     """The base model a student stands on: the adapter's recorded base, or the model itself."""
     if is_adapter_dir(student):
-        return resolve_base(Path(student), read_adapter_config(student)["base_model_name_or_path"])
+        return resolve_base(Path(student), read_adapter_config(student).base_model_name_or_path)
     return student
 
 
@@ -63,7 +64,9 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
             log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
                         "gradient (only an output bias, where the family has one, can learn); use random or a "
                         "converted adapter")
-    model._nexus_config["trainable_router"] = bool(model._nexus_config["trainable_router"] or cfg.train_router)
+    # an adapter whose routers were trained keeps carrying them, even when this run freezes them
+    model.nexus_config = replace(model.nexus_config,
+                                 trainable_router=model.nexus_config.trainable_router or cfg.train_router)
     for p in router_params(blocks).values():
         p.requires_grad_(cfg.train_router)
     model.config.use_cache = False
@@ -104,12 +107,12 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
 
         cache = TeacherCache(cfg.precomputed_teacher)
         check_cache(cache, cfg, model, tokenizer)
-        return CacheTeacher(cache, device, model._nexus_config["moe_layers"])
+        return CacheTeacher(cache, device, list(model.nexus_config.moe_layers))
     tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device else device
     base = student_base_path(cfg.student_model)
     if cfg.teacher_model is None or (_same_path(cfg.teacher_model, base) and tdev == device):
         blocks = find_moe_blocks(model)
-        swap = model._nexus_config["trainable_router"]
+        swap = model.nexus_config.trainable_router
         return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
     check_model_path(cfg.teacher_model, "--teacher-model")
     teacher = load_model(cfg.teacher_model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
@@ -121,8 +124,8 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
         tblocks = find_moe_blocks(teacher)
     except NexusError:
         tblocks = None
-    if tblocks is None or [b.layer for b in tblocks] != model._nexus_config["moe_layers"] or \
-            tblocks[0].layout.num_experts != model._nexus_config["num_experts"]:
+    if tblocks is None or [b.layer for b in tblocks] != list(model.nexus_config.moe_layers) or \
+            tblocks[0].layout.num_experts != model.nexus_config.num_experts:
         if cfg.router_kl_weight > 0:
             raise NexusError(f"--router-kl-weight needs a teacher with the student's MoE layers and experts; "
                              f"--teacher-model {cfg.teacher_model} has a different layout")
@@ -150,9 +153,9 @@ def check_cache(cache, cfg: TrainConfig, model: nn.Module, tokenizer) -> None:
                              + (f" ({flag})" if flag else ""))
     if cfg.router_kl_weight > 0 and not cache.router_topk:
         raise NexusError(f"{where}: holds no router outputs; --router-kl-weight needs a cache made with --router-topk")
-    if cache.router_topk and cache.moe_layers != model._nexus_config["moe_layers"]:
+    if cache.router_topk and list(cache.moe_layers) != list(model.nexus_config.moe_layers):
         raise NexusError(f"{where}: router outputs for MoE layers {cache.moe_layers}, the student has "
-                         f"{model._nexus_config['moe_layers']}")
+                         f"{list(model.nexus_config.moe_layers)}")
 
 
 def data_spec(cfg: TrainConfig, dataset: str | None = None) -> DataSpec:

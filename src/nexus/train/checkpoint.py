@@ -75,7 +75,7 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, model, trainer_state: dict, extra_config: dict, optimizer_state: dict | None = None,
+def save(path: Path, model, trainer_state: dict, optimizer_state: dict | None = None,
          rng_states: list[dict] | None = None, masters: dict[str, torch.Tensor] | None = None,
          anchor: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `path` atomically (an existing one, e.g. from an interrupted run, is replaced).
@@ -83,7 +83,7 @@ def save(path: Path, model, trainer_state: dict, extra_config: dict, optimizer_s
     `final/` passes only the adapter and the trainer state: it is a result, not a resume point.
     """
     with atomic_dir(path, overwrite=True) as tmp:
-        save_adapter(model, tmp, extra_config)
+        save_adapter(model, tmp)
         write_json(tmp / STATE, trainer_state)
         if optimizer_state is not None:
             torch_save(optimizer_state, tmp / OPTIMIZER)

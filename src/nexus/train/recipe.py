@@ -311,11 +311,10 @@ class Trainer:
         path = self.out / ("final" if final else f"checkpoint-{self.step}")
         rng = dist.all_gather_object(ckpt.capture_rng())
         if self.rank == 0:
-            extra = {"training": {"step": self.step, "output_dir": str(self.out.resolve())}}
             if final:
-                ckpt.save(path, self.model, self._trainer_state(), extra)
+                ckpt.save(path, self.model, self._trainer_state())
             else:
-                ckpt.save(path, self.model, self._trainer_state(), extra, self.optimizer.state_dict(), rng,
+                ckpt.save(path, self.model, self._trainer_state(), self.optimizer.state_dict(), rng,
                           self.params.master_state(), self.anchor)
             removed = [] if final else ckpt.rotate(self.out, self.cfg.save_total_limit)
             log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))

@@ -96,7 +96,7 @@ def _display(path: str) -> str:
 def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
     """(separate baseline to load, or None to run `model` with its shared experts off; baseline name)."""
     if is_adapter_dir(model):
-        base = resolve_base(Path(model), read_adapter_config(model)["base_model_name_or_path"])
+        base = resolve_base(Path(model), read_adapter_config(model).base_model_name_or_path)
         if baseline is None or _same_path(baseline, base):
             return None, _display(base)
     elif baseline is None:
