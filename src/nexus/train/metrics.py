@@ -31,6 +31,11 @@ class Thresholds:
     router_l1: float = 0.5
 
 
+def rate(x: float) -> str:
+    """A throughput for a console line: whole numbers from 10 up, else 2 significant digits (0.09, not 0)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def health_warnings(row: dict, t: Thresholds) -> list[tuple[str, str]]:
     """(kind, message) for each threshold a metrics row crosses."""
     out = []
@@ -57,7 +62,7 @@ def console_line(row: dict, max_steps: int, eta_s: float) -> str:
     parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}"]
     if row.get("kl") is not None:
         parts.append(f"kl {row['kl']:.4f}")
-    parts += [f"lr {row['lr']:.2e}", f"T {row['temperature']:.2f}", f"{row['tokens_per_s']:,.0f} tok/s",
+    parts += [f"lr {row['lr']:.2e}", f"T {row['temperature']:.2f}", f"{rate(row['tokens_per_s'])} tok/s",
               f"ETA {format_eta(eta_s)}"]
     if "eval_loss" in row:
         parts.insert(2, f"eval {row['eval_loss']:.4f}")
