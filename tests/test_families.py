@@ -1,0 +1,177 @@
+"""Every text MoE family of transformers: served correctly or refused by name, never guessed.
+
+The families are enumerated from transformers itself: every causal-LM model type whose modeling file
+builds experts with `use_experts_implementation`. A family that appears in neither `SUPPORTED` nor
+`REFUSED` below fails `test_every_family_is_in_a_table`, so a transformers upgrade cannot slip one in.
+Each supported family is checked on a tiny random model built here (hidden 32, 2 layers, 8 experts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import pytest
+import torch
+
+import nexus
+import nexus.shared
+from nexus.errors import NexusError
+from nexus.families import FAMILY_RULES
+from nexus.moe import find_moe_blocks
+from nexus.routing import router_hooks, router_probs
+from nexus.shared import SHARED_NAME, init_shared_expert, shared_expert_modules, shared_experts_disabled
+
+VOCAB = 96
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, intermediate_size=48, moe_intermediate_size=16, expert_intermediate_size=16,
+             max_position_embeddings=128, num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
+             num_experts_per_tok=2, top_k_experts=2, moe_topk=2, moe_k=2, experts_per_token=2,
+             pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+# Per-family changes to SIZES that the family's config needs to build a tiny model.
+TINY: dict[str, dict] = {
+    "deepseek_v3": dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        num_key_value_heads=4, n_group=2, topk_group=1),
+}
+
+# Multimodal wrappers whose text model is the case that is built (same experts, same blocks).
+TESTED_AS = {"gemma4": "gemma4_text", "dots3_note": "dots3_note_text", "qwen3_5_moe": "qwen3_5_moe_text",
+             "qwen4_exp": "qwen4_exp_text"}
+
+SUPPORTED = [
+    "afmoe", "aria_text", "cohere2_moe", "deepseek_v3", "deepseek_v4", "ernie4_5_moe", "exaone_moe", "flex_olmo",
+    "gemma4_text", "glm4_moe", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe",
+    "hy_v3", "inkling_text", "inkling2_text", "inkling2_loop_text", "kolibri1", "laguna", "lara_mini", "mellum",
+    "mimo_v2_flash", "minimax", "minimax_m2", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
+    "qwen3_moe", "sarvam_moe",
+]
+REFUSED: dict[str, str] = {}  # model type -> a fragment of the NexusError message
+
+
+def _transformers_families() -> set[str]:
+    """Causal-LM model types whose modeling file builds experts with `use_experts_implementation`."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    classes = set()
+    for name in os.listdir(root):
+        path = os.path.join(root, name, f"modeling_{name}.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if "@use_experts_implementation" in text:
+                classes.update(re.findall(r"^class (\w+)\(", text, re.M))
+    found = {t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if isinstance(cls, str) and cls in classes}
+    return found
+
+
+def test_every_family_is_in_a_table():
+    families = _transformers_families()
+    listed = set(SUPPORTED) | set(REFUSED) | set(TESTED_AS)
+    assert families - listed == set(), "new MoE families: add them to SUPPORTED or REFUSED"
+    assert listed - families == set(), "families no longer in transformers"
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**SIZES, **TINY.get(model_type, {})}.items():
+        if key in TINY.get(model_type, {}) or hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def _tiny_model(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    with torch.no_grad():  # routers start at zero in several families' init; give them weight
+        for name, p in model.named_parameters():
+            if re.search(r"(router|gate)(\.\w+)?\.weight$", name) and p.dim() == 2:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _record_input(store, layer, module, args, kwargs):
+    store.setdefault(layer, args[0] if args else kwargs["hidden_states"])
+
+
+def _record_call(store, layer, module, args, kwargs, output):
+    store.setdefault(layer, (args, kwargs, output))
+
+
+def _ids(batch=2, length=6):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_family_is_served_exactly(model_type, monkeypatch):
+    model = _tiny_model(model_type)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    nexus.attach_shared_experts(model, init="zero")
+    blocks = find_moe_blocks(model)
+    rule = FAMILY_RULES.get(model_type)
+    assert all(b.attach == (rule.attach if rule else "block") for b in blocks)
+
+    # 1. Zero init: bit-identical logits.
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+    # 2./3. Non-zero shared expert: hooked output = output with it off + run_shared_expert(input), and
+    # its input is exactly the routed experts' input. The router's output is read and checked too.
+    for shared in shared_expert_modules(model).values():
+        init_shared_expert(shared, "random", std=0.5, generator=torch.Generator().manual_seed(1))
+    calls, experts_in, hooked_io, routing = {}, {}, {}, {}
+    real = nexus.shared.run_shared_expert
+    monkeypatch.setattr(nexus.shared, "run_shared_expert",
+                        lambda shared, x: calls.setdefault(id(shared), (x, real(shared, x)))[1])
+    handles = []
+    for b in blocks:
+        handles.append(b.experts.register_forward_pre_hook(
+            functools.partial(_record_input, experts_in, b.layer), with_kwargs=True))
+        handles.append(b.hooked.register_forward_hook(
+            functools.partial(_record_call, hooked_io, b.layer), with_kwargs=True))
+    with torch.no_grad(), router_hooks(model, lambda layer, lg, w, i: routing.setdefault(layer, (lg, w, i))):
+        model(ids)
+    for h in handles:
+        h.remove()
+    monkeypatch.setattr(nexus.shared, "run_shared_expert", real)
+    assert set(experts_in) == set(hooked_io) == set(routing) == {b.layer for b in blocks}
+    for b in blocks:
+        shared = getattr(b.block, SHARED_NAME)
+        x, shared_out = calls[id(shared)]
+        assert torch.equal(x.reshape(-1, x.shape[-1]), experts_in[b.layer].reshape(-1, x.shape[-1])), b.path
+        args, kwargs, out = hooked_io[b.layer]
+        with torch.no_grad(), shared_experts_disabled(model):
+            off = b.hooked(*args, **kwargs)
+        out, off = (out[0], off[0]) if isinstance(out, tuple) else (out, off)
+        assert shared_out.abs().max() > 1e-3 * off.abs().max(), "shared contribution too small to test"
+        torch.testing.assert_close(out, off + real(shared, args[0] if args else kwargs["hidden_states"]),
+                                   rtol=1e-5, atol=1e-6)
+        logits, weights, indices = routing[b.layer]
+        probs = router_probs(logits)
+        assert probs.shape == (x.reshape(-1, x.shape[-1]).shape[0], b.layout.num_experts)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[0]))
+        assert indices.max() < b.layout.num_experts
+
+    # 4. One backward: gradients reach every shared expert and nothing else.
+    model.train()
+    logits = model(ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        if f".{SHARED_NAME}." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or not p.grad.any(), name
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_family_is_refused_by_name(model_type):
+    model = _tiny_model(model_type)
+    with pytest.raises(NexusError, match=rf"model type '{model_type}\b.*{REFUSED[model_type]}"):
+        nexus.attach_shared_experts(model)
