@@ -27,13 +27,46 @@ VOCAB = 96
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, intermediate_size=48, moe_intermediate_size=16, expert_intermediate_size=16,
              max_position_embeddings=128, num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
-             num_experts_per_tok=2, top_k_experts=2, moe_topk=2, moe_k=2, experts_per_token=2,
+             num_experts_per_tok=2, top_k_experts=2, first_k_dense_replace=1, n_group=1, topk_group=1, moe_topk=2, moe_k=2, experts_per_token=2,
              pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 # Per-family changes to SIZES that the family's config needs to build a tiny model.
+MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+           num_key_value_heads=4, n_group=2, topk_group=1)
+HYBRID = dict(layer_types=["linear_attention", "full_attention"], linear_num_heads=4, linear_head_dim=8,
+              linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 TINY: dict[str, dict] = {
-    "deepseek_v3": dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                        num_key_value_heads=4, n_group=2, topk_group=1),
+    "deepseek_v3": MLA, "sarvam_mla": MLA, "deepseek_v2": MLA, "glm4_moe_lite": MLA,
+    "deepseek_v32": dict(MLA, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], index_head_dim=16, index_n_heads=2,
+                         layer_types=None),
+    "glm_moe_dsa": dict(MLA, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], index_head_dim=16, index_n_heads=2),
+    "axk1": dict(MLA, q_lora_rank=16, mlp_layer_types=["dense", "sparse"]),
+    "axk2": dict(MLA, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], index_head_dim=16, index_n_heads=2,
+                 layer_types=None),
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, layer_types=None, max_window_layers=2),
+    "dots3_note_text": dict(MLA, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], index_head_dim=16,
+                            index_n_heads=2, layer_types=None, shared_experts_intermediate_size=16),
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+                        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                        vocab_size_per_layer_input=VOCAB, global_head_dim=8),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
+    "beam": dict(mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"]),
+    "flint": dict(mlp_only_layers=[0], layer_types=["sliding_attention", "full_attention"],
+                  shared_expert_intermediate_size=16),
+    "jamba": dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
+                  use_mamba_kernels=False, mamba_dt_rank=4, mamba_d_state=4),
+    "kimi_linear": dict(MLA, mlp_layer_types=["dense", "sparse"], num_experts_per_token=2, **HYBRID),
+    "qwen3_next": dict(HYBRID, shared_expert_intermediate_size=16),
+    "qwen3_5_moe_text": dict(HYBRID, shared_expert_intermediate_size=16),
+    "qwen4_exp_text": dict(HYBRID, shared_expert_intermediate_size=16, indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, hc_lowrank=8,
+                           ple_embed_dim=32, ngram_vocab_size_base=128, make_ngram_vocab_size_divisible_by=8,
+                           heads_per_ngram=2, split_ngram_parts=4),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=16, layer_types=["hybrid", "hybrid"]),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16,
+                             mamba_chunk_size=8),
+    "bailing_hybrid": dict(MLA, mlp_layer_types=["dense", "sparse"], num_experts_per_token=2, layer_group_size=2,
+                           **HYBRID),
 }
 
 # Multimodal wrappers whose text model is the case that is built (same experts, same blocks).
@@ -41,11 +74,14 @@ TESTED_AS = {"gemma4": "gemma4_text", "dots3_note": "dots3_note_text", "qwen3_5_
              "qwen4_exp": "qwen4_exp_text"}
 
 SUPPORTED = [
-    "afmoe", "aria_text", "cohere2_moe", "deepseek_v3", "deepseek_v4", "ernie4_5_moe", "exaone_moe", "flex_olmo",
-    "gemma4_text", "glm4_moe", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe",
-    "hy_v3", "inkling_text", "inkling2_text", "inkling2_loop_text", "kolibri1", "laguna", "lara_mini", "mellum",
-    "mimo_v2_flash", "minimax", "minimax_m2", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
-    "qwen3_moe", "sarvam_moe",
+    "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3",
+    "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
+    "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
+    "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_loop_text",
+    "inkling2_text", "inkling_text", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe",
+    "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe",
+    "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp_text", "sarvam_mla",
+    "sarvam_moe", "solar_open", "zaya",
 ]
 REFUSED: dict[str, str] = {}  # model type -> a fragment of the NexusError message
 
@@ -76,13 +112,13 @@ def test_every_family_is_in_a_table():
 
 
 def tiny_config(model_type: str):
+    """SIZES where the family's config has the field, then the family's own TINY changes."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
-    for key, value in {**SIZES, **TINY.get(model_type, {})}.items():
-        if key in TINY.get(model_type, {}) or hasattr(config, key):
-            setattr(config, key, value)
-    return config
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    kw = {k: v for k, v in SIZES.items() if k in defaults}
+    kw.update(TINY.get(model_type, {}))
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def _tiny_model(model_type: str):
