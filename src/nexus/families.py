@@ -50,7 +50,10 @@ FAMILY_RULES: dict[str, FamilyRule] = {
 }
 
 # model_type -> why NEXUS refuses it (the general mechanism would find blocks, but serving them needs new math).
-REFUSED_FAMILIES: dict[str, str] = {}
+REFUSED_FAMILIES: dict[str, str] = {
+    "zaya": "its router scores num_experts + 1 classes (a skip expert) and carries router state from layer to "
+            "layer, so its routing has no per-layer [T, num_experts] logits for NEXUS to read",
+}
 
 
 def model_types(config) -> list[str]:
