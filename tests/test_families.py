@@ -67,6 +67,7 @@ TINY: dict[str, dict] = {
                            indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, hc_lowrank=8,
                            ple_embed_dim=32, ngram_vocab_size_base=128, make_ngram_vocab_size_divisible_by=8,
                            heads_per_ngram=2, split_ngram_parts=4),
+    "nemotron_h": dict(moe_latent_size=16, moe_shared_expert_intermediate_size=16),  # latent MoE: experts at 16
     "zaya": dict(num_experts_per_tok=1, router_hidden_size=16, layer_types=["hybrid", "hybrid"]),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16,
                              mamba_chunk_size=8),
@@ -216,3 +217,53 @@ def test_family_is_refused_by_name(model_type):
     model = _tiny_model(model_type)
     with pytest.raises(NexusError, match=rf"model type '{model_type}\b.*{REFUSED[model_type]}"):
         nexus.attach_shared_experts(model)
+
+
+def test_decoder_layer_moe_without_a_rule_is_refused_by_name(monkeypatch):
+    """Gemma 4 keeps router and experts in the decoder layer: without its rule it must not be attached to."""
+    monkeypatch.delitem(FAMILY_RULES, "gemma4_text")
+    with pytest.raises(NexusError, match=r"model type 'gemma4_text'.*directly in decoder layer model\.layers\.0"):
+        nexus.attach_shared_experts(_tiny_model("gemma4_text"))
+
+
+def test_latent_moe_without_a_rule_is_refused_by_name(monkeypatch):
+    """Nemotron-H with moe_latent_size runs its experts at width 16 inside a block that receives 32."""
+    monkeypatch.delitem(FAMILY_RULES, "nemotron_h")
+    with pytest.raises(NexusError, match=r"model type 'nemotron_h'.*width 16 but the block receives hidden_size 32"):
+        nexus.attach_shared_experts(_tiny_model("nemotron_h"))
+
+
+def test_latent_shared_expert_is_built_at_the_experts_width():
+    model = nexus.attach_shared_experts(_tiny_model("nemotron_h"), init="random", seed=0)
+    for b in find_moe_blocks(model):
+        assert b.layout.hidden_size == 16 and b.hooked is b.experts
+        assert getattr(b.block, SHARED_NAME).down_proj.shape[1:] == b.experts.down_proj.shape[1:]
+
+
+def test_experts_fed_something_else_than_the_block_input_is_refused_at_forward():
+    """The check runs on every forward: a block that transforms its input before the experts is caught."""
+    model = nexus.attach_shared_experts(_tiny_model("mixtral"))
+    find_moe_blocks(model)[0].experts.register_forward_pre_hook(lambda m, args: (args[0] * 2,) + args[1:],
+                                                                prepend=True)
+    with pytest.raises(NexusError, match=r"model type 'mixtral'.*experts of model\.layers\.0\.mlp receive a tensor "
+                                         r"other than the block's input"):
+        model(_ids())
+
+
+def test_router_output_of_another_form_is_refused_by_name():
+    model = nexus.attach_shared_experts(_tiny_model("qwen3_moe"))
+    find_moe_blocks(model)[0].router.register_forward_hook(lambda m, args, out: out[0])
+    with pytest.raises(NexusError, match=r"model type 'qwen3_moe'.*router of model\.layers\.0\.mlp returns"):
+        with router_hooks(model, lambda *a: None):
+            model(_ids())
+
+
+def test_probability_router_is_read_as_log_probabilities():
+    """Gemma 4's router returns softmax probabilities: statistics must see them once, not softmaxed again."""
+    model = _tiny_model("gemma4_text")
+    seen, got = [], []
+    block = find_moe_blocks(model)[0]
+    block.router.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    with torch.no_grad(), router_hooks(model, lambda layer, lg, w, i: got.append(lg) if layer == block.layer else None):
+        model(_ids())
+    torch.testing.assert_close(router_probs(got[0]), seen[0].float())
