@@ -267,3 +267,13 @@ def test_probability_router_is_read_as_log_probabilities():
     with torch.no_grad(), router_hooks(model, lambda layer, lg, w, i: got.append(lg) if layer == block.layer else None):
         model(_ids())
     torch.testing.assert_close(router_probs(got[0]), seen[0].float())
+
+
+def test_muse_spark_latent_moe_is_refused_by_name():
+    """Muse Spark (no causal-LM class; its text model only) projects to moe_hidden_size before its experts."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("muse_spark_text", **{**{k: v for k, v in SIZES.items() if "token_id" not in k},
+                                                         "moe_hidden_size": 16})
+    with pytest.raises(NexusError, match=r"model type 'muse_spark_text'.*width 16 but the block receives hidden_size 32"):
+        nexus.attach_shared_experts(AutoModel.from_config(config))
