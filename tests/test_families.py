@@ -21,7 +21,7 @@ import nexus.shared
 from nexus.errors import NexusError
 from nexus.families import FAMILY_RULES
 from nexus.moe import find_moe_blocks
-from nexus.routing import router_hooks, router_probs
+from nexus.routing import routed_top_k, router_hooks, router_probs
 from nexus.shared import SHARED_NAME, init_shared_expert, shared_expert_modules, shared_experts_disabled
 
 # transformers collects garbage while building a model; with every family's modeling module imported the
@@ -201,7 +201,7 @@ def test_family_is_served_exactly(model_type, monkeypatch):
         probs = router_probs(logits)
         assert probs.shape == (x.reshape(-1, x.shape[-1]).shape[0], b.layout.num_experts)
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[0]))
-        assert indices.max() < b.layout.num_experts
+        assert indices.max() < b.layout.num_experts and indices.shape[1] == routed_top_k(model.config)
 
     # 4. One backward: gradients reach every shared expert and nothing else.
     model.train()
