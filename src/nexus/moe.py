@@ -4,9 +4,14 @@ Every MoE family in transformers 5 keeps its routed experts in one module whose 
 `transformers.integrations.moe.use_experts_implementation`: 3-D parameters (`gate_up_proj` or
 `up_proj`, `down_proj`, optional `*_bias`), the layout flags `is_transposed`, `is_concatenated`,
 `has_bias`, `has_gate`, and its own `_apply_gate`. The module that owns such an experts module is
-the MoE block; its router is the sibling whose weight is [num_experts, hidden]. Nothing here is
-per-family: GPT-OSS, Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3 and any later family on the same
-interface are found the same way.
+the MoE block; its router is the sibling whose weight is [num_experts, hidden]. GPT-OSS, Qwen2/3-MoE,
+Mixtral, OLMoE, DeepSeek-V3 and any later family on the same interface are found the same way.
+
+The mechanism checks what it assumes instead of guessing: the block is a feed-forward inside a
+decoder layer (not the layer itself, whose input is the residual stream), the experts work at the
+block's input width (not a latent width), and the block's input is what the experts receive
+(checked on every forward, `check_experts_input`). A family that breaks one is served only as
+`nexus.families` says, and refused by name otherwise.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import NexusError
+from .families import ATTACH_BLOCK, ATTACH_EXPERTS, ROUTER_LOGITS, family_rule, model_types, refusal
 
 SUPPORTED_FAMILIES = ("gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")
 _INTERFACE_FLAGS = ("has_gate", "is_transposed", "has_bias", "num_experts")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_DECODER_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,14 @@ class MoEBlock:
     router: nn.Module | None
     router_name: str | None
     layout: ExpertsLayout
+    model_type: str = "?"
+    attach: str = ATTACH_BLOCK  # nexus.families: where the shared expert reads its input and adds its output
+    router_returns: str = ROUTER_LOGITS  # what the router's first output is (nexus.families)
+
+    @property
+    def hooked(self) -> nn.Module:
+        """The module whose input the shared expert reads and to whose output it adds its own."""
+        return self.experts if self.attach == ATTACH_EXPERTS else self.block
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -177,7 +192,10 @@ def layout_of(module: nn.Module, config=None) -> ExpertsLayout:
                          has_bias=has_bias, is_transposed=is_transposed, is_concatenated=is_concatenated)
 
 
-def _find_router(block: nn.Module, experts_name: str, num_experts: int, hidden: int):
+def _find_router(block: nn.Module, experts_name: str, num_experts: int, hidden: int, named: str | None = None):
+    if named is not None:  # the family table names it (its output is checked on every call, nexus.routing)
+        child = getattr(block, named, None)
+        return (named, child) if isinstance(child, nn.Module) else (None, None)
     for name, child in block.named_children():
         if name == experts_name or name.startswith("nexus_"):
             continue
@@ -187,8 +205,64 @@ def _find_router(block: nn.Module, experts_name: str, num_experts: int, hidden: 
     return None, None
 
 
+def model_type_of(model: nn.Module) -> str:
+    """The model type a message should name: the config's, with its text config's when that differs."""
+    config = getattr(model, "config", None)
+    types = model_types(config) if config is not None else []
+    return " / ".join(types) if types else type(model).__name__
+
+
+def _text_hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if get_text is not None else config
+    hidden = getattr(text, "hidden_size", None)
+    return hidden if isinstance(hidden, int) else None
+
+
+def _check_block(model_type: str, path: str, layout: ExpertsLayout, attach: str, hidden: int | None) -> None:
+    """Refuse by name a block whose layout breaks what attaching at the block assumes."""
+    if attach == ATTACH_EXPERTS:
+        return  # the shared expert reads and writes at the experts module itself: no assumption on the block
+    if _DECODER_LAYER_RE.search(path):
+        raise NexusError(f"model type '{model_type}': the routed experts sit directly in decoder layer {path}, "
+                         f"so its input is the residual stream, not what the experts receive; NEXUS does not "
+                         f"support this family")
+    if hidden is not None and layout.hidden_size != hidden:
+        raise NexusError(f"model type '{model_type}': the experts of {path} work at width {layout.hidden_size} "
+                         f"but the block receives hidden_size {hidden} (a latent MoE); NEXUS does not support "
+                         f"this family")
+
+
+def check_experts_input(block: MoEBlock, block_input, experts_input) -> None:
+    """Refuse by name when the tensor the routed experts received is not the block's input. (…, H) each."""
+    if experts_input is block_input:
+        return
+    same = experts_input.numel() == block_input.numel() and (
+        experts_input.data_ptr() == block_input.data_ptr()
+        or bool((experts_input.reshape(-1) == block_input.reshape(-1)).all()))
+    if not same:
+        raise NexusError(f"model type '{block.model_type}': the experts of {block.path} receive a tensor other than "
+                         f"the block's input (shape {tuple(experts_input.shape)} vs {tuple(block_input.shape)}), so "
+                         f"a shared expert on the block input would not see what they see; NEXUS does not support "
+                         f"this family")
+
+
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """All MoE blocks of `model`, in layer order. Raises `NexusError` if there are none."""
+    """All MoE blocks of `model`, in layer order, with the family's assumptions checked.
+
+    Raises `NexusError` naming the model type if there are none, if the family is refused
+    (`nexus.families`), or if a block breaks an assumption NEXUS relies on and the table does not say
+    how to serve it.
+    """
+    config = getattr(model, "config", None)
+    model_type = model_type_of(model)
+    why = refusal(config) if config is not None else None
+    if why is not None:
+        raise NexusError(f"model type '{model_type}': {why}; NEXUS does not support this family")
+    rule = family_rule(config) if config is not None else None
+    attach = rule.attach if rule is not None else ATTACH_BLOCK
+    hidden = _text_hidden_size(model)
     blocks = []
     for path, module in model.named_modules():
         if path.endswith("nexus_shared_expert"):
@@ -196,17 +270,19 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         for child_name, child in module.named_children():
             if child_name.startswith("nexus_") or not is_experts_module(child):
                 continue
-            layout = layout_of(child, getattr(model, "config", None))
+            layout = layout_of(child, config)
             m = _LAYER_RE.search(path)
             if m is None:
                 raise NexusError(f"{path}: MoE block outside a `layers.N` list; cannot tell its layer index")
-            router_name, router = _find_router(module, child_name, layout.num_experts, layout.hidden_size)
+            _check_block(model_type, path, layout, attach, hidden)
+            router_name, router = _find_router(module, child_name, layout.num_experts, hidden or layout.hidden_size,
+                                               rule.router if rule is not None else None)
             blocks.append(MoEBlock(layer=int(m.group(1)), path=path, block=module, experts=child,
                                    experts_name=child_name, router=router, router_name=router_name,
-                                   layout=layout))
+                                   layout=layout, model_type=model_type, attach=attach,
+                                   router_returns=rule.router_returns if rule is not None else ROUTER_LOGITS))
     if not blocks:
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        source = getattr(getattr(model, "config", None), "_name_or_path", "")
+        source = getattr(config, "_name_or_path", "")
         raise NexusError(
             f"{source + ': ' if source else ''}model type '{model_type}' has no MoE layers NEXUS can find: it looks "
             f"for experts modules on transformers' unified experts interface. Supported families: "

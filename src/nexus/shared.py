@@ -6,6 +6,12 @@ experts kernels as the routed experts. It is registered as `<block>.nexus_shared
 forward hook on the block adds its output to the block's output (keeping the block's return type:
 GPT-OSS returns a tuple). Base parameter names do not change. The model records what was attached
 as `model.nexus_config` (a `nexus.config.NexusConfig`).
+
+Where `nexus.families` says so (Gemma 4's decoder-layer MoE, latent MoE), the hook sits on the experts
+module instead: the shared expert reads exactly what the routed experts read and its output joins
+theirs, before whatever the layer does next (a norm, a projection back from the latent width). The
+shared expert is still registered on the block, so adapter keys keep the `<block>.nexus_shared_expert`
+form.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import nn
 
 from .config import NexusConfig
 from .errors import NexusError
-from .moe import MoEBlock, check_width, experts_class_for, find_moe_blocks, shared_intermediate_size
+from .moe import MoEBlock, check_experts_input, check_width, experts_class_for, find_moe_blocks, shared_intermediate_size
 
 SHARED_NAME = "nexus_shared_expert"
 GATE_NAME = "nexus_gate"  # optional learnable scalar on the shared expert: output × gate
@@ -69,21 +75,36 @@ def run_shared_expert(shared: nn.Module, hidden_states: torch.Tensor) -> torch.T
     return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
-def _block_hook(block: nn.Module, args, kwargs, output):
-    if not getattr(block, "_nexus_enabled", True):
+def _hooks(b: MoEBlock):
+    """(experts pre-hook, output hook) that run `b`'s shared expert on what the hooked module receives.
+
+    On a block, the experts' input is recorded and checked to be the block's input on every forward.
+    """
+    owner = b.block  # holds the shared expert and the switches (_nexus_enabled, _nexus_record)
+
+    def experts_seen(module, args, kwargs):
+        owner._nexus_experts_input = args[0] if args else kwargs["hidden_states"]
+
+    def add_shared(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen = owner.__dict__.pop("_nexus_experts_input", None)
+        if not getattr(owner, "_nexus_enabled", True):
+            return output
+        if seen is not None and module is owner:
+            check_experts_input(b, x, seen)
+        shared_out = run_shared_expert(getattr(owner, SHARED_NAME), x)
+        recorder = getattr(owner, "_nexus_record", None)
+        if isinstance(output, tuple):
+            routed = output[0]
+            output = (routed + shared_out,) + tuple(output[1:])
+        else:
+            routed = output
+            output = routed + shared_out
+        if recorder is not None:
+            recorder(routed.detach(), shared_out.detach())
         return output
-    x = args[0] if args else kwargs["hidden_states"]
-    shared_out = run_shared_expert(getattr(block, SHARED_NAME), x)
-    recorder = getattr(block, "_nexus_record", None)
-    if isinstance(output, tuple):
-        routed = output[0]
-        output = (routed + shared_out,) + tuple(output[1:])
-    else:
-        routed = output
-        output = routed + shared_out
-    if recorder is not None:
-        recorder(routed.detach(), shared_out.detach())
-    return output
+
+    return experts_seen, add_shared
 
 
 def init_shared_expert(shared: nn.Module, strategy: str = "zero", std: float = 0.02,
@@ -168,7 +189,10 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
             raise NexusError(f"no shared-expert tensors given for MoE layer {b.layer}")
         init_shared_expert(shared, init, std, layer_tensors, scale, generator)
         b.block.add_module(SHARED_NAME, shared)
-        b.block.register_forward_hook(_block_hook, with_kwargs=True)
+        experts_seen, add_shared = _hooks(b)
+        b.hooked.register_forward_hook(add_shared, with_kwargs=True)
+        if b.hooked is b.block:
+            b.experts.register_forward_pre_hook(experts_seen, with_kwargs=True)
         for p in shared.parameters():
             p.requires_grad_(True)
         if trainable_router:
