@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .base.loader import ADAPTER_CONFIG, check_model_path, load_base_model
 from .errors import NexusError
 from .fsutil import atomic_path, read_json, write_json

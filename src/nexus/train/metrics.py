@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..progress import format_eta
 
 log = logging.getLogger("nexus.train")
 
@@ -44,13 +45,6 @@ def health_warnings(row: dict, t: Thresholds) -> list[tuple[str, str]]:
         out.append(("router_l1", f"router L1 drift {row['router_l1']:.3f} is above {t.router_l1} "
                                  f"(routing changes a lot)"))
     return out
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def console_line(row: dict, max_steps: int, eta_s: float) -> str:

@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 
 from ..adapter import resolve_base, is_adapter_dir, read_adapter_config
-from ..chat import add_sampling_arguments, sampling_from_args, start_chat
+from ..chat.session import add_sampling_arguments, sampling_from_args, start_chat
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch, tokenizer_fingerprint
 from ..defaults import SEQ_LEN_HELP, seq_len_for
 from ..device import add_device_arguments, load_for_inference
 from ..errors import NexusError
+from ..fsutil import same_path
 from ..packing import iter_pieces
+from ..progress import bar
 from .metrics import evaluate
 from .report import EXCELLENT_BELOW_PCT, FAIL, FAIL_ABOVE_PCT, build_report, overall_verdict, verdict, write_report
 
@@ -81,13 +83,6 @@ def batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tup
         yield pad_batch(seqs[i:i + batch_size], pad_id)
 
 
-def _same_path(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
-
-
 def _display(path: str) -> str:
     p = Path(path)
     return str(p.resolve()) if p.exists() else path
@@ -97,7 +92,7 @@ def baseline_plan(model: str, baseline: str | None) -> tuple[str | None, str]:
     """(separate baseline to load, or None to run `model` with its shared experts off; baseline name)."""
     if is_adapter_dir(model):
         base = resolve_base(Path(model), read_adapter_config(model)["base_model_name_or_path"])
-        if baseline is None or _same_path(baseline, base):
+        if baseline is None or same_path(baseline, base):
             return None, _display(base)
     elif baseline is None:
         raise NexusError(f"--model {model} is not a NEXUS adapter, so it has no base to compare with; "
@@ -181,8 +176,6 @@ def run(args) -> int:
 
 
 def _validate(model, datasets: dict[str, str], args) -> int:
-    from tqdm import tqdm
-
     baseline_path, baseline_name = baseline_plan(args.model, args.baseline)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     args.seq_len = seq_len_for(model, args.seq_len)
@@ -203,10 +196,9 @@ def _validate(model, datasets: dict[str, str], args) -> int:
         if len(seqs) < args.num_samples:
             print(f"{name}: {path} gives {len(seqs)} sequences (fewer than --num-samples {args.num_samples})",
                   file=sys.stderr)
-        with tqdm(total=sum(len(s) for s in seqs), desc=name, unit="tok", unit_scale=True, mininterval=1.0,
-                  file=sys.stderr) as bar:
+        with bar(sum(len(s) for s in seqs), name, unit="tok") as progress:
             results[name] = evaluate(model, batches(seqs, args.batch_size, tokenizer.pad_token_id), baseline,
-                                     compute_perplexity=args.compute_perplexity, progress=bar.update)
+                                     compute_perplexity=args.compute_perplexity, progress=progress.update)
     del baseline
     report = build_report(_display(args.model), baseline_name, results)
     for name, d in report["datasets"].items():
