@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from nexus import demo_data
 from nexus.base.loader import load_base_model
 from nexus.data import load_tokenizer
-from nexus.validate.cli import batches, sequences
+from nexus.validate.core import batches, sequences
 
 MODEL = str(demo_data.DEMO_MODEL_DIR)
 TEMPERATURE = 2.0  # TrainConfig's default distillation temperature, used by every method here

@@ -190,7 +190,8 @@ def dirs(tmp_path_factory):
 def test_dataset_names_and_sequences(dirs, tmp_path):
     from transformers import AutoTokenizer
 
-    from nexus.validate.cli import parse_datasets, sequences
+    from nexus.validate.cli import parse_datasets
+    from nexus.validate.core import sequences
 
     assert parse_datasets(["a=x.txt", "y/z.jsonl"]) == {"a": "x.txt", "z": "y/z.jsonl"}
     with pytest.raises(nexus.errors.NexusError, match="twice"):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import NexusError
+from .progress import format_bytes
 
 # Errors only a write can give: converted to a user error that names the file.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -40,7 +41,7 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> NexusError | Non
     while not where.exists() and where != where.parent:
         where = where.parent
     try:
-        free = f"; {shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+        free = f"; {format_bytes(shutil.disk_usage(where).free)} free there"
     except OSError:
         free = ""
     return NexusError(f"{path}: cannot write ({os.strerror(code)}{free}); nothing was written under this name "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NexusError
-from ..verbs import VERBS, verb_module
+from ..verbs import verb_module
 
 STAGES = ("sample", "collect", "analyze", "convert", "precompute-teacher", "train", "validate")
 OPTIONAL_STAGES = ("precompute-teacher",)
@@ -25,8 +25,7 @@ TOP_KEYS = ("model", "dataset", "work_dir", "stages")
 
 @dataclass
 class Stage:
-    name: str
-    module: str  # verb module, as in cli.VERBS
+    name: str  # the verb that runs it (nexus.verbs)
     output_flag: str
     output_name: str
     # flag -> callable(ctx) giving the default input wiring
@@ -39,28 +38,28 @@ class Stage:
 
 def _stage_table():
     return {
-        "sample": Stage("sample", VERBS["sample"], "--output", "sample.jsonl",
+        "sample": Stage("sample", "--output", "sample.jsonl",
                         {"--dataset": lambda c: c.dataset, "--tokenizer": lambda c: c.model}),
-        "collect": Stage("collect", VERBS["collect"], "--output", "router_stats.safetensors",
+        "collect": Stage("collect", "--output", "router_stats.safetensors",
                          {"--model": lambda c: c.model, "--dataset": lambda c: c.out("sample")},
                          resume=("--resume",), resume_if_exists=False,  # its partial state sits beside the output
                          needs={"--dataset": "sample"}),
-        "analyze": Stage("analyze", VERBS["analyze"], "--output", "pca_stats.json",
+        "analyze": Stage("analyze", "--output", "pca_stats.json",
                          {"--input": lambda c: c.out("collect")}, needs={"--input": "collect"}),
-        "convert": Stage("convert", VERBS["convert"], "--output", "adapter",
+        "convert": Stage("convert", "--output", "adapter",
                          {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")},
                          needs={"--pca-stats": "analyze"}),
-        "precompute-teacher": Stage("precompute-teacher", VERBS["precompute-teacher"], "--output", "teacher_cache",
+        "precompute-teacher": Stage("precompute-teacher", "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
                                      "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},
                                     done="manifest.json"),  # continues from its complete shards by itself
-        "train": Stage("train", VERBS["train"], "--output-dir", "train",
+        "train": Stage("train", "--output-dir", "train",
                        {"--student-model": lambda c: c.out("convert"), "--dataset": lambda c: c.dataset,
                         "--precomputed-teacher": lambda c: c.out("precompute-teacher") if c.enabled(
                             "precompute-teacher") else None},
                        done="final", resume=("--resume-from-checkpoint", "latest"),
                        needs={"--student-model": "convert"}),
-        "validate": Stage("validate", VERBS["validate"], "--output", "validation",
+        "validate": Stage("validate", "--output", "validation",
                           {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json",
                           needs={"--model": "train"}),
     }
