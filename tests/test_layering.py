@@ -204,6 +204,27 @@ def test_stages_import_each_other_only_along_declared_edges(package):
     assert cross_stage_imports(graph) == []
 
 
+def verb_modules(modules: dict[str, tuple[bool, ast.Module]]) -> dict[str, str]:
+    """{verb: module name} from the `VERBS` table of verbs.py, read from its syntax tree."""
+    for node in modules["verbs"][1].body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "VERBS" in [
+                t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]:
+            return {verb: module.lstrip(".") for verb, module in ast.literal_eval(node.value).items()}
+    raise AssertionError("verbs.py defines no VERBS table")
+
+
+def test_verbs_are_cli_modules_and_import_no_other_verb(package):
+    """Every verb is a `cli` module (its logic lives below it), and no verb module imports another."""
+    modules, graph, _ = package
+    verbs = verb_modules(modules)
+    assert set(verbs.values()) <= set(modules), "a VERBS entry names no module"
+    not_cli = sorted(m for m in verbs.values() if "cli" not in m.split("."))
+    assert not_cli == [], f"verb modules outside a cli module: {not_cli}"
+    verb_set = set(verbs.values())
+    crossing = sorted(f"{m} imports {t}" for m in verb_set for t in graph[m] if t in verb_set)
+    assert crossing == []
+
+
 def test_no_private_name_crosses_a_module_boundary(package):
     _, _, private = package
     assert private == [], "\n".join(f"{m} imports {name} from {t}" for m, t, name in private)
@@ -269,3 +290,10 @@ def test_private_names_are_found(tmp_path):
                       "b.py": "from .a import _hidden\nfrom . import __version__\nfrom nexus.a import _hidden as h\n"})
     _, private = imports(parse_package(tmp_path))
     assert private == [("b", "a", "_hidden"), ("b", "a", "_hidden")]
+
+
+def test_the_architecture_doc_shows_this_layer_table():
+    doc = (SRC.parents[1] / "docs" / "design.md").read_text()
+    section = doc.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    assert [row.split("|")[1].strip() for row in rows[::-1]] == [name for name, _ in LAYERS]
