@@ -280,8 +280,8 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
             log(f"  output: {output_dir} exists; a real run needs --overwrite")
         return {"dry_run": True, "plan": plan}
     if check and available is not None and plan.base_load_bytes > available:
-        raise NexusError(f"the sanity check loads the base model (~{format_bytes(plan.base_load_bytes)}), more than the "
-                         f"{format_bytes(available)} available: pass --skip-check to convert without it")
+        raise NexusError(f"the sanity check loads the base model (~{format_bytes(plan.base_load_bytes)}), more than "
+                         f"the {format_bytes(available)} available: pass --skip-check to convert without it")
     blocks = [reader.blocks[lp.layer] for lp in plan.layers]
     spec = [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32)
             for b in blocks
