@@ -28,7 +28,7 @@ def load_model_config(path: str | os.PathLike, what: str = "--model", trust_remo
     given, path = str(path), Path(path)
     file = path / "config.json" if path.is_dir() else path
     if path.is_dir() and not file.is_file():
-        raise NexusError(f"{what} {path}: directory holds no config.json (not a transformers model directory)")
+        raise NexusError(f"{what} {path}: no config.json (not a transformers model directory)")
     if not file.is_file():
         if is_hub_name(given):
             raise NexusError(f"{what} {path}: no such local directory; a hub name is not fetched (nexus reads no "
