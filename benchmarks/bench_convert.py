@@ -92,9 +92,10 @@ def child(mode: str, args, ckpt: Path, out: Path, stats: Path) -> None:
         generate(ckpt, args.layers, args.experts, args.vocab, shard_gb=SHARD_GB)
         result = {}
     elif mode == "runtime":
-        from nexus.convert.checkpoint import load_config, meta_model
+        from nexus.base.config import load_model_config
+        from nexus.convert.checkpoint import meta_model
 
-        meta_model(load_config(ckpt))
+        meta_model(load_model_config(ckpt))
         result = {}
     elif mode == "convert":
         from nexus.convert.core import convert

@@ -96,7 +96,7 @@ def lora_model(model_dir, rank: int, device):
 def lora_runner(model_dir, data, args, rank: int, distill: bool):
     """PEFT LoRA training on the same stream of batches; calling the result runs one timed step."""
     from nexus.data import load_tokenizer
-    from nexus.train.stream import DataSpec, SequenceStream, StepLayout, build_sequences
+    from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences
 
     model, _ = lora_model(model_dir, rank, args.device)
     model.train()

@@ -1,6 +1,6 @@
 """Helpers of benchmarks/study.py: router statistics once, adapters, and one training run per method.
 
-Every method trains on the same stream of domain batches (nexus.train.stream, the Trainer's own data
+Every method trains on the same stream of domain batches (nexus.stream, the Trainer's own data
 order for a seed) with the same loss, CE + kl_weight × T² × KL(base ‖ model at T), and is scored by
 nexus.validate.metrics.evaluate against one frozen copy of the base model.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from nexus import demo_data
 from nexus.base.loader import load_base_model
 from nexus.data import load_tokenizer
-from nexus.validate.cli import batches, sequences
+from nexus.validate.core import batches, sequences
 
 MODEL = str(demo_data.DEMO_MODEL_DIR)
 TEMPERATURE = 2.0  # TrainConfig's default distillation temperature, used by every method here
@@ -206,7 +206,7 @@ def esft_model(stats_path: Path, per_layer: int):
 def run_custom(kind: str, data: dict, ev: Evaluator, steps: int, seed: int, stats_path: Path, rank: int = 1,
                per_layer: int = 1, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128) -> dict:
     """LoRA or ESFT on the Trainer's data stream with the same loss, AdamW, warmup and clipping."""
-    from nexus.train.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
+    from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
 
     torch.manual_seed(seed)
     tok = load_tokenizer(MODEL)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from tiny_assets import random_text, run_cli, run_main, save_tiny_model, write_jsonl
+from tiny_assets import random_text, run_cli, run_main, save_tiny_model, subprocess_env, write_jsonl
 
 from nexus.stats import pca
 from nexus.stats.accumulate import RouterStats
@@ -205,8 +208,6 @@ def _overlapping(labels) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("layers, experts", [(4, 32), (24, 128), (2, 8)])
 def test_expert_labels_never_overlap(layers, experts):
-    import matplotlib.pyplot as plt
-
     from nexus.stats import plots
     from nexus.stats.analyze import analyze_stats
 
@@ -218,20 +219,29 @@ def test_expert_labels_never_overlap(layers, experts):
         ticks = [int(t.get_text()) for t in ax.get_xticklabels()]
         assert _overlapping(ax.get_xticklabels()) == [], (draw.__name__, ticks)
         assert ticks[0] == 0 and len(ticks) >= min(experts, 8)  # still a useful number of labels
-        plt.close(fig)
 
 
 def test_explained_variance_names_each_of_a_few_layers_and_bands_many():
-    import matplotlib.pyplot as plt
-
     from nexus.stats import plots
     from nexus.stats.analyze import analyze_stats
 
     fig = plots.plot_explained_variance(analyze_stats(synthetic_stats(4, 32), top_k=4))
     assert len(fig.axes) == 1  # no continuous colour bar for 4 discrete layers
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [f"layer {i}" for i in range(4)]
-    plt.close(fig)
     fig = plots.plot_explained_variance(analyze_stats(synthetic_stats(24, 16, tokens=64), top_k=4))
     bar = fig.axes[1]  # a colour bar with one band per layer
     assert fig.axes[0].get_legend() is None and [t.get_text() for t in bar.get_yticklabels()][:2] == ["0", "2"]
-    plt.close(fig)
+
+
+def test_plots_are_drawn_without_pyplot(tmp_path):
+    """Figures of their own: pyplot (and its global backend switch) is never imported."""
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path\n"
+              "from test_analyze import synthetic_stats\n"
+              "from nexus.stats import plots\nfrom nexus.stats.analyze import analyze_stats\n"
+              "paths = plots.write_all(analyze_stats(synthetic_stats(4, 32), top_k=4), Path(sys.argv[1]))\n"
+              "print(all(p.read_bytes()[:4] == b'\\x89PNG' for p in paths if p.suffix == '.png'), "
+              "'matplotlib.pyplot' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parent)],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False"]

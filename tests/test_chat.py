@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nexus import cli
-from nexus.chat import ChatSession, Sampling, final_answer, harmony_display, run_session
+from nexus.chat.session import ChatSession, Sampling, final_answer, harmony_display, run_session
 from tiny_assets import run_cli, sigint_default, subprocess_env
 from tiny_dirs import save_adapter_dir, save_base
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nexus.cli import VERBS, build_parser
+from nexus.cli import build_parser
+from nexus.verbs import VERBS
 
 import tiny_assets
 from conftest import tiny_config
@@ -148,8 +149,8 @@ def test_plan_on_a_hub_name_says_to_download_its_config(capsys, monkeypatch, tmp
     assert code == 2 and out == ""
     assert err.strip() == ("error: --model openai/gpt-oss-20b: no such local directory; a hub name is not fetched "
                            "(nexus reads no network): download its config first, e.g. `hf download "
-                           "openai/gpt-oss-20b config.json --local-dir gpt-oss-20b`, then `nexus plan --model "
-                           "gpt-oss-20b`")
+                           "openai/gpt-oss-20b config.json --local-dir gpt-oss-20b`, then pass --model "
+                           "gpt-oss-20b")
     code, _, err = run_cli(capsys, "plan", "--model", "./models/gpt-oss-20b")  # a path: no hub advice
     assert code == 2 and "no such model directory" in err and "hub" not in err
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from nexus.fsutil import atomic_dir, atomic_path, umask, write_json
-from nexus.pipeline import load_config, run_pipeline
+from nexus.pipeline.runner import load_pipeline_config, run_pipeline
 from tiny_assets import random_text, save_tiny_model, write_jsonl
 
 
@@ -65,7 +65,7 @@ def test_every_pipeline_output_follows_the_umask(tmp_path, with_umask):
                                    "num_samples": 2, "seq_len": 16}}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     with_umask(0o027)
-    run_pipeline(load_config(tmp_path / "p.yaml"), tmp_path)
+    run_pipeline(load_pipeline_config(tmp_path / "p.yaml"), tmp_path)
     found = modes(tmp_path / "out")
     for name in ("sample.jsonl", "router_stats.safetensors", "pca_stats.json", "adapter/nexus_adapter.safetensors",
                  "train/checkpoint-1/nexus_adapter.safetensors", "train/final/nexus_config.json",

@@ -133,13 +133,13 @@ def test_a_finished_train_run_is_not_silently_reused(files, tmp_path):
 def test_ctrl_c_in_pipeline_and_precompute_name_the_command_that_continues():
     from argparse import Namespace
 
-    from nexus import pipeline
+    from nexus.pipeline import cli as pipeline
     from nexus.teacher import cli as teacher_cli
 
-    hint = pipeline.interrupted(Namespace(_argv=["pipeline", "p.yaml", "--from", "train"]))
+    hint = pipeline.interrupted(Namespace(argv=["pipeline", "p.yaml", "--from", "train"]))
     assert hint.endswith("continue with: nexus pipeline p.yaml (it skips them; an interrupted collect or train "
                          "resumes)")
-    hint = teacher_cli.interrupted(Namespace(_argv=["precompute-teacher", "--output", "c d"], output="c d"))
+    hint = teacher_cli.interrupted(Namespace(argv=["precompute-teacher", "--output", "c d"], output="c d"))
     assert hint.endswith("continue with the same command: nexus precompute-teacher --output 'c d'")
 
 
@@ -152,7 +152,7 @@ def test_ctrl_c_in_an_atomic_verb_says_nothing_was_written(argv):
     from nexus.cli import build_parser, interrupted_hint
 
     args = build_parser().parse_args(argv)
-    args._argv = argv
+    args.argv = argv
     output = argv[argv.index("--output") + 1]
     assert interrupted_hint(args) == (f"nothing was written to {output} (it appears only once complete); start "
                                       f"again with: nexus {shlex.join(argv)}")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from nexus.errors import NexusError
-from nexus.pipeline import STAGES, Context, build_stage_args, load_config, run_pipeline, stage_argv
+from nexus.pipeline.runner import STAGES, Context, build_stage_args, load_pipeline_config, run_pipeline, stage_argv
 
 from tiny_assets import random_text, save_tiny_model, write_jsonl
 
@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory):
         },
     }
     (root / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
-    ran = run_pipeline(load_config(root / "pipeline.yaml"), root)
+    ran = run_pipeline(load_pipeline_config(root / "pipeline.yaml"), root)
     return root, cfg, ran
 
 
@@ -56,21 +56,21 @@ def test_every_stage_runs_and_writes_its_output(tiny_run):
 
 def test_finished_stages_are_skipped(tiny_run, capsys):
     root, cfg, _ = tiny_run
-    assert run_pipeline(load_config(root / "pipeline.yaml"), root) == []
+    assert run_pipeline(load_pipeline_config(root / "pipeline.yaml"), root) == []
     assert capsys.readouterr().out.count("complete, skipping") == 6
 
 
 def test_only_reruns_one_stage_and_keeps_the_previous_output(tiny_run):
     root, cfg, _ = tiny_run
     before = (root / "out" / "pca_stats.json").read_text()
-    assert run_pipeline(load_config(root / "pipeline.yaml"), root, only="analyze") == ["analyze"]
+    assert run_pipeline(load_pipeline_config(root / "pipeline.yaml"), root, only="analyze") == ["analyze"]
     assert (root / "out" / "pca_stats.json.previous").read_text() == before
     assert json.loads((root / "out" / "pca_stats.json").read_text()) == json.loads(before)
 
 
 def test_from_plans_the_later_stages(tiny_run, capsys):
     root, cfg, _ = tiny_run
-    run_pipeline(load_config(root / "pipeline.yaml"), root, start="train", dry_run=True)
+    run_pipeline(load_pipeline_config(root / "pipeline.yaml"), root, start="train", dry_run=True)
     out = capsys.readouterr().out
     assert "train: nexus train" in out and "validate: nexus validate" in out and "collect: nexus" not in out
 
@@ -78,7 +78,7 @@ def test_from_plans_the_later_stages(tiny_run, capsys):
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(config, tmp_path):
     assert config.read_text().startswith("# nexus ")  # opens with the command that runs it
-    cfg = load_config(config)
+    cfg = load_pipeline_config(config)
     cfg["work_dir"] = str(tmp_path)
     ctx = Context(cfg, tmp_path)
     for name in STAGES:
@@ -97,7 +97,7 @@ def test_bad_configs(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(NexusError, match=message):
-        load_config(path)
+        load_pipeline_config(path)
 
 
 def test_unknown_stage_option_names_the_stage(tmp_path):

@@ -118,10 +118,14 @@ def test_convert_killed_at_a_random_point_leaves_no_adapter_and_reruns_identical
     work = tmp_path / "work"
     work.mkdir()
     out = work / "adapter"
-    delay = RNG.uniform(0, 0.7)  # more than 0.8 s remain after the first layer: the second one, then the check
+    delay = RNG.uniform(0, 0.7)  # more than 1.2 s remain once the bar is up: two layers, then the check
     proc = subprocess.Popen(slowed("nexus.convert.core", 0.4, ["build_layer", "sanity_forward"], *args, "--output", out),
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert "layer 0 [1/2]" in proc.stdout.readline()  # waits for the first layer
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "convert:" not in seen:  # waits for the progress bar: the output's temporary exists, layers are next
+        char = proc.stderr.read(1)
+        assert char, f"convert ended before its progress bar: {seen[-2000:]}"
+        seen += char
     assert kill_at(proc, lambda: True, delay), f"convert finished before the kill ({delay:.2f} s)"
     assert not out.exists() and leftovers(work, lambda n: False) == []
 

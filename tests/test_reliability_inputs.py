@@ -214,9 +214,9 @@ CASES = {
     # plan: reads config.json only
     ("plan", "missing path"): ({"--model": "{missing}"}, r"--model .*does-not-exist: no such"),
     ("plan", "not a model"): ({"--model": "{notmodel}"}, NOT_A_MODEL),
-    ("plan", "unsupported family"): ({"--model": "{unsupported}"}, r"--model .*unsupported/config\.json: model_type "
+    ("plan", "unsupported family"): ({"--model": "{unsupported}"}, r"--model .*unsupported: model_type "
                                                                     r"'acme_moe' is not a model family"),
-    ("plan", "truncated config.json"): ({"--model": "{model_badconfig}"}, r"config\.json: not valid JSON"),
+    ("plan", "truncated config.json"): ({"--model": "{model_badconfig}"}, r"config\.json is not valid JSON"),
     ("plan", "width multiplier 0"): ({}, r"--width-multiplier must be a positive number, got 0", ["--width-multiplier", "0"]),
     # sample
     ("sample", "missing dataset"): ({"--dataset": "{missing}"}, r"--dataset .*does-not-exist: no such file"),

@@ -19,7 +19,7 @@ from nexus.teacher.cache import MANIFEST, TeacherCache, bytes_per_token, complet
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import read_metrics
 from nexus.train.recipe import Trainer
-from nexus.train.stream import DataSpec, SequenceStream, build_sequences
+from nexus.stream import DataSpec, SequenceStream, build_sequences
 from tiny_assets import nexus_cmd, subprocess_env
 from train_helpers import make_model_dir, make_tokenizer, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)

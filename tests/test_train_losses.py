@@ -11,7 +11,7 @@ from nexus.train.losses import (chunked_head_loss, next_token_positions, router_
                                 sparse_token_kl, token_ce, token_kl)
 from nexus.train.recipe import Trainer
 from nexus.train.step import batch_loss
-from nexus.train.stream import trim_padding
+from nexus.stream import trim_padding
 from train_helpers import make_model_dir, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 

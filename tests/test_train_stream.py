@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nexus.errors import NexusError
-from nexus.train.stream import DataSpec, SequenceSet, SequenceStream, StepLayout, build_sequences, trim_padding
+from nexus.stream import DataSpec, SequenceSet, SequenceStream, StepLayout, build_sequences, trim_padding
 from train_helpers import make_tokenizer, write_chat_dataset, write_text_dataset
 from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
 

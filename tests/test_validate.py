@@ -190,7 +190,8 @@ def dirs(tmp_path_factory):
 def test_dataset_names_and_sequences(dirs, tmp_path):
     from transformers import AutoTokenizer
 
-    from nexus.validate.cli import parse_datasets, sequences
+    from nexus.validate.cli import parse_datasets
+    from nexus.validate.core import sequences
 
     assert parse_datasets(["a=x.txt", "y/z.jsonl"]) == {"a": "x.txt", "z": "y/z.jsonl"}
     with pytest.raises(nexus.errors.NexusError, match="twice"):
@@ -241,11 +242,13 @@ def test_cli_writes_report(dirs):
 
 def test_fail_on_degradation_thresholds_and_single_load(dirs, capsys, monkeypatch):
     from nexus.validate import cli as vcli
+    from nexus.validate import core as vcore
 
     loads = []
     real = vcli.load_for_inference
-    monkeypatch.setattr(vcli, "load_for_inference", lambda path, args, what="--model": loads.append(path) or
-                        real(path, args, what))
+    for module in (vcli, vcore):  # the model (cli) and a separate baseline (core)
+        monkeypatch.setattr(module, "load_for_inference", lambda path, args, what="--model": loads.append(path) or
+                            real(path, args, what))
     out = dirs["root"] / "report_random"
     args = ["validate", "--model", str(dirs["random"]), "--dataset", str(dirs["general"]), "--compute-perplexity",
             "--num-samples", "3", "--seq-len", "16", "--output", str(out), "--baseline", str(dirs["base"])]

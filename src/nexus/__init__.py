@@ -9,9 +9,8 @@
     model = nexus.load_model("adapter/")
 """
 
-__version__ = "0.1.0"
-
-from .adapter import load_model, save_adapter  # noqa: E402
-from .shared import attach_shared_experts  # noqa: E402
+from .adapter import load_model, save_adapter
+from .shared import attach_shared_experts
+from .version import __version__
 
 __all__ = ["attach_shared_experts", "save_adapter", "load_model", "__version__"]

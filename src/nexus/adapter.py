@@ -17,13 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .base.loader import check_model_path, load_base_model
 from .config import CONFIG_NAME, FORMAT, VERSION, NexusConfig
 from .errors import NexusError
 from .fsutil import atomic_path
 from .moe import find_moe_blocks
 from .shared import SHARED_NAME, attach_shared_experts
+from .version import __version__
 
 WEIGHTS_NAME = "nexus_adapter.safetensors"
 

@@ -1,8 +1,8 @@
-"""The `nexus` command line: one verb per pipeline stage, registered in `VERBS`.
+"""The `nexus` command line: one verb per pipeline stage, registered in `nexus.verbs.VERBS`.
 
 Each verb lives in its own module with `add_arguments(parser)` and `run(args) -> int`; the module's
-docstring is the verb's `--help` description. Modules are imported when the parser is built, so a
-verb is listed only if it exists.
+docstring is the verb's `--help` description (the table and the contract: `nexus.verbs`). Modules are
+imported when the parser is built, so a verb is listed only if it exists.
 
 Ctrl-C prints `interrupted; ...` with what the verb keeps and the exact command that continues it
 (a module's `interrupted(args)`), and exits 130. User errors (`NexusError`, a full disk) print
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import os
 import re
@@ -23,26 +22,10 @@ import sys
 
 from .errors import NexusError
 from .fsutil import WRITE_ERRNOS
-
-# verb -> module (relative to the package). Order is the pipeline order shown in --help.
-VERBS = {
-    "plan": ".plan",
-    "sample": ".stats.sample",
-    "collect": ".stats.collect",
-    "analyze": ".stats.analyze",
-    "convert": ".convert",
-    "precompute-teacher": ".teacher.cli",
-    "train": ".train.cli",
-    "validate": ".validate.cli",
-    "chat": ".chat",
-    "plot-metrics": ".train.plots",
-    "pipeline": ".pipeline",
-    "demo": ".demo",
-}
-
+from .verbs import VERBS, verb_module
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="nexus", allow_abbrev=False,
@@ -53,15 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nexus {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, modname in VERBS.items():
-        mod = importlib.import_module(modname, __package__)
+    for verb in VERBS:
+        mod = verb_module(verb)
         doc = (mod.__doc__ or "").strip()
         p = sub.add_parser(verb, help=doc.splitlines()[0] if doc else None, description=doc, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show full tracebacks for errors")
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run, _module=mod, _verb=verb)
+        p.set_defaults(verb_module=mod)
     return parser
 
 
@@ -70,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--use-ddp)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--use-ddp)
     try:
-        code = args._run(args)
+        code = args.verb_module.run(args)
     except KeyboardInterrupt:
         hint = interrupted_hint(args)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one message for the job
@@ -90,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def interrupted_hint(args) -> str | None:
     """What the verb left behind after Ctrl-C and the command that continues it (`interrupted(args)` of its module)."""
-    hint = getattr(getattr(args, "_module", None), "interrupted", None)
+    hint = getattr(getattr(args, "verb_module", None), "interrupted", None)
     if hint is None:
         return None
     try:

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes, and safe JSON reading.
+"""Atomic file and directory writes, safe JSON reading, and path comparison.
 
 Outputs appear under their final name only once complete: everything is written to a temporary
 sibling first, then renamed (a rename within one filesystem is atomic on POSIX). A write that fails
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import NexusError
+from .progress import format_bytes
 
 # Errors only a write can give: converted to a user error that names the file.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -40,7 +41,7 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> NexusError | Non
     while not where.exists() and where != where.parent:
         where = where.parent
     try:
-        free = f"; {shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+        free = f"; {format_bytes(shutil.disk_usage(where).free)} free there"
     except OSError:
         free = ""
     return NexusError(f"{path}: cannot write ({os.strerror(code)}{free}); nothing was written under this name "
@@ -156,6 +157,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise NexusError(f"{path}: binary data (byte {e.start} is not UTF-8), not JSON; expected a {what}") from None
     except json.JSONDecodeError as e:
         raise NexusError(f"{path}: not valid JSON ({e}); expected a {what}") from None
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: equal as written, or both exist and resolve alike."""
+    pa, pb = Path(a), Path(b)
+    return str(a) == str(b) or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:

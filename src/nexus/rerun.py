@@ -2,7 +2,7 @@
 
 Messages after Ctrl-C, and refusals to touch a partial output, print a command the user can copy:
 the one that was run, with the flags that resume (or overwrite) added and the conflicting ones
-removed. `cli.main` and `pipeline` record each verb's own argv in `args._argv` for this.
+removed. `cli.main` and `pipeline` record each verb's own argv in `args.argv` (and its name in `args.verb`) for this.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def command(args, add: tuple[str, ...] = (), drop: dict[str, int] | None = None)
 
     `add` is appended only when its first token is not already on the command line.
     """
-    argv = list(getattr(args, "_argv", None) or [getattr(args, "_verb", "VERB")])
+    argv = list(getattr(args, "argv", None) or [getattr(args, "verb", "VERB")])
     drop = dict(drop or {})
     out, skip = [], 0
     for token in argv:

@@ -238,6 +238,18 @@ def shared_experts_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m._nexus_enabled = True
 
 
+@contextlib.contextmanager
+def recording_shared_output(block: nn.Module, record) -> Iterator[nn.Module]:
+    """Call `record(routed, shared)` (both detached, the block's output shape) on each forward of an
+    MoE block with a shared expert, while inside the context (validate's output-ratio metric)."""
+    previous = getattr(block, "_nexus_record", None)
+    block._nexus_record = record
+    try:
+        yield block
+    finally:
+        block._nexus_record = previous
+
+
 def parameter_summary(model: nn.Module) -> dict[str, int]:
     """Counts of trainable and total parameters (each tensor once; packed quantized experts count the
     weights they hold, not their bytes)."""

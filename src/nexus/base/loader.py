@@ -43,17 +43,17 @@ from .sources import (SCALE_SUFFIX, SUPPORTED_QUANTIZATION, FusedSource, Mxfp4So
 log = logging.getLogger("nexus.base")
 DEQUANTIZE_HELP = ("load a quantized base (MXFP4, FP8) dequantized by transformers instead of keeping its "
                    "packed weights (about 4x the memory for MXFP4; default: keep the checkpoint's quantization)")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPE_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _is_hub_name(path: str) -> bool:
+def is_hub_name(path: str) -> bool:
     """`org/name` that is not a local path: no `.`, `/` or `~` start, and `org` is no local directory.
 
     A name like `runs/adapter` whose first part exists here is a (missing) local path, never a hub
     request: NEXUS goes to the network only for a name that cannot be meant locally.
     """
-    if not _HUB_NAME.match(path) or path.startswith((".", "~")):
+    if not HUB_NAME.match(path) or path.startswith((".", "~")):
         return False
     return not Path(path.split("/", 1)[0]).exists()
 
@@ -71,7 +71,7 @@ def check_model_path(path: str | os.PathLike, what: str = "--model", need_config
         return str(p)
     if p.exists():
         raise NexusError(f"{what} {path}: expected a model directory, got a file")
-    if _is_hub_name(str(path)):
+    if is_hub_name(str(path)):
         return str(path)  # a hub name: transformers resolves (and may download) it
     raise NexusError(f"{what} {path}: no such directory")
 

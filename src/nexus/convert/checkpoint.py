@@ -28,29 +28,13 @@ from pathlib import Path
 import torch
 
 from ..base import mxfp4
+from ..base.config import load_model_config
 from ..base.files import SafetensorsDir
 from ..base import fp8
 from ..base.sources import (FusedSource, Mxfp4Source, PerExpertSource, map_expert_sources, quant_method,
                             quantization_config)
 from ..errors import NexusError
 from ..moe import MoEBlock, find_moe_blocks
-
-
-def load_config(model_dir: str | os.PathLike):
-    """The transformers config of a local model directory; errors name the directory."""
-    from transformers import AutoConfig
-
-    from ..base.loader import check_model_type
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise NexusError(f"--input {path}: no config.json (not a transformers model directory)")
-    check_model_type(path, "--input")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise NexusError(f"--input {path}: cannot read config.json ({type(e).__name__}: {first_line})") from None
 
 
 def meta_model(config):
@@ -70,7 +54,7 @@ class ExpertReader:
 
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = Path(model_dir)
-        self.config = load_config(self.model_dir)
+        self.config = load_model_config(self.model_dir, "--input")
         method = quant_method(self.config)
         if method not in (None, "mxfp4", "fp8"):
             raise NexusError(f"--input {self.model_dir}: '{method}' quantized checkpoints are not supported by convert "

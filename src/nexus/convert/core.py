@@ -21,20 +21,19 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..adapter import WEIGHTS_NAME
 from ..config import CONFIG_NAME, FORMAT, VERSION, InitProvenance, LayerInit, NexusConfig
 from ..errors import NexusError
 from ..fsutil import atomic_dir
 from ..moe import check_width, shared_intermediate_size
+from ..progress import bar, format_bytes
 from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
+from ..version import __version__
 from .checkpoint import ExpertReader
 from .merge import from_units, keep_units, make_merger, strongest_units, to_units, widen
 from ..base.files import StreamingWriter
 from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
 
-GB = 1e9
-MB = 1e6
 CHECK_TOKENS = 8  # tokens in the sanity forward of the converted model
 PROBE_TOKENS = 4  # random hidden states each shared expert is run on before it is written
 # from_pretrained's peak over the loaded weights' size, for the "does the base fit" estimate; MXFP4
@@ -91,25 +90,17 @@ class ConvertPlan:
             lines.append("  layer  read        experts:weights (most important first)")
             for lp in self.layers:
                 pairs = " ".join(f"{e}:{w:.3f}" for e, w in zip(lp.experts, lp.weights))
-                lines.append(f"  {lp.layer:<5d}  {human(lp.read_bytes):>10s}  {pairs}")
-        lines.append(f"  expert bytes to read: {human(self.read_bytes)} "
-                     f"of {human(self.checkpoint_bytes)} in the checkpoint")
-        lines.append(f"  estimated memory: {human(self.working_bytes)} working set (largest layer) "
+                lines.append(f"  {lp.layer:<5d}  {format_bytes(lp.read_bytes):>10s}  {pairs}")
+        lines.append(f"  expert bytes to read: {format_bytes(self.read_bytes)} "
+                     f"of {format_bytes(self.checkpoint_bytes)} in the checkpoint")
+        lines.append(f"  estimated memory: {format_bytes(self.working_bytes)} working set (largest layer) "
                      f"+ the Python/torch runtime")
-        avail = f", {human(available)} available" if available else ""
-        lines.append("  sanity check: " + (f"loads the base (~{human(self.base_load_bytes)}{avail})" if check
+        avail = f", {format_bytes(available)} available" if available else ""
+        lines.append("  sanity check: " + (f"loads the base (~{format_bytes(self.base_load_bytes)}{avail})" if check
                                              else "skipped (--skip-check): each shared expert is still probed"))
-        lines.append(f"  adapter: {human(self.adapter_bytes)} (fp32)")
+        lines.append(f"  adapter: {format_bytes(self.adapter_bytes)} (fp32)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def human(n: float) -> str:
-    """Bytes for people: 1.23 GB, 45.6 MB, 7.8 KB, 12 B."""
-    for unit, div in (("GB", GB), ("MB", MB), ("KB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def resolve_width(strategy: Strategy, width_multiplier: float | None) -> float:
@@ -290,8 +281,8 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
             log(f"  output: {output_dir} exists; a real run needs --overwrite")
         return {"dry_run": True, "plan": plan}
     if check and available is not None and plan.base_load_bytes > available:
-        raise NexusError(f"the sanity check loads the base model (~{human(plan.base_load_bytes)}), more than the "
-                         f"{human(available)} available: pass --skip-check to convert without it")
+        raise NexusError(f"the sanity check loads the base model (~{format_bytes(plan.base_load_bytes)}), more than "
+                         f"the {format_bytes(available)} available: pass --skip-check to convert without it")
     blocks = [reader.blocks[lp.layer] for lp in plan.layers]
     spec = [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32)
             for b in blocks
@@ -302,17 +293,17 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     delta, layer_seconds = None, 0.0
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         with StreamingWriter(tmp / WEIGHTS_NAME, spec, metadata={"format": FORMAT, "version": str(VERSION)}) as w:
-            for i, (b, lp) in enumerate(zip(blocks, plan.layers)):
-                t0, read0 = time.perf_counter(), reader.bytes_read
-                tensors = build_layer(reader, plan, lp, generator, probe)
-                for name in b.layout.param_shapes(1, 1):
-                    w.write(f"{b.path}.{SHARED_NAME}.{name}", tensors[name])
-                del tensors
-                layer_seconds += time.perf_counter() - t0
-                eta = layer_seconds / (i + 1) * (len(blocks) - i - 1)
-                log(f"layer {lp.layer} [{i + 1}/{len(blocks)}]: {len(lp.experts)} experts, "
-                    f"{human(reader.bytes_read - read0)} read, {time.perf_counter() - t0:.2f} s, "
-                    f"peak RSS {human(peak_rss_bytes())}, ETA {eta:.0f} s")
+            with bar(len(blocks), "convert", unit="layer", unit_scale=False) as progress:
+                for b, lp in zip(blocks, plan.layers):
+                    t0 = time.perf_counter()
+                    tensors = build_layer(reader, plan, lp, generator, probe)
+                    for name in b.layout.param_shapes(1, 1):
+                        w.write(f"{b.path}.{SHARED_NAME}.{name}", tensors[name])
+                    del tensors
+                    layer_seconds += time.perf_counter() - t0
+                    progress.set_postfix_str(f"layer {lp.layer}, {format_bytes(reader.bytes_read)} read, "
+                                             f"peak RSS {format_bytes(peak_rss_bytes())}", refresh=False)
+                    progress.update()
         adapter_config(plan, reader, seed).to_json_file(tmp / CONFIG_NAME)
         if check:
             delta = sanity_forward(tmp, dequantize=dequantize)
@@ -323,10 +314,10 @@ def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_st
     summary = {"layers": len(blocks), "experts_read": reader.experts_read, "bytes_read": reader.bytes_read,
                "seconds": seconds, "layer_seconds": layer_seconds, "adapter_bytes": size, "output": str(output_dir),
                "strategy": strategy.name, "peak_rss_bytes": peak_rss_bytes(), "check_max_logit_change": delta}
-    rate = reader.bytes_read / GB / max(layer_seconds, 1e-9)
+    rate = reader.bytes_read / max(layer_seconds, 1e-9)
     log(f"converted {len(blocks)} MoE layers ({strategy.name}): {reader.experts_read} experts, "
-        f"{human(reader.bytes_read)} read ({rate:.3f} GB/s over {layer_seconds:.1f} s of layer work), "
-        f"{seconds:.1f} s in all; adapter {human(size)} written to {output_dir}")
+        f"{format_bytes(reader.bytes_read)} read ({format_bytes(rate)}/s over {layer_seconds:.1f} s of layer work), "
+        f"{seconds:.1f} s in all; adapter {format_bytes(size)} written to {output_dir}")
     return summary
 
 

@@ -1,28 +1,12 @@
 """Router statistics: run the model over a sample and accumulate streaming statistics per MoE layer.
 
-    nexus collect --model path/to/model --dataset sample.jsonl --output router_stats.safetensors
-    nexus collect --model path/to/model --dataset sample.jsonl --resume          # after an interruption
-    torchrun --nproc-per-node 2 -m nexus collect --model ... --dataset ...         # batches sharded over ranks
-    nexus collect --merge a.safetensors b.safetensors --output all.safetensors
-
-Documents (the JSONL written by `nexus sample`, or any --dataset) are tokenized with EOS appended,
-cut into pieces of at most --seq-len tokens (no packing across documents) and batched in order until
---target-tokens real tokens; padding never enters the statistics. For every MoE layer the router
-logits are taken from the router module itself and accumulated as float64 sums (count, prob_sum,
-prob_outer, topk_count, gate_sum, entropy_sum; see DESIGN.md), so memory does not grow with tokens.
-
-Every --flush-every batches the running sums are written atomically to `<stem>.partial.safetensors`
-with the data position; `--resume` continues from there and ends with the same statistics as an
-uninterrupted run; without `--resume` a partial file is refused (the message gives the command that
-resumes and the one that starts over, `--overwrite`), and Ctrl-C prints the command that resumes.
-Under torchrun, global batch b goes to rank b mod world size and the sums are
-all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
-`<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
+`collect` is the run of `nexus collect` (see `nexus.stats.cli.collect` for what it does and its
+flags), `merge` its `--merge`. The partial state of an interrupted run sits beside the output
+(`partial_path`) and records its data position, so a resumed run ends with the same statistics.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -33,13 +17,12 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..base.loader import DEQUANTIZE_HELP
 from ..data import check_seq_len, iter_documents, load_tokenizer, pad_batch
-from ..defaults import SEQ_LEN_HELP, seq_len_for
-from ..device import DTYPES, dtype_name, resolve_device, torch_dtype
+from ..defaults import seq_len_for
+from ..device import resolve_device, torch_dtype
 from ..errors import NexusError
 from ..packing import iter_pieces
-from ..rerun import command
+from ..progress import bar, format_bytes, rate
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
@@ -80,66 +63,7 @@ def _forward(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model or adapter directory")
-    p.add_argument("--dataset", help="the sample JSONL from `nexus sample`, or any dataset `nexus sample` reads")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--output", default="router_stats.safetensors",
-                   help="statistics file (default router_stats.safetensors)")
-    p.add_argument("--target-tokens", type=int, default=1_000_000,
-                   help="real (non-padding) tokens to collect; 0 = the whole dataset (default 1000000)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"longest sequence; longer documents are split {SEQ_LEN_HELP}")
-    p.add_argument("--dtype", type=dtype_name, default="auto", metavar="{" + ",".join(DTYPES) + "}",
-                   help="dtype of the model's weights; auto = as stored in the checkpoint (default auto)")
-    p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--flush-every", type=int, default=50,
-                   help="write the partial statistics every N batches, for --resume (default 50)")
-    p.add_argument("--resume", action="store_true", help="continue from <output stem>.partial.safetensors")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --output and discard a partial run's statistics")
-    p.add_argument("--keep-raw", type=int, default=0, metavar="N",
-                   help="also keep a uniform sample of N raw probability vectors per layer (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --keep-raw sample (default 0)")
-    p.add_argument("--text-field", default="text", help="record field holding the text (default text)")
-    p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict")
-    p.add_argument("--merge", nargs="+", metavar="STATS", help="merge these statistics files into --output and exit")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code (off by default)")
-
-
-def check_options(args) -> None:
-    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
-    if args.merge:
-        return
-    if not args.model or not args.dataset:
-        raise NexusError("--model and --dataset are required (or --merge FILES --output FILE)")
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
-                             ("--flush-every", args.flush_every, 1), ("--target-tokens", args.target_tokens, 0),
-                             ("--keep-raw", args.keep_raw, 0)):
-        if value is not None and value < low:
-            raise NexusError(f"{flag} must be at least {low}, got {value}")
-
-
-def _check_args(args) -> None:
-    check_options(args)
-    if args.merge:
-        return
-    if Path(args.output).exists() and not (args.overwrite or args.resume):
-        raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
-    partial = partial_path(args.output)
-    if partial.is_file() and not (args.overwrite or args.resume):
-        raise NexusError(f"{partial}: holds {_what_partial_holds(partial)} of an interrupted run; continue it with: "
-                         f"{resume_command(args)} ; or start over with: "
-                         f"{command(args, add=('--overwrite',), drop={'--resume': 0})}")
-
-
-def resume_command(args) -> str:
-    return command(args, add=("--resume",), drop={"--overwrite": 0})
-
-
-def _what_partial_holds(partial: Path) -> str:
+def partial_description(partial: Path) -> str:
     from safetensors import safe_open
 
     try:
@@ -147,17 +71,6 @@ def _what_partial_holds(partial: Path) -> str:
             return f"the statistics of the first {int((f.metadata() or {})['batches_done'])} batches"
     except Exception:  # unreadable: --resume names the problem
         return "the partial statistics"
-
-
-def interrupted(args) -> str:
-    """The Ctrl-C message: what the partial statistics hold and the command that continues them."""
-    if args.merge:
-        return f"nothing was written to {args.output}"
-    partial = partial_path(args.output)
-    if partial.is_file():
-        return f"{partial} holds {_what_partial_holds(partial)}; continue with: {resume_command(args)}"
-    return (f"nothing was saved yet (the first flush comes after --flush-every {args.flush_every} batches); "
-            f"start again with: {command(args, drop={'--resume': 0})}")
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
@@ -176,7 +89,7 @@ def _reduced(stats: RouterStats, reservoir: RawReservoir | None):
                               reservoir.keys[reservoir.moe_layers[0]].device)
         for i in reservoir.moe_layers:
             for keys, probs in zip(dist.all_gather(reservoir.keys[i]), dist.all_gather(reservoir.probs[i])):
-                merged._keep(i, keys, probs)
+                merged.keep(i, keys, probs)
     return total, merged
 
 
@@ -248,10 +161,40 @@ def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
     return int(meta["batches_done"]), done.tokens
 
 
-def run(args) -> int:
-    _check_args(args)
-    if args.merge:
-        return run_merge(args)
+def merge(args) -> int:
+    """`--merge A B ... --output C`: C holds the sums of A, B, ... (and their raw samples when all have one)."""
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NexusError(f"--output {out} exists (pass --overwrite to replace it)")
+    loaded = [RouterStats.load(p)[0] for p in args.merge]
+    total = loaded[0]
+    for path, other in zip(args.merge[1:], loaded[1:]):
+        total.check_compatible(other, what=f"--merge {path} vs {args.merge[0]}")
+        total.merge_(other)
+    sources = sorted({s.source_model for s in loaded})
+    total.source_model = sources[0] if len(sources) == 1 else "; ".join(sources)
+    raws = [raw_path(p) for p in args.merge]
+    raw = None
+    if all(r.is_file() for r in raws):
+        samples = [RawReservoir.load(r) for r in raws]
+        if len({r.seed for r in samples}) < len(samples):
+            print("note: some raw samples were drawn with the same --seed, so their random keys repeat and the "
+                  "merged raw sample is not uniform; use a different --seed per shard")
+        raw = samples[0]
+        for other in samples[1:]:
+            raw.merge_(other)
+    elif any(r.is_file() for r in raws):
+        print("note: only some inputs have a raw sample (*.raw.safetensors); the merge has none")
+    if raw is not None:
+        raw.save(raw_path(out))
+    total.save(out)
+    print(f"merged {len(loaded)} statistics files: {total.tokens:,} tokens, {len(total.moe_layers)} MoE layers x "
+          f"{total.num_experts} experts -> {out}")
+    return 0
+
+
+def collect(args) -> int:
+    """Collect router statistics as `nexus collect` describes; `args` holds its options (flags already checked)."""
     if args.resume and Path(args.output).is_file() and not partial_path(args.output).is_file():
         print(f"--resume: {args.output} is complete (no {partial_path(args.output)}); nothing to do")
         return 0
@@ -287,13 +230,10 @@ def run(args) -> int:
             "keep_raw": args.keep_raw, "seed": args.seed}
     start_batch, tokens_before = _resume_state(args, stats, reservoir, plan)
 
-    from tqdm.auto import tqdm
-
     world, rank = dist.world_size(), dist.rank()
     partial = partial_path(args.output)
     collector = Collector(stats, reservoir)
-    bar = tqdm(total=args.target_tokens or None, initial=tokens_before, unit="tok", unit_scale=True,
-               disable=not dist.is_main(), desc="collect", mininterval=1.0, dynamic_ncols=True)
+    progress = bar(args.target_tokens or None, "collect", unit="tok", initial=tokens_before)
     t0, round_tokens, batches_done, new_tokens = time.perf_counter(), 0, start_batch, 0
     try:  # the bar is closed on errors too, so an error message starts on a line of its own
         with router_hooks(model, collector), torch.no_grad():
@@ -309,7 +249,7 @@ def run(args) -> int:
                 round_tokens += sum(len(s) for s in seqs)
                 batches_done = b + 1
                 if (k + 1) % world == 0:  # every rank has finished this round of batches
-                    bar.update(round_tokens)
+                    progress.update(round_tokens)
                     new_tokens += round_tokens
                     round_tokens = 0
                     if ((k + 1) // world) % args.flush_every == 0:
@@ -317,10 +257,10 @@ def run(args) -> int:
                         _check_finite(total, batches_done, partial)
                         _save(partial, total, raw, {"batches_done": batches_done, "plan": json.dumps(plan),
                                                     "world_size": world})
-        bar.update(round_tokens)
+        progress.update(round_tokens)
         new_tokens += round_tokens
     finally:
-        bar.close()
+        progress.close()
     total, raw = _reduced(stats, reservoir)
     if total.tokens == 0:
         raise NexusError(f"--dataset {args.dataset}: no tokens to collect")
@@ -334,41 +274,9 @@ def run(args) -> int:
             f" (the dataset ran out before --target-tokens {args.target_tokens:,})"
         size = Path(args.output).stat().st_size
         print(f"collected router statistics of {total.tokens:,} tokens{short}: {len(total.moe_layers)} MoE layers x "
-              f"{total.num_experts} experts (top-{total.top_k}), {new_tokens / max(elapsed, 1e-9):,.0f} tok/s over "
-              f"{world} process{'es' if world > 1 else ''} -> {args.output} ({size / 1024:,.0f} KiB)"
+              f"{total.num_experts} experts (top-{total.top_k}), {rate(new_tokens / max(elapsed, 1e-9))} tok/s over "
+              f"{world} process{'es' if world > 1 else ''} -> {args.output} ({format_bytes(size)})"
               + (f" + {raw_path(args.output)}" if raw is not None else ""))
     if distributed:
         dist.shutdown()
-    return 0
-
-
-def run_merge(args) -> int:
-    """`--merge A B ... --output C`: C holds the sums of A, B, ... (and their raw samples when all have one)."""
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NexusError(f"--output {out} exists (pass --overwrite to replace it)")
-    loaded = [RouterStats.load(p)[0] for p in args.merge]
-    total = loaded[0]
-    for path, other in zip(args.merge[1:], loaded[1:]):
-        total.check_compatible(other, what=f"--merge {path} vs {args.merge[0]}")
-        total.merge_(other)
-    sources = sorted({s.source_model for s in loaded})
-    total.source_model = sources[0] if len(sources) == 1 else "; ".join(sources)
-    raws = [raw_path(p) for p in args.merge]
-    raw = None
-    if all(r.is_file() for r in raws):
-        samples = [RawReservoir.load(r) for r in raws]
-        if len({r.seed for r in samples}) < len(samples):
-            print("note: some raw samples were drawn with the same --seed, so their random keys repeat and the "
-                  "merged raw sample is not uniform; use a different --seed per shard")
-        raw = samples[0]
-        for other in samples[1:]:
-            raw.merge_(other)
-    elif any(r.is_file() for r in raws):
-        print("note: only some inputs have a raw sample (*.raw.safetensors); the merge has none")
-    if raw is not None:
-        raw.save(raw_path(out))
-    total.save(out)
-    print(f"merged {len(loaded)} statistics files: {total.tokens:,} tokens, {len(total.moe_layers)} MoE layers x "
-          f"{total.num_experts} experts -> {out}")
     return 0

@@ -1,4 +1,4 @@
-"""Plots and a markdown summary of `nexus analyze` (matplotlib, Agg backend; any expert count).
+"""Plots and a markdown summary of `nexus analyze` (matplotlib `Figure`s, no pyplot; any expert count).
 
 Input is the pca_stats.json dictionary. Files written into a directory:
 explained_variance.png, importance_heatmap.png, importance_rank.png, selected_experts.png, summary.md.
@@ -17,13 +17,17 @@ DPI = 120
 LEGEND_MAX_LAYERS = 12  # up to this many layers get a legend; more get a discrete colour bar
 
 
-def _plt():
+def _figure(**kwargs):
+    """A figure of its own (no pyplot: no global figure state, no backend switch)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _cmap(name: str):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps[name]
 
 
 def _layers(result: dict) -> list[str]:
@@ -62,20 +66,19 @@ def _expert_ticks(ax, fig, n: int) -> None:
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=TICK_FONT)
 
 
-def _finish(plt, fig, path: Path | None):
-    """Save to `path` and close; with no path, return the open figure (for tests and notebooks)."""
+def _finish(fig, path: Path | None):
+    """Save to `path`; with no path, return the figure (for tests and notebooks)."""
     if path is None:
         return fig
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return None
 
 
 def plot_explained_variance(result: dict, path: Path | None = None):
-    plt = _plt()
     layers = _layers(result)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    cmap = plt.get_cmap("viridis")
+    fig = _figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
+    cmap = _cmap("viridis")
     for j, layer in enumerate(layers):
         ratios = np.asarray(result["layers"][layer]["explained_variance_ratio"])
         x = np.arange(1, len(ratios) + 1)
@@ -89,24 +92,25 @@ def plot_explained_variance(result: dict, path: Path | None = None):
     if len(layers) <= LEGEND_MAX_LAYERS:  # a few discrete layers: one legend entry each
         ax.legend(fontsize=8, loc="lower right", ncols=2 if len(layers) > 6 else 1)
     else:  # many: a colour bar with one band per layer position
+        from matplotlib.cm import ScalarMappable
         from matplotlib.colors import BoundaryNorm
 
         norm = BoundaryNorm(np.arange(len(layers) + 1) - 0.5, cmap.N)
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+        sm = ScalarMappable(cmap=cmap, norm=norm)
         bar = fig.colorbar(sm, ax=ax, label="MoE layer")
         shown = _ticks(len(layers), 16)
         bar.set_ticks(shown, labels=[layers[i] for i in shown])
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _finish(plt, fig, path)
+    return _finish(fig, path)
 
 
 def plot_importance_heatmap(result: dict, path: Path | None = None):
-    plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
     grid = np.array([result["layers"][layer]["importance"] for layer in layers])  # (L, E)
-    fig, ax = plt.subplots(figsize=_grid_size(len(layers), num))
+    fig = _figure(figsize=_grid_size(len(layers), num))
+    ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
     rows, cols = zip(*[(j, e) for j, layer in enumerate(layers) for e in result["layers"][layer]["selected_experts"]])
     marker = max(4.0, min(40.0, 3000.0 / (num * max(len(layers), 1)) ** 0.9))
@@ -118,16 +122,16 @@ def plot_importance_heatmap(result: dict, path: Path | None = None):
     fig.colorbar(im, ax=ax, label="share of layer importance")
     fig.tight_layout()
     _expert_ticks(ax, fig, num)
-    return _finish(plt, fig, path)
+    return _finish(fig, path)
 
 
 def plot_importance_rank(result: dict, path: Path | None = None):
-    plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
     ranked = np.array([np.sort(result["layers"][layer]["importance"])[::-1] for layer in layers])  # (L, E)
     x = np.arange(1, num + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig = _figure(figsize=(8, 4.8))
+    ax = fig.subplots()
     for row in ranked:
         ax.plot(x, row, color="steelblue", lw=0.8, alpha=0.35)
     ax.plot(x, ranked.mean(0), color="navy", lw=2, label="share per rank (mean over layers)")
@@ -148,11 +152,10 @@ def plot_importance_rank(result: dict, path: Path | None = None):
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _finish(plt, fig, path)
+    return _finish(fig, path)
 
 
 def plot_selected(result: dict, path: Path | None = None):
-    plt = _plt()
     layers = _layers(result)
     num = result["num_experts"]
     grid = np.full((len(layers), num), np.nan)  # (L, E) merge weight where selected
@@ -160,8 +163,8 @@ def plot_selected(result: dict, path: Path | None = None):
         entry = result["layers"][layer]
         grid[j, entry["selected_experts"]] = entry["weights"]
     width, height = _grid_size(len(layers), num)
-    fig, (ax, axk) = plt.subplots(1, 2, figsize=(width + 2, height), sharey=True,
-                                  gridspec_kw={"width_ratios": [max(4, width - 1.5), 1.5]})
+    fig = _figure(figsize=(width + 2, height))
+    ax, axk = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [max(4, width - 1.5), 1.5]})
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest",
                    vmin=0.0, vmax=float(np.nanmax(grid)))
     ax.set_facecolor("#f2f2f2")
@@ -174,7 +177,7 @@ def plot_selected(result: dict, path: Path | None = None):
     axk.set_xlim(0, max(ks) * 1.25)
     fig.tight_layout()
     _expert_ticks(ax, fig, num)
-    return _finish(plt, fig, path)
+    return _finish(fig, path)
 
 
 def summary_markdown(result: dict) -> str:

@@ -58,9 +58,9 @@ class RawReservoir:
 
     def offer(self, layer: int, probs: torch.Tensor, batch_index: int) -> None:
         """Consider the tokens of one batch: probs (T, E)."""
-        self._keep(layer, self._keys_for(layer, batch_index, probs.shape[0], probs.device), probs)
+        self.keep(layer, self._keys_for(layer, batch_index, probs.shape[0], probs.device), probs)
 
-    def _keep(self, layer: int, keys: torch.Tensor, probs: torch.Tensor) -> None:
+    def keep(self, layer: int, keys: torch.Tensor, probs: torch.Tensor) -> None:
         all_keys = torch.cat([self.keys[layer], keys.to(self.keys[layer].device)])  # (N + T,)
         all_probs = torch.cat([self.probs[layer], probs.to(self.probs[layer].device, torch.float32)])
         kept, idx = torch.topk(all_keys, self.size, largest=False, sorted=True)
@@ -70,7 +70,7 @@ class RawReservoir:
         if (other.moe_layers, other.num_experts, other.size) != (self.moe_layers, self.num_experts, self.size):
             raise NexusError("raw reservoirs differ in layers, expert count or size; they do not merge")
         for i in self.moe_layers:
-            self._keep(i, other.keys[i], other.probs[i])
+            self.keep(i, other.keys[i], other.probs[i])
         return self
 
     def filled(self, layer: int) -> torch.Tensor:

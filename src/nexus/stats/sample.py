@@ -1,24 +1,11 @@
-"""Distribution-aware sampling: pick documents whose tokens represent the whole dataset.
+"""Distribution-aware sampling: the run of `nexus sample` (see `nexus.stats.cli.sample`).
 
-    nexus sample --dataset data/ --tokenizer path/to/model --target-tokens 1000000 --output sample.jsonl
-    nexus sample --dataset chats.jsonl --tokenizer path/to/model --objective coverage --workers 4
-
-Up to --max-candidates documents are drawn (uniformly at random with --seed when the dataset holds
-more), rendered (chat records through the tokenizer's chat template), tokenized and truncated to
---seq-len tokens. Then candidates are added greedily until the selection holds --target-tokens:
-`--objective distribution` (default, what the original tool did) minimizes KL(selected unigram ||
-pool unigram); `--objective coverage` maximizes the number of distinct token ids covered. Ties go
-to the lowest candidate index, so a run is reproducible.
-
-Output: one JSON record per selected document, in the order picked (the most representative
-first, so any prefix is itself a good sample): {"text", "tokens", "source_index", "source"}.
-`text` is cut at the end of the last kept token when a document was truncated; `tokens` counts
-its tokens without special tokens. `nexus collect --dataset sample.jsonl` reads it.
+`draw_candidates` draws the candidate pool, `tokenize_truncated` tokenizes it, and `sample` selects
+(`nexus.stats.sampling`, the pure part) and writes the JSONL.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -28,11 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Document, iter_documents, load_tokenizer
-from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import atomic_path
-from ..rerun import nothing_written
-from .sampling import OBJECTIVES, build_pool, select
+from .sampling import build_pool, select
 
 _ENCODE_CHUNK = 256  # documents per tokenizer call
 
@@ -89,64 +74,26 @@ def tokenize_truncated(texts: list[str], tokenizer, seq_len: int,
     return ids_out, texts_out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True,
-                   help="a .txt/.jsonl/.json/.parquet file, a folder of them, or a saved Hugging Face dataset")
-    p.add_argument("--tokenizer", required=True, help="model (or adapter) directory whose tokenizer to use")
-    p.add_argument("--output", default="sample.jsonl", help="JSONL file to write (default sample.jsonl)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--target-tokens", type=int, default=1_000_000,
-                   help="stop once the selection holds this many tokens (default 1000000)")
-    p.add_argument("--max-candidates", type=int, default=10_000,
-                   help="documents drawn from the dataset as the candidate pool (default 10000)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="truncate each document to this many tokens (default 1024, or the model's "
-                        "max_position_embeddings when the --tokenizer directory holds a smaller one)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="distribution",
-                   help="distribution: min KL(selected || pool) unigram (default); coverage: max distinct tokens")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing candidates (default 0)")
-    p.add_argument("--text-field", default="text",
-                   help="record field holding the text (default text; records with `messages` are chats)")
-    p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict (default train)")
-
-
-def check_options(args) -> None:
-    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
-    for flag, value, low in (("--target-tokens", args.target_tokens, 1), ("--max-candidates", args.max_candidates, 1),
-                             ("--seq-len", args.seq_len, 1), ("--workers", args.workers, 1)):
-        if value is not None and value < low:
-            raise NexusError(f"{flag} must be at least {low}, got {value}")
-
-
-def _check_args(args) -> None:
-    check_options(args)
-    args.seq_len = seq_len_for(args.tokenizer, args.seq_len)
-    if Path(args.output).exists() and not args.overwrite:
-        raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
-
-
-interrupted = nothing_written  # the Ctrl-C message: the output is written atomically
-
-
-def run(args) -> int:
-    _check_args(args)
+def sample(dataset: str, tokenizer: str, output: str, target_tokens: int, max_candidates: int, seq_len: int,
+           objective: str = "distribution", workers: int = 1, seed: int = 0, text_field: str = "text",
+           split: str | None = None) -> Path:
+    """Write the sample JSONL (atomically) as `nexus sample` describes; arguments are its flags."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer, what="--tokenizer", model_dir=False)
-    docs = iter_documents(args.dataset, tokenizer, args.text_field, args.split)
-    candidates = draw_candidates(docs, args.max_candidates, args.seed)
+    tokenizer = load_tokenizer(tokenizer, what="--tokenizer", model_dir=False)
+    docs = iter_documents(dataset, tokenizer, text_field, split)
+    candidates = draw_candidates(docs, max_candidates, seed)
     if not candidates:
-        raise NexusError(f"--dataset {args.dataset}: no non-empty documents")
-    token_lists, texts = tokenize_truncated([d.text for _, d in candidates], tokenizer, args.seq_len, args.workers)
+        raise NexusError(f"--dataset {dataset}: no non-empty documents")
+    token_lists, texts = tokenize_truncated([d.text for _, d in candidates], tokenizer, seq_len, workers)
     keep = [i for i, t in enumerate(token_lists) if len(t) > 0]
     if not keep:
-        raise NexusError(f"--dataset {args.dataset}: no document has any tokens")
+        raise NexusError(f"--dataset {dataset}: no document has any tokens")
     pool = build_pool([token_lists[i] for i in keep])
     tokenized = time.perf_counter()
-    sel = select(pool, args.target_tokens, args.objective)
+    sel = select(pool, target_tokens, objective)
     selected = time.perf_counter()
 
-    out = Path(args.output)
+    out = Path(output)
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for k in sel.order:
@@ -156,10 +103,9 @@ def run(args) -> int:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-    short = "" if sel.tokens >= args.target_tokens else \
-        f" (pool exhausted before --target-tokens {args.target_tokens:,})"
+    short = "" if sel.tokens >= target_tokens else f" (pool exhausted before --target-tokens {target_tokens:,})"
     print(f"sampled {len(sel.order):,} of {pool.num_candidates:,} candidates, {sel.tokens:,} tokens{short}; "
           f"coverage {100 * sel.coverage:.1f}% of the pool's {len(pool.vocab):,} token ids; "
-          f"KL(selected || pool) {sel.kl:.4f} nats [{args.objective}; read+tokenize {tokenized - start:.1f} s, "
+          f"KL(selected || pool) {sel.kl:.4f} nats [{objective}; read+tokenize {tokenized - start:.1f} s, "
           f"select {selected - tokenized:.1f} s] -> {out}")
-    return 0
+    return out

@@ -8,7 +8,7 @@
                                 [+ router_topk_logprobs float16 (n, L, layers, R),
                                    router_topk_indices int16 (n, L, layers, R)]
 
-Row j of shard i is stream position `first + j` (see `nexus.train.stream`). Log-probabilities are
+Row j of shard i is stream position `first + j` (see `nexus.stream`). Log-probabilities are
 at temperature 1, of the distribution at position t (which predicts token t + 1); padding positions
 hold zeros. Each shard is written atomically, with a small `.shard-XXXXX.json` beside it recording
 its checksum, so an interrupted run keeps every complete shard and the manifest is written last.

@@ -1,6 +1,6 @@
 """Precompute a teacher's top-k next-token log-probabilities over the training stream.
 
-The sequences are the *training stream* (`nexus.train.stream`) with the same dataset, tokenizer,
+The sequences are the *training stream* (`nexus.stream`) with the same dataset, tokenizer,
 --seq-len, packing and --seed as `nexus train`: cache row p holds the teacher's outputs for stream
 position p, which is what training step s reads as positions s × G … (s + 1) × G − 1. Shards are
 assigned round-robin to torchrun ranks; each is written atomically, and a rerun skips complete ones.
@@ -11,27 +11,26 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import __version__, dist
+from .. import dist
 from ..adapter import load_model
 from ..base.loader import DEQUANTIZE_HELP
-from ..data import load_tokenizer, tokenizer_fingerprint
+from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..defaults import SEQ_LEN_HELP, seq_len_for
-from ..device import DTYPES, dtype_name, torch_dtype
+from ..device import DTYPES, dtype_name, resolve_device, torch_dtype
 from ..errors import NexusError
 from ..flags import flag
+from ..forward import (RouterCapture, backbone_of, check_head_split, default_chunk_size, hidden_states, lm_head_of,
+                       vocab_size)
 from ..fsutil import read_json
 from ..moe import find_moe_blocks
-from ..train.build import check_seq_len, resolve_device, vocab_size
-from ..train.forward import RouterCapture, backbone_of, check_head_split, hidden_states, lm_head_of
-from ..train.losses import default_chunk_size
-from ..train.metrics import format_eta
-from ..train.stream import DataSpec, SequenceStream, build_sequences
+from ..progress import bar, format_bytes
+from ..stream import DataSpec, SequenceStream, build_sequences
+from ..version import __version__
 from . import cache as fmt
 
 log = logging.getLogger("nexus.teacher")
@@ -169,31 +168,27 @@ def precompute(cfg: PrecomputeConfig) -> Path:
     if rank == 0:
         print(f"teacher cache: {cfg.total} sequences × {cfg.seq_len} positions, {bpt} bytes/token "
               f"(top-k {cfg.top_k}: k × 6 + 5{f' + router {len(layers)} × {cfg.router_topk} × 4' if layers else ''})"
-              f" = {_size(cfg.total * cfg.seq_len * bpt)} in {num_shards} shard(s); "
-              f"{len(done)} already written, {_size(need)} to write", flush=True)
+              f" = {format_bytes(cfg.total * cfg.seq_len * bpt)} in {num_shards} shard(s); "
+              f"{len(done)} already written, {format_bytes(need)} to write", flush=True)
     free = shutil.disk_usage(out).free
     if need * DISK_MARGIN > free:
-        raise NexusError(f"--output {out}: the cache needs {_size(need)} more, the disk has {_size(free)} free")
+        raise NexusError(f"--output {out}: the cache needs {format_bytes(need)} more, the disk has "
+                         f"{format_bytes(free)} free")
 
     mine = [i for i in todo if i % world == rank]
-    start, written = time.perf_counter(), 0
-    for n, i in enumerate(mine):
-        first = i * cfg.shard_size
-        count = min(cfg.shard_size, cfg.total - first)
-        parts = []
-        for b0 in range(first, first + count, cfg.batch_size):
-            ids, mask = stream.batch(range(b0, min(b0 + cfg.batch_size, first + count)))
-            parts.append(teacher_topk(model, ids.to(device), mask.to(device), cfg.top_k,
-                                      default_chunk_size(vocab), capture, cfg.router_topk))
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        fmt.write_shard(out, i, first, tensors)
-        written += count * cfg.seq_len
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            rate = written / elapsed
-            left = (len(mine) - n - 1) * cfg.shard_size * cfg.seq_len / rate if rate else float("inf")
-            print(f"shard {i + 1}/{num_shards} | {rate * world:,.0f} positions/s | ETA {format_eta(left)}",
-                  flush=True)
+    positions = sum(min(cfg.shard_size, cfg.total - i * cfg.shard_size) for i in mine) * cfg.seq_len
+    with bar(positions, "precompute-teacher", unit="pos") as progress:  # this rank's share (rank 0 shows it)
+        for i in mine:
+            first = i * cfg.shard_size
+            count = min(cfg.shard_size, cfg.total - first)
+            parts = []
+            for b0 in range(first, first + count, cfg.batch_size):
+                ids, mask = stream.batch(range(b0, min(b0 + cfg.batch_size, first + count)))
+                parts.append(teacher_topk(model, ids.to(device), mask.to(device), cfg.top_k,
+                                          default_chunk_size(vocab), capture, cfg.router_topk))
+                progress.update(ids.numel())
+            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            fmt.write_shard(out, i, first, tensors)
     if capture is not None:
         capture.close()
     dist.barrier()
@@ -204,17 +199,7 @@ def precompute(cfg: PrecomputeConfig) -> Path:
             raise NexusError(f"--output {out}: shards {missing[:5]} were not written; run again to complete")
         manifest = fmt.write_manifest(out, header, done)
         total_bytes = sum(e["bytes"] for e in manifest["shards"])
-        print(f"wrote {out}: {cfg.total} sequences, {manifest['tokens']:,} tokens, {_size(total_bytes)} "
+        print(f"wrote {out}: {cfg.total} sequences, {manifest['tokens']:,} tokens, {format_bytes(total_bytes)} "
               f"in {num_shards} shard(s)")
     dist.barrier()
     return out
-
-
-def _size(n: float) -> str:
-    """Bytes in binary units: 1000 B, 1.5 KiB, 389.0 GiB."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"

@@ -14,13 +14,14 @@ from ..adapter import (attach_from_config, is_adapter_dir, load_adapter_weights,
                        resolve_base)
 from ..base.loader import check_model_path, load_base_model
 from ..data import NoTokenizerError, check_seq_len, load_tokenizer, tokenizer_fingerprint
-from ..device import resolve_device, torch_dtype  # noqa: F401  (resolve_device re-exported for precompute)
+from ..device import resolve_device, torch_dtype
 from ..errors import NexusError
+from ..forward import RouterCapture, check_head_split, router_params, vocab_size
+from ..fsutil import same_path
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
+from ..stream import DataSpec, SequenceSet, build_sequences
 from .config import TrainConfig
-from .forward import RouterCapture, check_head_split, router_params
-from .stream import DataSpec, SequenceSet, build_sequences
 from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
 
 log = logging.getLogger("nexus.train")
@@ -73,10 +74,6 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
     return model, original
 
 
-def vocab_size(model: nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
 def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teacher_path: str) -> None:
     vs, vt = vocab_size(student), vocab_size(teacher)
     if vs != vt:
@@ -94,11 +91,6 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
                          f"{ft} vs {fs}); distillation needs the same vocabulary")
 
 
-def _same_path(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
-
-
 def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str, torch.Tensor],
                  capture: RouterCapture, tokenizer, device: torch.device):
     """The teacher: the cache (--precomputed-teacher), a separate model, or the student's own base."""
@@ -110,7 +102,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
         return CacheTeacher(cache, device, list(model.nexus_config.moe_layers))
     tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device else device
     base = student_base_path(cfg.student_model)
-    if cfg.teacher_model is None or (_same_path(cfg.teacher_model, base) and tdev == device):
+    if cfg.teacher_model is None or (same_path(cfg.teacher_model, base) and tdev == device):
         blocks = find_moe_blocks(model)
         swap = model.nexus_config.trainable_router
         return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)

@@ -201,8 +201,3 @@ def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module, terms_fn: Ter
     total, sums = _ChunkedHead.apply(hidden, head.weight, getattr(head, "bias", None), terms_fn, dict(weights),
                                      chunk_size)
     return total, {k: sums[i] for i, k in enumerate(weights)}
-
-
-def default_chunk_size(vocab_size: int, budget_elements: int = 1 << 24) -> int:
-    """Positions per chunk so that one chunk's fp32 logits hold about `budget_elements` (64 MiB)."""
-    return max(1, budget_elements // max(1, vocab_size))

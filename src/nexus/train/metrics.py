@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..progress import format_eta, rate
 
 log = logging.getLogger("nexus.train")
 
@@ -31,11 +32,6 @@ class Thresholds:
     router_l1: float = 0.5
 
 
-def rate(x: float) -> str:
-    """A throughput for a console line: whole numbers from 10 up, else 2 significant digits (0.09, not 0)."""
-    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
-
-
 def health_warnings(row: dict, t: Thresholds) -> list[tuple[str, str]]:
     """(kind, message) for each threshold a metrics row crosses."""
     out = []
@@ -49,13 +45,6 @@ def health_warnings(row: dict, t: Thresholds) -> list[tuple[str, str]]:
         out.append(("router_l1", f"router L1 drift {row['router_l1']:.3f} is above {t.router_l1} "
                                  f"(routing changes a lot)"))
     return out
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def console_line(row: dict, max_steps: int, eta_s: float) -> str:

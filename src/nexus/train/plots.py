@@ -1,14 +1,11 @@
-"""Plot a training run's metrics: losses, LR and temperature, grad norm, router drift, throughput.
+"""Figures of a training run's metrics: losses, LR and temperature, grad norm, router drift, throughput.
 
-    nexus plot-metrics OUTPUT_DIR [--output OUTPUT_DIR/plots/metrics.png]
-
-Reads OUTPUT_DIR/metrics.jsonl (and run_config.json, to draw the planned LR / temperature schedule
-over the whole run next to the values actually used). Writes one PNG with five panels.
+`plot_run` reads OUTPUT_DIR/metrics.jsonl (and run_config.json, for the planned LR / temperature
+schedule over the whole run) and writes one PNG with five panels; `nexus plot-metrics` runs it.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..errors import NexusError
@@ -95,14 +92,3 @@ def plot_run(output_dir: str | Path, path: str | Path | None = None, title: str 
     run_config = read_json(out / "run_config.json", "run config") if (out / "run_config.json").is_file() else None
     path = Path(path) if path else out / "plots" / "metrics.png"
     return plot_metrics(rows, path, run_config, title=str(out) if title is None else title), len(rows)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("output_dir", help="a `nexus train` output directory (holding metrics.jsonl)")
-    p.add_argument("--output", help="PNG path (default: OUTPUT_DIR/plots/metrics.png)")
-
-
-def run(args) -> int:
-    path, n = plot_run(args.output_dir, args.output)
-    print(f"wrote {path} ({n} steps)")
-    return 0

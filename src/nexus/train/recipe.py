@@ -25,23 +25,25 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import __version__, dist
+from .. import dist
 from ..adapter import load_adapter_weights
-from ..data import load_tokenizer
+from ..data import check_seq_len, load_tokenizer
 from ..defaults import seq_len_for
+from ..device import resolve_device
 from ..errors import NexusError
+from ..forward import (RouterCapture, StudentBackbone, check_head_split, default_chunk_size, lm_head_of, router_params,
+                       vocab_size)
 from ..fsutil import write_json
 from ..moe import find_moe_blocks
 from ..shared import format_parameter_summary
+from ..stream import SequenceStream, StepLayout, build_sequences, trim_padding
+from ..version import __version__
 from . import checkpoint as ckpt
-from .build import check_seq_len, data_spec, load_data, load_student, make_teacher, resolve_device, vocab_size
+from .build import data_spec, load_data, load_student, make_teacher
 from .config import TrainConfig
-from .forward import RouterCapture, StudentBackbone, check_head_split, lm_head_of, router_params
-from .losses import default_chunk_size
 from .metrics import MetricsLog, Thresholds
 from .optim import TrainableParams, build_optimizer, set_lr
 from .step import STATS, batch_loss, metrics_row
-from .stream import SequenceStream, StepLayout, build_sequences, trim_padding
 
 log = logging.getLogger("nexus.train")
 RUN_CONFIG = "run_config.json"

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..forward import RouterCapture
 from ..routing import entropy
-from .forward import RouterCapture
 from .losses import chunked_head_loss, next_token_positions, router_kl, router_l1, sparse_router_terms, token_ce
 
 # Sums a batch contributes (over target positions for ce/kl, over real tokens × MoE layers for the rest).

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..forward import RouterCapture, backbone_of, hidden_states, lm_head_of, swapped_weights
 from ..moe import MoEBlock
 from ..routing import router_probs
 from ..shared import shared_experts_disabled
 from . import losses
-from .forward import RouterCapture, backbone_of, hidden_states, lm_head_of, swapped_weights
 
 
 @dataclass

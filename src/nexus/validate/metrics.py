@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..routing import entropy, router_hooks, router_probs
-from ..shared import SHARED_NAME, shared_experts_disabled
+from ..shared import SHARED_NAME, recording_shared_output, shared_experts_disabled
 
 # Rows of (tokens, vocab) processed at once in the KL, bounding its fp32 temporaries
 # (3 x 1024 x 201k x 4 bytes ≈ 2.4 GB for GPT-OSS's vocabulary).
@@ -221,9 +221,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             stack.enter_context(router_hooks(baseline, on_router("baseline"), base_blocks))
         for b in blocks:
             if hasattr(b.block, SHARED_NAME):
-                previous = getattr(b.block, "_nexus_record", None)
-                b.block._nexus_record = on_shared(b.layer)
-                stack.callback(setattr, b.block, "_nexus_record", previous)
+                stack.enter_context(recording_shared_output(b.block, on_shared(b.layer)))
         for m, _ in modes:
             m.eval()
         stack.callback(lambda: [m.train(flag) for m, flag in modes])

@@ -1,29 +1,22 @@
-"""Plan a NEXUS run from a model's config alone: sizes, adapter size and memory per stage.
+"""What a NEXUS run needs, from a model's config alone: sizes, adapter size and memory per stage.
 
-    nexus plan --model path/to/gpt-oss-120b            # a model directory or a bare config.json
-    nexus plan --model config.json --width-multiplier 2 --json
-
-The model is built on the meta device (no weights are read or allocated). Memory figures are for
-weights and optimizer state; activations depend on batch size and sequence length and come on top.
+`make_plan` builds the model on the meta device (no weights are read or allocated); `format_plan`
+is the table `nexus plan` prints. Memory figures are weights and optimizer state; activations
+come on top.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from .errors import NexusError
-from .base.quantized import CHUNK_BYTES
-from .base.sources import quant_method, quantization_config
-from .moe import check_width, find_moe_blocks, shared_intermediate_size
-from .routing import routed_top_k
+from ..base.quantized import CHUNK_BYTES
+from ..base.sources import quant_method, quantization_config
+from ..moe import check_width, find_moe_blocks, shared_intermediate_size
+from ..progress import format_bytes
+from ..routing import routed_top_k
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
@@ -48,43 +41,6 @@ class Plan:
     quantization: str | None
     adapter_bytes: int
     memory_bytes: dict
-
-
-def load_config(path: str | Path, trust_remote_code: bool = False):
-    """A transformers config from a model directory or a bare config.json."""
-    from transformers import AutoConfig
-
-    given, path = str(path), Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise NexusError(f"--model {path}: directory holds no config.json")
-        path = path / "config.json"
-    if not path.is_file():
-        if HUB_NAME.match(given):
-            raise NexusError(f"--model {path}: no such local directory; a hub name is not fetched (nexus reads no "
-                             f"network): download its config first, e.g. `hf download {path} config.json "
-                             f"--local-dir {path.name}`, then `nexus plan --model {path.name}`")
-        raise NexusError(f"--model {path}: no such model directory or config.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NexusError(f"--model {path}: not valid JSON ({e})") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if not model_type:
-        raise NexusError(f"--model {path}: config has no 'model_type'")
-    from .base.loader import check_config_model_type
-
-    check_config_model_type(data, f"--model {path}", trust_remote_code)
-    if "auto_map" in data and trust_remote_code:  # custom code, allowed by the flag: the model directory's own
-        try:
-            return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, ImportError) as e:
-            raise NexusError(f"--model {path}: cannot load its custom config ({e})") from None
-    data.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except ValueError as e:
-        raise NexusError(f"--model {path}: unknown model_type '{model_type}' ({e})") from None
 
 
 def expert_bytes_per_weight(config) -> float:
@@ -164,7 +120,7 @@ def format_plan(plan: Plan) -> str:
         ("quantized experts", plan.quantization or "none"),
         ("shared experts total (trainable)",
          f"{_n(plan.shared_params_total)} ({100 * plan.shared_params_total / plan.total_params:.2f}% of total)"),
-        ("adapter on disk (fp32)", f"{plan.adapter_bytes / GIB:.2f} GiB"),
+        ("adapter on disk (fp32)", format_bytes(plan.adapter_bytes)),
     ]
     mem = plan.memory_bytes
     native = f"as stored ({plan.quantization} experts kept packed)" if plan.quantization else "as stored (bf16)"
@@ -192,19 +148,3 @@ def format_plan(plan: Plan) -> str:
     out.append("online distillation reuses the frozen base as teacher (shared experts switched off): "
                "no second copy of the model")
     return "\n".join(out)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or bare config.json (no weights are read)")
-    p.add_argument("--width-multiplier", type=float, default=1,
-                   help="shared expert intermediate size = this x the routed expert's (default 1)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow custom modeling code from the model directory (off by default)")
-
-
-def run(args) -> int:
-    check_width(args.width_multiplier)
-    plan = make_plan(load_config(args.model, args.trust_remote_code), args.width_multiplier)
-    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
-    return 0

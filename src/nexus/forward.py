@@ -1,7 +1,8 @@
 """Running a causal LM as backbone + LM head, and capturing what its routers compute.
 
-Training never asks the model for its (B, L, V) logits: the backbone gives the final hidden states
-and the losses apply the LM head chunk by chunk (`losses.chunked_head_loss`). Labels are never
+Training and the teacher cache never ask the model for its (B, L, V) logits: the backbone gives the
+final hidden states and the LM head is applied chunk by chunk (`train.losses.chunked_head_loss`,
+`teacher.precompute.teacher_topk`), `default_chunk_size` positions at a time. Labels are never
 passed to the model, so no auxiliary load-balancing loss can sneak into the objective.
 """
 
@@ -13,9 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import NexusError
-from ..moe import MoEBlock
-from ..routing import router_hooks
+from .errors import NexusError
+from .moe import MoEBlock
+from .routing import router_hooks
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -31,6 +32,16 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise NexusError(f"{type(model).__name__}: output embeddings are {type(head).__name__}, expected nn.Linear")
     return head
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the LM head: the size of the next-token distribution."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def default_chunk_size(vocab_size: int, budget_elements: int = 1 << 24) -> int:
+    """Positions per chunk so that one chunk's fp32 logits hold about `budget_elements` (64 MiB)."""
+    return max(1, budget_elements // max(1, vocab_size))
 
 
 def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

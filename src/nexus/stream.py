@@ -21,9 +21,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..data import iter_documents
-from ..errors import NexusError
-from ..packing import iter_pieces
+from .data import iter_documents
+from .errors import NexusError
+from .packing import iter_pieces
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,20 @@
-"""Run the whole NEXUS pipeline on the bundled demo MoE and write a report, on a CPU in minutes.
-
-    nexus demo                          # -> demo_out/REPORT.md
-    nexus demo --output /tmp/demo --max-steps 20
-
-The bundled model is a small GPT-OSS-architecture MoE pretrained by this project on the Python
-standard library, with the `email` and `http` packages held out as a domain. The demo samples
-general text, collects router statistics, analyzes them, converts (PCA-selected experts merged into
-the shared experts), trains the shared experts on the held-out domain (distillation from the
-bundled model plus LM loss), validates on general and domain text, and writes REPORT.md.
-Stages that already finished are skipped, so an interrupted demo continues where it stopped.
-"""
+"""The demo: its pipeline config (`demo_config`) and REPORT.md composed from the stages' outputs
+(`write_report`). `nexus demo` (`nexus.demo.cli`) runs them on the bundled model."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
-import yaml
+from .. import demo_data
+from ..config import CONFIG_NAME, NexusConfig
+from ..errors import NexusError
+from ..fsutil import atomic_path, read_json
+from ..pipeline.runner import Context, load_pipeline_config
+from ..validate.report import verdict
 
-from . import demo_data
-from .config import CONFIG_NAME, NexusConfig
-from .errors import NexusError
-from .fsutil import atomic_path, read_json
-from .pipeline import Context, run_pipeline
-from .validate.report import verdict
-
-CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 QUICK = {"sample": {"target_tokens": 4000, "max_candidates": 200},
@@ -39,9 +25,7 @@ QUICK = {"sample": {"target_tokens": 4000, "max_candidates": 200},
 
 def demo_config(max_steps: int | None = None, quick: bool = False, config_path: Path = CONFIG) -> dict:
     """The demo pipeline config; `quick` shrinks every stage to a smoke run, `max_steps` sets training steps."""
-    from .pipeline import load_config
-
-    cfg = load_config(config_path)
+    cfg = load_pipeline_config(config_path)
     if quick:
         for stage, opts in QUICK.items():
             cfg["stages"][stage].update(opts)
@@ -147,37 +131,3 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path, "\n".join(summary_lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="demo_out", help="work directory for every stage's output (default demo_out)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="training steps (default: the demo config's); fewer for a quick look")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run in well under a minute: few tokens, 4 training steps (figures not meaningful)")
-    p.add_argument("--from", dest="start", default=None,
-                   help="rerun this stage and every later one (sample, collect, analyze, convert, train, validate)")
-
-
-def interrupted(args) -> str:
-    """The Ctrl-C message: rerunning the same command skips finished stages and resumes the others."""
-    from .rerun import command
-
-    return f"finished stages are kept; continue with: {command(args, drop={'--from': 1})}"
-
-
-def run(args) -> int:
-    from .train.plots import plot_run
-
-    cfg = demo_config(args.max_steps, args.quick)
-    cfg["work_dir"] = str(Path(args.output).resolve())
-    ctx = Context(cfg, Path.cwd())
-    seconds: dict[str, float] = {}
-    t0 = time.time()
-    run_pipeline(cfg, Path.cwd(), start=args.start, timings=seconds)
-    train_dir = Path(ctx.out("train"))
-    plot_run(train_dir, title="demo training")  # as `nexus plot-metrics`: with the planned lr / temperature
-    path, summary = write_report(ctx, seconds)
-    print(f"\nNEXUS demo finished in {time.time() - t0:.0f}s. Report: {path}")
-    print(summary)
-    return 0

@@ -22,10 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import NexusError
-from ..flags import add_flags
-from ..rerun import command
-from .config import TrainConfig
+from ...errors import NexusError
+from ...flags import add_flags
+from ...rerun import command
+from ..config import TrainConfig
 
 GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
     "model and data": ["student_model", "init_strategy", "width_multiplier", "teacher_model", "teacher_device",
@@ -56,7 +56,7 @@ def _launch_ddp(args) -> int:
     nproc = args.nproc or torch.cuda.device_count() or 2
     # The command line of this train command alone (set by `nexus.cli.main` and by the pipeline); never
     # sys.argv, which under `nexus pipeline` would relaunch every stage on every rank.
-    argv = getattr(args, "_argv", None)
+    argv = getattr(args, "argv", None)
     if argv is None:
         raise NexusError("--use-ddp: the train command line to relaunch is unknown (run `nexus train`)")
     out, skip = [], False
@@ -84,8 +84,8 @@ def _resume_command(args) -> str:
 
 def _check_output_dir(args) -> None:
     """A run already in --output-dir is continued only when asked; the refusal gives the commands."""
-    from . import checkpoint as ckpt
-    from .recipe import holds_run
+    from .. import checkpoint as ckpt
+    from ..recipe import holds_run
 
     if args.resume_from_checkpoint or int(os.environ.get("RANK", "0")) != 0 or not holds_run(args.output_dir):
         return  # (under torchrun rank 0 checks, before any rank writes)
@@ -99,7 +99,7 @@ def _check_output_dir(args) -> None:
 
 def interrupted(args) -> str:
     """The Ctrl-C message: the checkpoint to continue from and the command that does."""
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     found = ckpt.checkpoints(args.output_dir)
     where = f"{found[-1][1]} is the latest checkpoint" if found else \
@@ -116,7 +116,7 @@ def run(args) -> int:
     _check_output_dir(args)
     if args.use_ddp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_ddp(args)
-    from .recipe import Trainer
+    from ..recipe import Trainer
 
     trainer = Trainer(TrainConfig.from_args(args))
     try:

@@ -1,18 +1,10 @@
-"""Chat with a model or NEXUS adapter in the terminal, streaming tokens as they are generated.
+"""A chat session with a loaded model: the chat template, history, streamed replies, sampling flags.
 
-    nexus chat --model adapter/                          # interactive
-    nexus chat --model adapter/ --prompt "Hello"         # answer once and exit (for scripts)
-    printf 'Hello\\n/reset\\nHi\\n' | nexus chat --model adapter/ --temperature 0
-
-Prompts are rendered with the tokenizer's own chat template (GPT-OSS: the harmony format) and the
-conversation history is kept between turns. Commands: /reset (forget the conversation), /system TEXT
-(set the system prompt; starts a new conversation), /help, /exit. Input is read line by line, so a
-pipe works as well as a terminal; end of input exits. Ctrl-C during a reply stops that reply and
-the session goes on. Piped or redirected output has a blank line after each reply, so turns stay
-apart. A reply is at most --max-new-tokens (default: the model's generation_config, else 512)
-and never runs past the model's context. A model without a chat template continues each input as
-plain text, without history.
+`ChatSession` renders each turn with the tokenizer's own chat template (GPT-OSS: the harmony format)
+and streams the reply; `run_session` reads commands and prompts line by line; `start_chat` is what
+`nexus chat` and `nexus validate --chat` run on their loaded model.
 """
+
 
 from __future__ import annotations
 
@@ -24,8 +16,7 @@ from typing import IO, Iterator
 
 import torch
 
-from .defaults import DEFAULT_MAX_NEW_TOKENS, max_positions
-from .device import add_device_arguments, load_for_inference
+from ..defaults import DEFAULT_MAX_NEW_TOKENS, max_positions
 
 HELP = "commands: /reset  /system TEXT  /help  /exit"
 HARMONY_FINAL = "<|channel|>final<|message|>"  # GPT-OSS: the answer follows the analysis channel
@@ -258,7 +249,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args) -> Sampling:
-    from .errors import NexusError
+    from ..errors import NexusError
 
     if args.temperature < 0:
         raise NexusError(f"--temperature must be >= 0, got {args.temperature}")
@@ -275,7 +266,7 @@ def sampling_from_args(args) -> Sampling:
 
 def start_chat(model, model_path: str, args, stream: IO[str] | None = None) -> None:
     """Interactive chat (or one `--prompt` answer) with an already loaded model; used by validate --chat."""
-    from .data import load_tokenizer
+    from ..data import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
     session = ChatSession(model, tokenizer, sampling_from_args(args), system=args.system)
@@ -285,17 +276,3 @@ def start_chat(model, model_path: str, args, stream: IO[str] | None = None) -> N
         session.reply(args.prompt)
         return
     run_session(session, stream)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="NEXUS adapter directory or transformers model directory")
-    p.add_argument("--prompt", default=None, help="answer this one message and exit")
-    add_sampling_arguments(p)
-    add_device_arguments(p)
-
-
-def run(args) -> int:
-    sampling_from_args(args)  # check the flags before the (slow) model load
-    model = load_for_inference(args.model, args)
-    start_chat(model, args.model, args)
-    return 0

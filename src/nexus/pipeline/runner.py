@@ -1,22 +1,13 @@
-"""Run the whole pipeline from one YAML file, skipping finished stages.
+"""The pipeline run: stages wired output to input, checked before anything runs, finished ones skipped.
 
-    nexus pipeline configs/demo.yaml                 # every stage, in order
-    nexus pipeline configs/demo.yaml --from train    # rerun train and what follows
-    nexus pipeline configs/demo.yaml --only analyze  # one stage
-
-The file names the model, the data and each stage's options; option names are the stage's own
-flags (`target_tokens: 1000000` is `--target-tokens 1000000`); relative paths are relative to the
-directory the command runs in, as on the command line. Outputs go under `work_dir`, and
-each stage's inputs are wired to the previous stages' outputs unless the file sets them. A stage
-whose output exists is complete (every stage writes its output atomically) and is skipped; an
-interrupted stage resumes where the stage supports it.
+`load_pipeline_config` reads the YAML file `nexus pipeline` takes (see `nexus.pipeline.cli` for its
+keys), `Context` resolves its paths, `check_config` runs every stage's own flag checks up front and
+`run_pipeline` runs the stages through their verbs (`nexus.verbs`), each with its own parser.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import re
 import shlex
 import shutil
@@ -24,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NexusError
+from ..errors import NexusError
+from ..verbs import verb_module
 
 STAGES = ("sample", "collect", "analyze", "convert", "precompute-teacher", "train", "validate")
 OPTIONAL_STAGES = ("precompute-teacher",)
@@ -33,8 +25,7 @@ TOP_KEYS = ("model", "dataset", "work_dir", "stages")
 
 @dataclass
 class Stage:
-    name: str
-    module: str  # verb module, as in cli.VERBS
+    name: str  # the verb that runs it (nexus.verbs)
     output_flag: str
     output_name: str
     # flag -> callable(ctx) giving the default input wiring
@@ -46,31 +37,29 @@ class Stage:
 
 
 def _stage_table():
-    from .cli import VERBS
-
     return {
-        "sample": Stage("sample", VERBS["sample"], "--output", "sample.jsonl",
+        "sample": Stage("sample", "--output", "sample.jsonl",
                         {"--dataset": lambda c: c.dataset, "--tokenizer": lambda c: c.model}),
-        "collect": Stage("collect", VERBS["collect"], "--output", "router_stats.safetensors",
+        "collect": Stage("collect", "--output", "router_stats.safetensors",
                          {"--model": lambda c: c.model, "--dataset": lambda c: c.out("sample")},
                          resume=("--resume",), resume_if_exists=False,  # its partial state sits beside the output
                          needs={"--dataset": "sample"}),
-        "analyze": Stage("analyze", VERBS["analyze"], "--output", "pca_stats.json",
+        "analyze": Stage("analyze", "--output", "pca_stats.json",
                          {"--input": lambda c: c.out("collect")}, needs={"--input": "collect"}),
-        "convert": Stage("convert", VERBS["convert"], "--output", "adapter",
+        "convert": Stage("convert", "--output", "adapter",
                          {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")},
                          needs={"--pca-stats": "analyze"}),
-        "precompute-teacher": Stage("precompute-teacher", VERBS["precompute-teacher"], "--output", "teacher_cache",
+        "precompute-teacher": Stage("precompute-teacher", "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
                                      "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},
                                     done="manifest.json"),  # continues from its complete shards by itself
-        "train": Stage("train", VERBS["train"], "--output-dir", "train",
+        "train": Stage("train", "--output-dir", "train",
                        {"--student-model": lambda c: c.out("convert"), "--dataset": lambda c: c.dataset,
                         "--precomputed-teacher": lambda c: c.out("precompute-teacher") if c.enabled(
                             "precompute-teacher") else None},
                        done="final", resume=("--resume-from-checkpoint", "latest"),
                        needs={"--student-model": "convert"}),
-        "validate": Stage("validate", VERBS["validate"], "--output", "validation",
+        "validate": Stage("validate", "--output", "validation",
                           {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json",
                           needs={"--model": "train"}),
     }
@@ -115,7 +104,7 @@ def resolve_builtin(value: str, work_dir: str | None, write: bool = True) -> str
     by a JSONL file of that split of the demo corpus (written once under `work_dir/data/`, unless
     not `write`)."""
     def sub(m: re.Match) -> str:
-        from . import demo_data
+        from .. import demo_data
 
         if m.group(1) == "model":
             return str(demo_data.DEMO_MODEL_DIR)
@@ -132,7 +121,7 @@ def resolve_builtin(value: str, work_dir: str | None, write: bool = True) -> str
     return _BUILTIN.sub(sub, value)
 
 
-def load_config(path: str | Path) -> dict:
+def load_pipeline_config(path: str | Path) -> dict:
     """Read and check a pipeline YAML file."""
     import yaml
 
@@ -163,7 +152,7 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def _argv(options: dict, work_dir: str, write: bool = True) -> list[str]:
+def options_argv(options: dict, work_dir: str, write: bool = True) -> list[str]:
     """`{"target_tokens": 10, "pack": True}` -> `["--target-tokens", "10", "--pack"]`."""
     argv = []
     for key, value in options.items():
@@ -194,7 +183,7 @@ def stage_argv(ctx: Context, name: str) -> list[str]:
     out_key = stage.output_flag.lstrip("-").replace("-", "_")
     opts.pop(out_key, None)
     argv += [stage.output_flag, ctx.out(name)]
-    return argv + _argv(opts, ctx.work_dir, ctx.write_data)
+    return argv + options_argv(opts, ctx.work_dir, ctx.write_data)
 
 
 class _StageParser(argparse.ArgumentParser):
@@ -205,9 +194,7 @@ class _StageParser(argparse.ArgumentParser):
 
 
 def _stage_parser(name: str) -> argparse.ArgumentParser:
-    from .cli import VERBS
-
-    mod = importlib.import_module(VERBS[name], __package__)
+    mod = verb_module(name)
     parser = _StageParser(prog=f"nexus {name}", exit_on_error=False, allow_abbrev=False, add_help=False)
     parser.add_argument("--debug", action="store_true")
     mod.add_arguments(parser)
@@ -220,11 +207,11 @@ def build_stage_args(name: str, argv: list[str], source: str = "pipeline config"
         args = _stage_parser(name).parse_args(argv)
     except (argparse.ArgumentError, NexusError) as e:
         raise NexusError(f"{source}: stage '{name}': {e}") from None
-    args._argv, args._verb = [name, *argv], name  # for the commands printed by refusals and Ctrl-C
+    args.argv, args.verb = [name, *argv], name  # for the commands printed by refusals and Ctrl-C
     return args
 
 
-def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
+def known_flags(parser: argparse.ArgumentParser) -> set[str]:
     return {flag for action in parser._actions for flag in action.option_strings}  # argparse has no public list
 
 
@@ -234,15 +221,13 @@ def check_config(ctx: Context, names: list[str], source: str = "pipeline config"
     model and dataset do. Writes nothing."""
     import difflib
 
-    from .cli import VERBS
-
     for key in ("model", "dataset"):  # a local path (nexus reads no network), or the bundled demo's
         value = ctx.cfg.get(key)
         if check_paths and value and not _BUILTIN.search(str(value)) and not Path(getattr(ctx, key)).exists():
             raise NexusError(f"{source}: {key} {getattr(ctx, key)}: no such file or directory")
     for name in names:
         stage = ctx.table[name]
-        known = _known_flags(_stage_parser(name))
+        known = known_flags(_stage_parser(name))
         for key in ctx.cfg["stages"].get(name) or {}:
             flag = "--" + str(key).replace("_", "-")
             if flag not in known:
@@ -250,7 +235,7 @@ def check_config(ctx: Context, names: list[str], source: str = "pipeline config"
                 hint = f" (did you mean {close[0].lstrip('-').replace('-', '_')}?)" if close else ""
                 raise NexusError(f"{source}: stages.{name}.{key}: `nexus {name}` has no option {flag}{hint}")
         args = build_stage_args(name, stage_argv(ctx, name), source)
-        check = getattr(importlib.import_module(VERBS[name], __package__), "check_options", None)
+        check = getattr(verb_module(name), "check_options", None)
         if check is not None:
             try:
                 check(args)
@@ -323,7 +308,7 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
         if dry_run:
             continue
         args = build_stage_args(name, argv, source)
-        mod = importlib.import_module(ctx.table[name].module, __package__)
+        mod = verb_module(name)
         t0 = time.time()
         code = mod.run(args)
         if code:
@@ -334,26 +319,3 @@ def run_pipeline(cfg: dict, base_dir: str | Path, start: str | None = None, only
         print(f"[pipeline] {name}: done in {elapsed:.1f}s -> {ctx.out(name)}")
         ran.append(name)
     return ran
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="pipeline YAML file (see configs/ for examples)")
-    p.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every later one")
-    p.add_argument("--only", choices=STAGES, help="run only this stage (rerun even if complete)")
-    p.add_argument("--dry-run", action="store_true", help="print each stage's command without running it")
-
-
-def interrupted(args) -> str:
-    """The Ctrl-C message: the command that skips the finished stages and resumes the interrupted one."""
-    from .rerun import command
-
-    again = command(args, drop={"--from": 1, "--only": 1, "--dry-run": 0})
-    return f"finished stages are kept; continue with: {again} (it skips them; an interrupted collect or train resumes)"
-
-
-def run(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run every stage
-        raise NexusError("nexus pipeline runs each stage once: start it without torchrun, and give the train "
-                         "stage `use_ddp: true` (and `nproc: N`) to train on N processes")
-    run_pipeline(load_config(args.config), Path.cwd(), args.start, args.only, args.dry_run, source=args.config)
-    return 0
