@@ -12,8 +12,8 @@ from nexus.train.losses import (chunked_head_loss, next_token_positions, router_
 from nexus.train.recipe import Trainer
 from nexus.train.step import batch_loss
 from nexus.train.stream import trim_padding
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import save_model_dir, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 def test_next_token_positions_skip_padding_and_sequence_ends():
@@ -108,7 +108,7 @@ def test_router_terms():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("losses")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
 
 
 def _trainer(files, tmp_path, **kw):
