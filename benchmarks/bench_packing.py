@@ -9,7 +9,7 @@
    "new" = `Packer.feed` + `Pieces.padded` (what `nexus train` builds: an (n, seq_len) array);
    "new, chunked" = the same without packing (one document per sequence, padded). "old" = the packer
    these replaced (copied below), on Python lists, run up to --old-max-tokens.
-2. Tokenizing + packing generated text with a word-level fast tokenizer (tests/tiny_assets.py):
+2. Tokenizing + packing generated text with a word-level fast tokenizer (tests/tiny.py):
    the old per-text tokenizer loop + old packer vs `iter_pieces` (batched tokenizer calls).
 
 Each figure is the best of --repeats runs (the machine is shared), in seconds and tokens/s.
@@ -95,11 +95,11 @@ def part1(sizes: list[int], old_max: int, repeats: int) -> None:
 
 
 def part2(n_tokens: int, repeats: int) -> None:
-    from tiny_assets import WORDS, save_tiny_tokenizer
+    from tiny import WORDS, save_tokenizer
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        tok = AutoTokenizer.from_pretrained(str(save_tiny_tokenizer(d)))
+        tok = AutoTokenizer.from_pretrained(str(save_tokenizer(d)))
     rng = random.Random(0)
     print(f"\n2. tokenize + pack, word-level fast tokenizer, seq_len {SEQ_LEN}; best of {repeats}")
     print("| tokens | layout | old per-text loop + old packer (s) | batched iter_pieces (s) | speed-up |")

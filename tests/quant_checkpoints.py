@@ -3,7 +3,7 @@
     model = write_fp8_checkpoint("qwen3_moe", d, layout="per_expert")   # the in-memory fp32 original
     ref = load_dequantized_reference(d)                                 # what transformers makes of d
 
-Every directory also holds the tiny tokenizer (tiny_assets.save_tiny_tokenizer), so CLI tests can use it.
+Every directory also holds the tiny tokenizer (tiny.save_tokenizer), so CLI tests can use it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from conftest import tiny_model
 from safetensors import safe_open
-from tiny_assets import save_tiny_tokenizer
+from tiny import save_tokenizer
 
 from nexus.convert.fp8_writer import fp8_quantization_config, fp8_tensors
 from nexus.convert.writer import MXFP4_QUANTIZATION_CONFIG, gpt_oss_mxfp4_tensors, write_checkpoint
@@ -29,7 +29,7 @@ def write_mxfp4_gpt_oss(directory, seed=0):
     model = tiny_model("gpt_oss", seed=seed, **GPT_OSS_MXFP4)
     write_checkpoint(directory, model.config, gpt_oss_mxfp4_tensors(model), num_shards=2,
                      quantization_config=MXFP4_QUANTIZATION_CONFIG)
-    save_tiny_tokenizer(directory)
+    save_tokenizer(directory)
     return model
 
 
@@ -45,7 +45,7 @@ def write_fp8_checkpoint(family, directory, layout="per_expert", seed=0, block=F
         prepare(model)
     write_checkpoint(directory, model.config, fp8_tensors(model, layout, block), num_shards=2, first_shard=1,
                      quantization_config=fp8_quantization_config(model, block, qwen_style=family.startswith("qwen")))
-    save_tiny_tokenizer(directory)
+    save_tokenizer(directory)
     return model
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from tiny_assets import random_text, run_cli, run_main, save_tiny_model, subprocess_env, write_jsonl
+from tiny import random_text, run_cli, run_main, save_model_dir, subprocess_env, write_jsonl
 
 from nexus.stats import pca
 from nexus.stats.accumulate import RouterStats
@@ -183,7 +183,7 @@ def test_analyze_bad_inputs(case, tmp_path):
 def test_pipeline_sample_collect_analyze(tmp_path):
     """The three stages chained; collect as its own `python -m nexus` process (sample's and torchrun's
     subprocess runs are in their own tests)."""
-    model = save_tiny_model("olmoe", tmp_path / "model")
+    model = save_model_dir(tmp_path / "model", "olmoe")
     rng = random.Random(3)
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": random_text(rng, 5, 60)} for _ in range(40)])
     r = run_main("sample", "--dataset", data, "--tokenizer", model, "--output", tmp_path / "sample.jsonl",

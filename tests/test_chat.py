@@ -13,8 +13,7 @@ import pytest
 
 from nexus import cli
 from nexus.chat.session import ChatSession, Sampling, final_answer, harmony_display, run_session
-from tiny_assets import run_cli, sigint_default, subprocess_env
-from tiny_dirs import save_adapter_dir, save_base
+from tiny import make_tokenizer, run_cli, save_adapter_dir, save_model_dir, sigint_default, subprocess_env
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=5)
 
@@ -22,9 +21,9 @@ GREEDY = Sampling(temperature=0.0, max_new_tokens=5)
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    base = save_base(root / "base")
+    base = save_model_dir(root / "base")
     return {"root": root, "base": base, "adapter": save_adapter_dir(base, root / "adapter", init="random"),
-            "plain": save_base(root / "plain", chat_template=False)}
+            "plain": save_model_dir(root / "plain", tokenizer=make_tokenizer(chat_template=False))}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from nexus.cli import build_parser
 from nexus.verbs import VERBS
 
-import tiny_assets
+import tiny
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_every_verb_and_flag_has_help():
 
 
 def test_top_level_help_lists_verbs():
-    out = tiny_assets.run_cli("--help")
+    out = tiny.run_cli("--help")
     assert out.returncode == 0
     for verb in VERBS:
         assert verb in out.stdout
@@ -83,7 +83,7 @@ def test_plan_on_a_dense_model_is_a_clear_error(tmp_path):
 
     LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2).save_pretrained(tmp_path)
-    out = tiny_assets.run_cli("plan", "--model", tmp_path)
+    out = tiny.run_cli("plan", "--model", tmp_path)
     assert out.returncode == 2
     assert "no MoE layers" in out.stderr and "gpt_oss" in out.stderr and "Traceback" not in out.stderr
 
@@ -101,7 +101,7 @@ def test_plan_bad_paths(tmp_path, bad, capsys):
 
 
 def test_debug_shows_traceback(tmp_path):
-    out = tiny_assets.run_cli("--debug", "plan", "--model", tmp_path / "nope")
+    out = tiny.run_cli("--debug", "plan", "--model", tmp_path / "nope")
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 

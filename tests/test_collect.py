@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
-from tiny_assets import random_text, run_main, save_tiny_model, subprocess_env, write_jsonl
+from tiny import random_text, run_main, save_model_dir, subprocess_env, write_jsonl
 
 from nexus.data import pad_batch
 from nexus.errors import NexusError
@@ -92,7 +92,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {f: save_tiny_model(f, root / f) for f in ("gpt_oss", "qwen3_moe", "deepseek_v3")}
+    return {f: save_model_dir(root / f, f) for f in ("gpt_oss", "qwen3_moe", "deepseek_v3")}
 
 
 def collect(model_dir, data, out, *extra):

@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from test_convert import write_pca_stats
 from test_convert_checkpoint import write_mxfp4_gpt_oss
 
-import tiny_assets
+import tiny
 
 import nexus
 from nexus.cli import main
 
 def run_cli(*args):
-    return tiny_assets.run_cli("convert", *args)
+    return tiny.run_cli("convert", *args)
 
 
 @pytest.fixture(scope="module")

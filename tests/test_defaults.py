@@ -8,9 +8,8 @@ import json
 from nexus.defaults import DEFAULT_SEQ_LEN, max_positions_at, seq_len_for
 from nexus.demo_data import DEMO_MODEL_DIR
 from nexus.stats.accumulate import RouterStats
-from tiny_assets import run_main
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401
+from tiny import run_main, save_model_dir, write_text_dataset
+from tiny import single_thread  # noqa: F401
 
 
 def test_seq_len_is_capped_at_the_models_positions(tmp_path):
@@ -28,7 +27,7 @@ def test_seq_len_is_capped_at_the_models_positions(tmp_path):
 
 
 def test_collect_and_train_fit_a_short_context_by_default(tmp_path):
-    model = make_model_dir(tmp_path / "model")  # 128 positions: the old default 1024 was refused
+    model = save_model_dir(tmp_path / "model")  # 128 positions: the old default 1024 was refused
     data = write_text_dataset(tmp_path / "data.jsonl", n=48)
     r = run_main("collect", "--model", model, "--dataset", data, "--target-tokens", 200, "--device", "cpu",
                  "--output", tmp_path / "s.safetensors")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from tiny_assets import subprocess_env
+from tiny import subprocess_env
 
 # `atexit` has no public way to run its handlers early; exit_process uses atexit._run_exitfuncs.
 # This pins what NEXUS relies on, in a real interpreter: handlers run once, in LIFO order, logging

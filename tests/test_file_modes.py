@@ -12,7 +12,7 @@ import yaml
 
 from nexus.fsutil import atomic_dir, atomic_path, umask, write_json
 from nexus.pipeline.runner import load_pipeline_config, run_pipeline
-from tiny_assets import random_text, save_tiny_model, write_jsonl
+from tiny import random_text, save_model_dir, write_jsonl
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, with_umask, mask):
 
 def test_every_pipeline_output_follows_the_umask(tmp_path, with_umask):
     """The whole pipeline on a tiny model with umask 027: files 0640, folders 0750, none private."""
-    save_tiny_model("gpt_oss", tmp_path / "model")
+    save_model_dir(tmp_path / "model", "gpt_oss")
     rng = random.Random(0)
     write_jsonl(tmp_path / "data.jsonl", [{"text": random_text(rng, 8, 40)} for _ in range(40)])
     cfg = {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "data.jsonl"), "work_dir": str(tmp_path / "out"),

@@ -15,15 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from nexus.stats.accumulate import FIELDS, RouterStats
-from tiny_assets import run_main, sigint_default, slowed, subprocess_env
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
+from tiny import run_main, save_model_dir, sigint_default, slowed, subprocess_env, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=48)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=48)
 
 
 def _ok(*args):

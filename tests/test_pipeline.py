@@ -13,7 +13,7 @@ import yaml
 from nexus.errors import NexusError
 from nexus.pipeline.runner import STAGES, Context, build_stage_args, load_pipeline_config, run_pipeline, stage_argv
 
-from tiny_assets import random_text, save_tiny_model, write_jsonl
+from tiny import random_text, save_model_dir, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "nexus" / "configs"
 
@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "nexus" / "configs"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    save_tiny_model("gpt_oss", root / "model")
+    save_model_dir(root / "model", "gpt_oss")
     rng = random.Random(0)
     write_jsonl(root / "data.jsonl", [{"text": random_text(rng, 8, 40)} for _ in range(60)])
     cfg = {
@@ -138,7 +138,7 @@ def _demo_like(tmp_path, **stages) -> Path:
     ({"sample": None}, "stage 'collect' needs --dataset: add a 'sample' stage"),
 ])
 def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, stages, message):
-    from tiny_assets import run_main
+    from tiny import run_main
 
     config = _demo_like(tmp_path, **stages)
     r = run_main("pipeline", config)
@@ -152,7 +152,7 @@ def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, sta
 
 @pytest.mark.parametrize("key", ["model", "dataset"])
 def test_a_missing_model_or_dataset_is_refused_before_anything_is_written(tmp_path, key):
-    from tiny_assets import run_main
+    from tiny import run_main
 
     cfg = yaml.safe_load(_demo_like(tmp_path).read_text())
     cfg[key] = str(tmp_path / "nowhere")
@@ -164,7 +164,7 @@ def test_a_missing_model_or_dataset_is_refused_before_anything_is_written(tmp_pa
 
 
 def test_a_stage_whose_input_is_not_made_is_refused_with_from(tmp_path):
-    from tiny_assets import run_main
+    from tiny import run_main
 
     r = run_main("pipeline", _demo_like(tmp_path), "--from", "train")
     assert r.returncode == 2 and "stage 'train' needs --student-model" in r.stderr and "--from convert" in r.stderr
@@ -172,7 +172,7 @@ def test_a_stage_whose_input_is_not_made_is_refused_with_from(tmp_path):
 
 
 def test_dry_run_writes_nothing(tmp_path):
-    from tiny_assets import run_main
+    from tiny import run_main
 
     r = run_main("pipeline", _demo_like(tmp_path), "--dry-run")
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from quant_checkpoints import load_dequantized_reference, write_fp8_checkpoint, write_mxfp4_gpt_oss
-from tiny_assets import ROOT, subprocess_env
+from tiny import ROOT, subprocess_env
 
 from nexus.base.loader import dequantized_nbytes, load_base_model, packed_nbytes
 from nexus.base.quantized import is_quantized_experts

@@ -10,7 +10,7 @@ import pytest
 from quant_checkpoints import write_fp8_checkpoint, write_mxfp4_gpt_oss
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_assets import kill_after_step, nexus_cmd, random_text, run_cli, subprocess_env, write_jsonl
+from tiny import kill_after_step, nexus_cmd, random_text, run_cli, subprocess_env, write_jsonl
 
 from nexus.train.metrics import read_metrics
 
@@ -60,7 +60,7 @@ def test_collect_train_validate_chat_on_a_quantized_base(base, data, tmp_path):
     d = report["datasets"]["d"]
     assert math.isfinite(d["perplexity"]) and math.isfinite(d["baseline_perplexity"])
 
-    out = ok("chat", "--model", tmp_path / "run" / "final", "--prompt", "w1 w2 w3", "--max-new-tokens", 4,
+    out = ok("chat", "--model", tmp_path / "run" / "final", "--prompt", "the cat sat", "--max-new-tokens", 4,
              "--device", "cpu", "--seed", 0)
     assert out.stdout.strip()
 

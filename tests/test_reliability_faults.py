@@ -32,10 +32,8 @@ from nexus.stats.accumulate import FIELDS, RouterStats
 from nexus.stats.reservoir import RawReservoir, raw_path
 from nexus.teacher import cache as cache_mod
 from nexus.teacher.cache import MANIFEST, TeacherCache
-from tiny_assets import run_main
-from tiny_assets import nexus_cmd, slowed, subprocess_env
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
+from tiny import nexus_cmd, run_main, save_model_dir, slowed, subprocess_env, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 RNG = random.Random(int(os.environ.get("NEXUS_FAULT_SEED", "0")))
 
@@ -43,7 +41,7 @@ RNG = random.Random(int(os.environ.get("NEXUS_FAULT_SEED", "0")))
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=48)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=48)
 
 
 def _ok(*args):

@@ -15,7 +15,7 @@ import pytest
 from nexus.base.loader import check_model_path
 from nexus.cli import build_parser, main
 from nexus.errors import NexusError
-from train_helpers import make_model_dir, write_text_dataset
+from tiny import save_model_dir, write_text_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "nexus"
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
@@ -166,7 +166,7 @@ def test_local_path_rules(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("net")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=8)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=8)
 
 
 @pytest.mark.parametrize("verb", ["sample", "collect", "convert", "precompute-teacher", "train", "train-teacher",

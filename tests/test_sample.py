@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from tiny_assets import random_text, run_cli, run_main, save_tiny_tokenizer, write_jsonl
+from tiny import random_text, run_cli, run_main, save_tokenizer, write_jsonl
 
 from nexus.data import Document
 from nexus.stats.sample import draw_candidates
@@ -87,15 +87,15 @@ def test_selection_summary_and_stop_rule():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return save_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_sample_command(tmp_path, tokenizer_dir):
     rng = random.Random(0)
     records = [{"text": random_text(rng)} for _ in range(60)]
-    records.append({"messages": [{"role": "w1", "content": "w2 w3 w4"}, {"role": "w5", "content": "w6"}]})
+    records.append({"messages": [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on"}]})
     data = write_jsonl(tmp_path / "data" / "a.jsonl", records)
-    (tmp_path / "data" / "b.txt").write_text(" ".join(["w7"] * 50))
+    (tmp_path / "data" / "b.txt").write_text(" ".join(["dog"] * 50))
     out = tmp_path / "sample.jsonl"
     r = run_cli("sample", "--dataset", data.parent, "--tokenizer", tokenizer_dir, "--output", out,
                 "--target-tokens", 200, "--seq-len", 12, "--workers", 2)
@@ -107,7 +107,7 @@ def test_sample_command(tmp_path, tokenizer_dir):
     assert len({row["source_index"] for row in rows}) == len(rows)
     for row in rows:  # truncated texts were cut at a token boundary
         if row["source"].endswith("b.txt:0"):
-            assert row["text"] == " ".join(["w7"] * 12)
+            assert row["text"] == " ".join(["dog"] * 12)
     # The same run in process gives the same file; the pool running out is said, not hidden.
     again = tmp_path / "again.jsonl"
     r = run_main("sample", "--dataset", data.parent, "--tokenizer", tokenizer_dir, "--output", again,
@@ -126,11 +126,11 @@ def test_candidates_are_a_seeded_uniform_draw():
 
 
 def test_sample_chat_records_use_the_chat_template(tmp_path, tokenizer_dir):
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "w1", "content": "w2"}]}])
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "cat"}]}])
     out = tmp_path / "s.jsonl"
     r = run_main("sample", "--dataset", data, "--tokenizer", tokenizer_dir, "--output", out, "--target-tokens", 5)
     assert r.returncode == 0, r.stderr
-    assert json.loads(out.read_text())["text"].strip() == "w1 w2 </s>"
+    assert json.loads(out.read_text())["text"].strip() == "<|user|> cat <|end|>"
 
 
 @pytest.mark.parametrize("case", ["empty", "missing_field", "bad_flag"])
@@ -140,7 +140,7 @@ def test_sample_bad_inputs(tmp_path, tokenizer_dir, case):
     if case == "empty":
         data.write_text("\n")
     else:
-        write_jsonl(data, [{"body": "w1 w2"}])
+        write_jsonl(data, [{"body": "the cat"}])
         if case == "bad_flag":
             extra = ["--text-field", "body", "--target-tokens", "0"]
     out = tmp_path / "out.jsonl"

@@ -20,9 +20,8 @@ from nexus.train.config import TrainConfig
 from nexus.train.metrics import read_metrics
 from nexus.train.recipe import Trainer
 from nexus.stream import DataSpec, SequenceStream, build_sequences
-from tiny_assets import nexus_cmd, subprocess_env
-from train_helpers import make_model_dir, make_tokenizer, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import make_tokenizer, nexus_cmd, save_model_dir, subprocess_env, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 SEQ = 32
 
@@ -30,7 +29,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
 
 
 @pytest.fixture(scope="module")

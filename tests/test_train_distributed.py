@@ -10,24 +10,21 @@ from safetensors.torch import load_file
 
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
-from tiny_assets import nexus_cmd, run_main, subprocess_env
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import nexus_cmd, run_main, save_model_dir, subprocess_env, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 def mxfp4_model_dir(path):
-    """gpt-oss with MXFP4 experts as released, which NEXUS keeps packed, and the BPE tokenizer of these tests."""
+    """gpt-oss with MXFP4 experts as released, which NEXUS keeps packed, and the tokenizer of these tests."""
     from quant_checkpoints import write_mxfp4_gpt_oss
-    from train_helpers import make_tokenizer
 
-    write_mxfp4_gpt_oss(path)
-    make_tokenizer().save_pretrained(path)
+    write_mxfp4_gpt_oss(path)  # saves tiny.make_tokenizer() beside the weights
     return path
 
 
 @pytest.mark.parametrize("base", ["qwen3_moe", "gpt_oss-mxfp4"])
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, base):
-    model_dir = make_model_dir(tmp_path / "model") if base == "qwen3_moe" else mxfp4_model_dir(tmp_path / "model")
+    model_dir = save_model_dir(tmp_path / "model") if base == "qwen3_moe" else mxfp4_model_dir(tmp_path / "model")
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
     # A trainable router frozen mid-run: DDP is rebuilt at the freeze without unused-parameter errors.
     args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
@@ -74,7 +71,7 @@ def test_pipeline_with_use_ddp_runs_each_stage_once(tmp_path):
     """Only train runs on 2 ranks (gloo); the pipeline around it, validate included, runs once."""
     import yaml
 
-    model_dir = make_model_dir(tmp_path / "model")
+    model_dir = save_model_dir(tmp_path / "model")
     data = write_text_dataset(tmp_path / "data.jsonl", n=12)
     cfg = {"model": str(model_dir), "dataset": str(data), "work_dir": str(tmp_path / "out"), "stages": {
         "train": {"student_model": str(model_dir), "init_strategy": "random", "use_ddp": True, "nproc": 2,

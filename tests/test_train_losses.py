@@ -12,8 +12,8 @@ from nexus.train.losses import (chunked_head_loss, next_token_positions, router_
 from nexus.train.recipe import Trainer
 from nexus.train.step import batch_loss
 from nexus.stream import trim_padding
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import save_model_dir, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 def test_next_token_positions_skip_padding_and_sequence_ends():
@@ -108,7 +108,7 @@ def test_router_terms():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("losses")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
 
 
 def _trainer(files, tmp_path, **kw):
@@ -188,7 +188,9 @@ def test_padding_changes_nothing(files, tmp_path):
         torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)  # KL sums are ~1e-4: float noise
         for a, b in zip(g1, g2):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            # float32 rounding of the summed terms scales with the tensor's largest gradient, not with each
+            # entry (differences of 1.4e-7 on gradients of ~0.4); padding leaking in would be of that order
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
     finally:
         t.cleanup()
 

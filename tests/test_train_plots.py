@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from tiny_assets import subprocess_env
+from tiny import subprocess_env
 
 SCRIPT = textwrap.dedent("""
     import sys

@@ -16,14 +16,14 @@ from nexus.train.config import TrainConfig
 from nexus.train.metrics import FIELDS, read_metrics
 from nexus.train.recipe import Trainer
 from nexus.train.teachers import ModelTeacher, SelfTeacher
-from train_helpers import base_state, make_model_dir, make_tokenizer, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import base_state, make_tokenizer, save_model_dir, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    return make_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
+    return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24)
 
 
 def _config(files, out, **kw):
@@ -184,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_pat
 
 
 def test_every_family_trains_with_a_trainable_router(family, tmp_path):
-    model_dir = make_model_dir(tmp_path / "model", family)
+    model_dir = save_model_dir(tmp_path / "model", family)
     data = write_text_dataset(tmp_path / "data.jsonl", n=12)
     t = _run(_config((model_dir, data), tmp_path / "out", max_steps=2, freeze_router=False, router_kl_weight=0.1,
                      checkpoint_interval=1))
@@ -243,7 +243,7 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, capsys):
     base = ["train", "--student-model", str(model_dir), "--init-strategy", "random", "--dataset", str(data),
             "--seq-len", "32", "--max-steps", "2", "--device", "cpu"]
 
-    other = make_model_dir(tmp_path / "other", vocab_size=80, tokenizer=make_tokenizer(80))
+    other = save_model_dir(tmp_path / "other", vocab_size=80, tokenizer=make_tokenizer(80))
     err = _cli_error(base + ["--teacher-model", str(other), "--output-dir", str(tmp_path / "o1")], capsys)
     assert "error: --teacher-model" in err and "80 tokens" in err and "96" in err
 

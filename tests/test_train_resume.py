@@ -8,15 +8,14 @@ from safetensors.torch import load_file
 
 from nexus.cli import main
 from nexus.train.metrics import read_metrics
-from tiny_assets import kill_after_step, nexus_cmd, subprocess_env
-from train_helpers import make_model_dir, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
+from tiny import kill_after_step, nexus_cmd, save_model_dir, subprocess_env, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread, as the subprocesses)
 
 STEPS, INTERVAL, KILL_AFTER = 40, 8, 10
 
 
 def test_kill_and_resume_continues_exactly(tmp_path):
-    model_dir = make_model_dir(tmp_path / "model")
+    model_dir = save_model_dir(tmp_path / "model")
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
     args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
             "--batch-size", 2, "--gradient-accumulation-steps", 2, "--max-steps", STEPS, "--learning-rate", 3e-3,

@@ -8,8 +8,8 @@ import torch
 
 from nexus.errors import NexusError
 from nexus.stream import DataSpec, SequenceSet, SequenceStream, StepLayout, build_sequences, trim_padding
-from train_helpers import make_tokenizer, write_chat_dataset, write_text_dataset
-from train_helpers import single_thread  # noqa: F401  (autouse: one thread per test process)
+from tiny import make_tokenizer, write_chat_dataset, write_text_dataset
+from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.validate import evaluate, kl_divergence, nll, perplexity, routing_agreement
 from nexus.validate.report import ACCEPTABLE, EXCELLENT, FAIL, IMPROVED, overall_verdict, render_markdown, verdict
-from tiny_assets import run_cli
-from tiny_dirs import save_adapter_dir, save_base, write_datasets
+from tiny import SPECIALS, run_cli, save_adapter_dir, save_model_dir, write_datasets, write_jsonl
 
-FIRST_WORD_ID = 8  # ids below are special tokens of the tiny tokenizer
+FIRST_WORD_ID = len(SPECIALS)  # ids below are special tokens of the tiny tokenizer
 
 
 def _seqs(lengths, seed=0):
@@ -181,7 +180,7 @@ def test_verdict_thresholds():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
-    base = save_base(root / "base")
+    base = save_model_dir(root / "base")
     return {"root": root, "base": base, "zero": save_adapter_dir(base, root / "zero"),
             "random": save_adapter_dir(base, root / "random", init="random", scale=300.0),
             **write_datasets(root / "data")}
@@ -328,7 +327,6 @@ def test_cli_on_gpu_bf16_matches_cpu(dirs):
 def test_validate_on_the_demo_model_with_default_flags(tmp_path):
     """The bundled model has 256 positions: the default --seq-len fits it (1024 would be refused)."""
     from nexus.demo_data import DEMO_MODEL_DIR
-    from tiny_assets import write_jsonl
 
     save_adapter_dir(DEMO_MODEL_DIR, tmp_path / "adapter", init="random")
     text = "def parse(header):\n    return header.split(':')\n" * 60  # longer than 256 tokens
