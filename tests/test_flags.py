@@ -89,3 +89,28 @@ def test_generated_flags_cover_the_field_kinds():
     assert "(default 0.5)" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args([])  # --name is required
+
+
+def test_verb_flags_default_to_their_functions_signature():
+    """sample, analyze and convert: each flag's default is the function's own (one place)."""
+    import inspect
+
+    from nexus.convert.cli import FLAGS as CONVERT
+    from nexus.convert.core import convert
+    from nexus.stats.analyze import analyze
+    from nexus.stats.cli.analyze import FLAGS as ANALYZE
+    from nexus.stats.cli.sample import FLAGS as SAMPLE
+    from nexus.stats.sample import sample
+
+    parse = build_parser().parse_args
+    cases = [(sample, SAMPLE, ["sample", "--dataset", "d", "--tokenizer", "t"]),
+             (analyze, ANALYZE, ["analyze", "--input", "s"]),
+             (convert, CONVERT, ["convert", "--input", "m", "--output", "a", "--init-strategy", "zero"])]
+    for func, flags, argv in cases:
+        args = parse(argv)
+        for name, p in inspect.signature(func).parameters.items():
+            if name in flags and p.default is not inspect.Parameter.empty:
+                assert getattr(args, name) == p.default, f"{func.__name__}: --{name} default"
+    assert parse(["convert", "--model", "m", "--output-dir", "a", "--init-strategy", "zero", "--skip-check"]).check \
+        is False  # the alias spellings and the negated switch
+    assert parse(["analyze", "--input", "s", "--no-plots"]).plots is False

@@ -56,31 +56,62 @@ def add_flags(parser, cls, names: list[str]) -> None:
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     for name in names:
         f = by_name[name]
-        meta = dict(f.metadata)
-        kind = _base_type(f.type)
-        option = "--" + name.replace("_", "-")
-        negate = meta.pop("negate", None)
-        kwargs = {k: v for k, v in meta.items() if v is not None}
-        if f.default is _MISSING:
-            kwargs["required"] = True
+        _add(parser, name, f.type, f.default, dict(f.metadata))
+
+
+def add_function_flags(parser, func, specs: dict[str, dict], aliases: dict[str, str] | None = None) -> None:
+    """Flags for parameters of `func`, whose signature holds their defaults and types (litgpt's way).
+
+    specs: {parameter: {"help": ..., argparse options, "option": "--other-name", "negate": "--no-x"}};
+    aliases: {flag: another spelling of it}.
+    """
+    import inspect
+
+    params = inspect.signature(func).parameters
+    for name, meta in specs.items():
+        p = params[name]
+        default = _MISSING if p.default is inspect.Parameter.empty else p.default
+        _add(parser, name, p.annotation, default, dict(meta), aliases or {})
+
+
+def function_args(func, args: argparse.Namespace, specs: dict[str, dict]) -> dict:
+    """The keyword arguments of `func` that `add_function_flags(..., specs)` parsed into `args`."""
+    return {name: getattr(args, name) for name in specs}
+
+
+def _add(parser, name: str, annotation, default, meta: dict, aliases: dict[str, str] | None = None) -> None:
+    try:
+        kind = _base_type(annotation)
+    except TypeError:
+        if "type" not in meta:  # e.g. `int | str`: the spec names its parser
+            raise
+        kind = None
+    option = meta.pop("option", "--" + name.replace("_", "-"))
+    negate = meta.pop("negate", None)
+    kwargs = {k: v for k, v in meta.items() if v is not None}
+    if option != "--" + name.replace("_", "-"):
+        kwargs["dest"] = name
+    if default is _MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = default
+        if not (default is None or isinstance(default, bool)) and "default" not in kwargs.get("help", "default"):
+            kwargs["help"] += f" (default {default})"
+    if kind is bool:
+        kwargs.pop("dest", None)
+        if negate:
+            if default is not True:
+                raise TypeError(f"flags: {name} has negate= but defaults to {default!r}")
+            parser.add_argument(negate, dest=name, action="store_false", **kwargs)
+        elif default is None:
+            parser.add_argument(option, dest=name, action=argparse.BooleanOptionalAction, **kwargs)
+        elif default is False:
+            parser.add_argument(option, dest=name, action="store_true", **kwargs)
         else:
-            kwargs["default"] = f.default
-            if not (f.default is None or isinstance(f.default, bool)) and "default" not in kwargs.get("help", "default"):
-                kwargs["help"] += f" (default {f.default})"
-        if kind is bool:
-            if negate:
-                if f.default is not True:
-                    raise TypeError(f"flags: {name} has negate= but defaults to {f.default!r}")
-                parser.add_argument(negate, dest=name, action="store_false", **kwargs)
-            elif f.default is None:
-                parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
-            elif f.default is False:
-                parser.add_argument(option, action="store_true", **kwargs)
-            else:
-                raise TypeError(f"flags: bool field {name} defaulting to True needs negate='--no-...'")
-            continue
-        kwargs.setdefault("type", kind)
-        parser.add_argument(option, **kwargs)
+            raise TypeError(f"flags: bool {name} defaulting to True needs negate='--no-...'")
+        return
+    kwargs.setdefault("type", kind)
+    parser.add_argument(*[option] + ([aliases[option]] if aliases and option in aliases else []), **kwargs)
 
 
 def from_args(cls, args: argparse.Namespace):

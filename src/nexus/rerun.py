@@ -32,7 +32,8 @@ def command(args, add: tuple[str, ...] = (), drop: dict[str, int] | None = None)
     return "nexus " + shlex.join(out)
 
 
-def nothing_written(args) -> str:
-    """The Ctrl-C message of a verb whose output appears only once complete (written atomically)."""
-    return (f"nothing was written to {args.output} (it appears only once complete); start again with: "
+def nothing_written(args, output: str | None = None) -> str:
+    """Ctrl-C message of a verb whose output (default --output) appears only once complete (atomic write)."""
+    output = args.output if output is None else output
+    return (f"nothing was written to {output} (it appears only once complete); start again with: "
             f"{command(args)}")

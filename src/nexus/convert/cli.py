@@ -20,39 +20,45 @@ from __future__ import annotations
 import argparse
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..flags import add_function_flags, function_args
 from ..rerun import nothing_written
 from .core import convert
 
 
+FLAGS = {  # convert()'s parameters: their defaults and types are its signature's
+    "input_dir": {"option": "--input", "metavar": "DIR",
+                  "help": "base model directory (config.json + safetensors, single file or sharded)"},
+    "output_dir": {"option": "--output", "metavar": "DIR",
+                   "help": "adapter directory to write (must not exist unless --overwrite)"},
+    "pca_stats": {"metavar": "FILE",
+                  "help": "pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies"},
+    "init_strategy": {"metavar": "NAME",
+                      "help": "zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK (e.g. pca_top24)"},
+    "width_multiplier": {"metavar": "M",
+                         "help": "shared intermediate size = M × the routed expert's, e.g. 2 or 0.25 (default 1; "
+                                 "concat_topK: K). Units beyond the merged expert start with random gate/up and "
+                                 "zero down rows, so the output is unchanged; below 1, the merged expert's "
+                                 "strongest hidden units are kept"},
+    "scale": {"help": "multiply the shared expert's output at init"},
+    "seed": {"help": "seed for random init and widening"},
+    "dry_run": {"help": "print the plan and write nothing"},
+    "check": {"negate": "--skip-check", "help": "skip the sanity forward through the full converted model "
+                                                "(for bases that do not fit in memory)"},
+    "dequantize": {"help": "sanity check: " + DEQUANTIZE_HELP},
+    "overwrite": {"help": "replace an existing output directory"},
+}
+ALIASES = {"--input": "--model", "--output": "--output-dir", "--pca-stats": "--router-stats"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", "--model", dest="input", required=True, metavar="DIR",
-                   help="base model directory (config.json + safetensors, single file or sharded)")
-    p.add_argument("--output", "--output-dir", dest="output", required=True, metavar="DIR",
-                   help="adapter directory to write (must not exist unless --overwrite)")
-    p.add_argument("--pca-stats", "--router-stats", dest="pca_stats", metavar="FILE",
-                   help="pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies")
-    p.add_argument("--init-strategy", required=True, metavar="NAME",
-                   help="zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK (e.g. pca_top24)")
-    p.add_argument("--width-multiplier", type=float, default=None, metavar="M",
-                   help="shared intermediate size = M × the routed expert's, e.g. 2 or 0.25 (default 1; concat_topK: "
-                        "K). Units beyond the merged expert start with random gate/up and zero down rows, so the "
-                        "output is unchanged; below 1, the merged expert's strongest hidden units are kept")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the shared expert's output at init (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random init and widening (default 0)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    p.add_argument("--skip-check", action="store_true",
-                   help="skip the sanity forward through the full converted model "
-                        "(for bases that do not fit in memory)")
-    p.add_argument("--dequantize", action="store_true", help="sanity check: " + DEQUANTIZE_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_function_flags(p, convert, FLAGS, aliases=ALIASES)
 
 
-interrupted = nothing_written  # the Ctrl-C message: the adapter directory is written atomically
+def interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C message: the adapter directory is written atomically."""
+    return nothing_written(args, args.output_dir)
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(args.input, args.output, args.init_strategy, pca_stats=args.pca_stats,
-            width_multiplier=args.width_multiplier, scale=args.scale, seed=args.seed,
-            check=not args.skip_check, overwrite=args.overwrite, dry_run=args.dry_run,
-            log=lambda msg: print(msg, flush=True), dequantize=args.dequantize)
+    convert(**function_args(convert, args, FLAGS), log=lambda msg: print(msg, flush=True))
     return 0

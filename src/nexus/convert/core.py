@@ -247,8 +247,8 @@ def sanity_forward(adapter_dir: Path, dequantize: bool = False) -> float:
     return float((logits - base).abs().max())
 
 
-def convert(input_dir: str | os.PathLike, output_dir: str | os.PathLike, init_strategy: str,
-            pca_stats: str | os.PathLike | None = None, width_multiplier: int | None = None, scale: float = 1.0,
+def convert(input_dir: str, output_dir: str, init_strategy: str,
+            pca_stats: str | None = None, width_multiplier: float | None = None, scale: float = 1.0,
             seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print,
             dequantize: bool = False) -> dict:
     """Convert `input_dir` (a transformers model directory) into an adapter at `output_dir`.

@@ -61,7 +61,7 @@ def check_against_model(stats: RouterStats, model: str, source: str) -> None:
                          f"--model {model} is {model_type} with MoE layers {layers}")
 
 
-def analyze(stats_file: str, output: str, top_k: int | str = "auto", importance: str = "pca", n_components: int = 10,
+def analyze(stats_file: str, output: str = "pca_stats.json", top_k: int | str = "auto", importance: str = "pca", n_components: int = 10,
             merge_weights: str = "equal", auto_share: float = 0.5, plots_dir: str | None = None, plots: bool = True,
             model: str | None = None) -> dict:
     """Analyze router statistics and write pca_stats.json (and plots) as `nexus analyze` describes;

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Document, iter_documents, load_tokenizer
+from ..defaults import seq_len_for
 from ..errors import NexusError
 from ..fsutil import atomic_path
 from .sampling import build_pool, select
@@ -74,11 +75,13 @@ def tokenize_truncated(texts: list[str], tokenizer, seq_len: int,
     return ids_out, texts_out
 
 
-def sample(dataset: str, tokenizer: str, output: str, target_tokens: int, max_candidates: int, seq_len: int,
-           objective: str = "distribution", workers: int = 1, seed: int = 0, text_field: str = "text",
-           split: str | None = None) -> Path:
-    """Write the sample JSONL (atomically) as `nexus sample` describes; arguments are its flags."""
+def sample(dataset: str, tokenizer: str, output: str = "sample.jsonl", target_tokens: int = 1_000_000,
+           max_candidates: int = 10_000, seq_len: int | None = None, objective: str = "distribution",
+           workers: int = 1, seed: int = 0, text_field: str = "text", split: str | None = None) -> Path:
+    """Write the sample JSONL (atomically) as `nexus sample` describes; arguments are its flags (and their
+    defaults those of the flags). seq_len None: nexus.defaults.seq_len_for the tokenizer's model."""
     start = time.perf_counter()
+    seq_len = seq_len_for(tokenizer, seq_len)
     tokenizer = load_tokenizer(tokenizer, what="--tokenizer", model_dir=False)
     docs = iter_documents(dataset, tokenizer, text_field, split)
     candidates = draw_candidates(docs, max_candidates, seed)

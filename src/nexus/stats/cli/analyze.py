@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from ...errors import NexusError
+from ...flags import add_function_flags, function_args
 from ...rerun import nothing_written
 from ..analyze import analyze
 from ..pca import IMPORTANCE, MERGE_WEIGHTS
@@ -40,26 +41,25 @@ def _top_k(value: str) -> int | str:
     return k
 
 
+FLAGS = {  # analyze()'s parameters: their defaults and types are its signature's
+    "stats_file": {"option": "--input", "metavar": "INPUT", "help": "router statistics from `nexus collect`"},
+    "output": {"help": "analysis JSON to write"},
+    "top_k": {"type": _top_k, "help": "experts selected per layer, or 'auto' (per layer, from the importance curve)"},
+    "importance": {"choices": IMPORTANCE, "help": "expert importance: pca (original tool), frequency (routed share) "
+                                                  "or gate (mean routing weight)"},
+    "n_components": {"help": "principal components in the pca score"},
+    "merge_weights": {"choices": MERGE_WEIGHTS, "help": "weights of the selected experts: equal (the original "
+                                                        "tool's average) or importance (proportional)"},
+    "auto_share": {"help": "--top-k auto: smallest k holding this share of importance, within the category's range"},
+    "plots_dir": {"help": "directory for plots and summary.md (default: plots/ beside --output)"},
+    "plots": {"negate": "--no-plots", "help": "write only the JSON"},
+    "model": {"help": "check the statistics against this model's config (optional)"},
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="router statistics from `nexus collect`")
-    p.add_argument("--output", default="pca_stats.json", help="analysis JSON to write (default pca_stats.json)")
+    add_function_flags(p, analyze, FLAGS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--top-k", type=_top_k, default="auto",
-                   help="experts selected per layer, or 'auto' (per layer, from the importance curve; default)")
-    p.add_argument("--importance", choices=IMPORTANCE, default="pca",
-                   help="expert importance: pca (original tool, default), frequency (routed share) or gate "
-                        "(mean routing weight)")
-    p.add_argument("--n-components", type=int, default=10, help="principal components in the pca score (default 10)")
-    p.add_argument("--merge-weights", choices=MERGE_WEIGHTS, default="equal",
-                   help="weights of the selected experts: equal (the original tool's average; default) or "
-                        "importance (proportional)")
-    p.add_argument("--auto-share", type=float, default=0.5,
-                   help="--top-k auto: smallest k holding this share of importance, within the category's "
-                        "range (default 0.5)")
-    p.add_argument("--plots-dir", default=None,
-                   help="directory for plots and summary.md (default: plots/ beside --output)")
-    p.add_argument("--no-plots", action="store_true", help="write only the JSON")
-    p.add_argument("--model", default=None, help="check the statistics against this model's config (optional)")
 
 
 interrupted = nothing_written  # the Ctrl-C message: the output is written atomically
@@ -72,6 +72,5 @@ def run(args) -> int:
         raise NexusError(f"--auto-share must be in (0, 1], got {args.auto_share}")
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
-    analyze(args.input, args.output, args.top_k, args.importance, args.n_components, args.merge_weights,
-            args.auto_share, args.plots_dir, not args.no_plots, args.model)
+    analyze(**function_args(analyze, args, FLAGS))
     return 0

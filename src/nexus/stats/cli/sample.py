@@ -23,31 +23,32 @@ from pathlib import Path
 
 from ...defaults import seq_len_for
 from ...errors import NexusError
+from ...flags import add_function_flags, function_args
 from ...rerun import nothing_written
 from ..sample import sample
 from ..sampling import OBJECTIVES
 
 
+FLAGS = {  # sample()'s parameters: their defaults and types are its signature's
+    "dataset": {"help": "a .txt/.jsonl/.json/.parquet file, a folder of them, or a saved Hugging Face dataset"},
+    "tokenizer": {"help": "model (or adapter) directory whose tokenizer to use"},
+    "output": {"help": "JSONL file to write"},
+    "target_tokens": {"help": "stop once the selection holds this many tokens"},
+    "max_candidates": {"help": "documents drawn from the dataset as the candidate pool"},
+    "seq_len": {"help": "truncate each document to this many tokens (default 1024, or the model's "
+                        "max_position_embeddings when the --tokenizer directory holds a smaller one)"},
+    "objective": {"choices": OBJECTIVES,
+                  "help": "distribution: min KL(selected || pool) unigram; coverage: max distinct tokens"},
+    "workers": {"help": "tokenizer threads"},
+    "seed": {"help": "seed for drawing candidates"},
+    "text_field": {"help": "record field holding the text (records with `messages` are chats)"},
+    "split": {"help": "split of a saved Hugging Face DatasetDict (default train)"},
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True,
-                   help="a .txt/.jsonl/.json/.parquet file, a folder of them, or a saved Hugging Face dataset")
-    p.add_argument("--tokenizer", required=True, help="model (or adapter) directory whose tokenizer to use")
-    p.add_argument("--output", default="sample.jsonl", help="JSONL file to write (default sample.jsonl)")
+    add_function_flags(p, sample, FLAGS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--target-tokens", type=int, default=1_000_000,
-                   help="stop once the selection holds this many tokens (default 1000000)")
-    p.add_argument("--max-candidates", type=int, default=10_000,
-                   help="documents drawn from the dataset as the candidate pool (default 10000)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="truncate each document to this many tokens (default 1024, or the model's "
-                        "max_position_embeddings when the --tokenizer directory holds a smaller one)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="distribution",
-                   help="distribution: min KL(selected || pool) unigram (default); coverage: max distinct tokens")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer threads (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing candidates (default 0)")
-    p.add_argument("--text-field", default="text",
-                   help="record field holding the text (default text; records with `messages` are chats)")
-    p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict (default train)")
 
 
 def check_options(args) -> None:
@@ -70,6 +71,5 @@ interrupted = nothing_written  # the Ctrl-C message: the output is written atomi
 
 def run(args) -> int:
     _check_args(args)
-    sample(args.dataset, args.tokenizer, args.output, args.target_tokens, args.max_candidates, args.seq_len,
-           args.objective, args.workers, args.seed, args.text_field, args.split)
+    sample(**function_args(sample, args, FLAGS))
     return 0
