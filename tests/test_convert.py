@@ -95,6 +95,60 @@ def test_concat_adapter_computes_the_weighted_sum_exactly(bases, stats, tmp_path
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("base", ["gpt_oss_mxfp4", "qwen3_moe"])
+def test_feature_init_preserves_the_model_and_takes_the_experts_units(bases, stats, tmp_path, base):
+    from nexus.convert.merge import to_units
+    from nexus.shared import shared_experts_disabled
+
+    src, ref = bases[base]
+    out = tmp_path / "adapter"
+    convert(src, out, "feature_top2", pca_stats=stats, log=quiet)  # width 1: I of the 2·I units
+    model = nexus.load_model(out, dtype=torch.float32)
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(ids).logits
+        with shared_experts_disabled(model):
+            plain = model(ids).logits
+    assert torch.equal(got, plain)  # the shared experts output exactly zero at step 0
+    for ref_block, block in zip(find_moe_blocks(ref), find_moe_blocks(model)):
+        experts, _ = selection(ref_block.layer, 2)
+        layout = ref_block.layout
+        kept = cfg["init"]["layers"][str(ref_block.layer)]["kept_units"]
+        assert len(kept) == layout.intermediate_size and len(set(kept)) == len(kept)
+        units = [to_units({n: p[j].detach() for n, p in ref_block.experts.named_parameters()}, layout) for j in experts]
+        ours = to_units({k: v[0] for k, v in adapter_tensors(out, block).items()}, layout)
+        for key in ("gate", "up", "gate_bias", "up_bias"):
+            if key in ours:
+                want = torch.cat([u[key] for u in units])[kept]  # the two experts' units side by side, kept ones
+                torch.testing.assert_close(ours[key], want.float(), rtol=0, atol=0)
+        assert not ours["down"].any() and not ours.get("down_bias", torch.zeros(1)).any()
+    shared = [p for n, p in model.named_parameters() if SHARED_NAME in n and "down_proj" in n and "bias" not in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in shared:
+        p.requires_grad_(True)
+    model(ids).logits.float().pow(2).mean().backward()
+    assert shared and all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)  # the down rows learn
+
+
+def test_feature_init_wider_than_its_experts_adds_random_units(bases, stats, tmp_path):
+    from nexus.convert.merge import to_units
+
+    src, ref = bases["qwen3_moe"]
+    out = tmp_path / "adapter"
+    convert(src, out, "feature_top2", pca_stats=stats, width_multiplier=3, check=False, log=quiet)
+    block = find_moe_blocks(ref)[0]
+    layout, inter = block.layout, block.layout.intermediate_size
+    ours = to_units({k: v[0] for k, v in adapter_tensors(out, block).items()}, layout)
+    experts, _ = selection(block.layer, 2)
+    units = [to_units({n: p[j].detach() for n, p in block.experts.named_parameters()}, layout) for j in experts]
+    assert ours["up"].shape[0] == 3 * inter
+    torch.testing.assert_close(ours["up"][:2 * inter], torch.cat([u["up"] for u in units]), rtol=0, atol=0)
+    assert ours["up"][2 * inter:].abs().sum() > 0 and not ours["down"].any()  # new units: random in, zero out
+    assert "kept_units" not in json.loads((out / CONFIG_NAME).read_text())["init"]["layers"]["0"]
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
 def test_aligned_recovers_an_expert_from_permuted_copies(tmp_path, family):
     model = tiny_model(family)

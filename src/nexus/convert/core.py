@@ -30,7 +30,7 @@ from ..progress import bar, format_bytes
 from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from ..version import __version__
 from .checkpoint import ExpertReader
-from .merge import from_units, keep_units, make_merger, strongest_units, to_units, widen
+from .merge import from_units, keep_units, make_merger, silence_outputs, strongest_units, to_units, widen
 from ..base.files import StreamingWriter
 from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
 
@@ -175,7 +175,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         elif strategy.kind == "aligned":
             i = b.layout.intermediate_size
             work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
-        elif strategy.kind == "concat":
+        elif strategy.kind in ("concat", "feature"):
             work = (strategy.top_k + 2) * expert + raw
         else:
             work = 0
@@ -210,6 +210,8 @@ def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generato
                 lp.kept_units = strongest_units(units, target)
                 units = keep_units(units, lp.kept_units)
             units = widen(units, target, std, generator)
+        if strategy.kind == "feature":
+            units = silence_outputs(units)  # the strongest units were chosen on their weighted down rows
         tensors = from_units(units, layout)
         del merger, units
         reader.release()

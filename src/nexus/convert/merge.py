@@ -196,6 +196,11 @@ def make_merger(kind: str, k: int):
         return Average()
     if kind == "aligned":
         return AlignedAverage()
-    if kind == "concat":
+    if kind in ("concat", "feature"):
         return Concat(k)
     raise ValueError(kind)
+
+
+def silence_outputs(units: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same hidden units with the down rows and the down bias zero: they compute features, output nothing."""
+    return {k: (torch.zeros_like(v) if k in ("down", "down_bias") else v) for k, v in units.items()}
