@@ -149,6 +149,28 @@ def test_feature_init_wider_than_its_experts_adds_random_units(bases, stats, tmp
     assert "kept_units" not in json.loads((out / CONFIG_NAME).read_text())["init"]["layers"]["0"]
 
 
+@pytest.mark.parametrize("base", ["gpt_oss_mxfp4", "qwen3_moe"])
+def test_pruned_concat_is_concat_at_full_width_and_keeps_its_strongest_units_below(bases, stats, tmp_path, base):
+    from nexus.convert.merge import to_units
+
+    src, ref = bases[base]
+    convert(src, tmp_path / "concat", "concat_top2", pca_stats=stats, check=False, log=quiet)
+    convert(src, tmp_path / "full", "pruned_top2", pca_stats=stats, width_multiplier=2, check=False, log=quiet)
+    convert(src, tmp_path / "half", "pruned_top2", pca_stats=stats, check=False, log=quiet)  # width 1
+    kept = json.loads((tmp_path / "half" / CONFIG_NAME).read_text())["init"]["layers"]
+    for block in find_moe_blocks(ref):
+        concat = adapter_tensors(tmp_path / "concat", block)
+        full = adapter_tensors(tmp_path / "full", block)
+        assert concat.keys() == full.keys() and all(torch.equal(concat[k], full[k]) for k in concat)
+        units = to_units({k: v[0] for k, v in concat.items()}, block.layout)
+        half = to_units({k: v[0] for k, v in adapter_tensors(tmp_path / "half", block).items()}, block.layout)
+        rows = kept[str(block.layer)]["kept_units"]
+        assert len(rows) == block.layout.intermediate_size
+        for key, v in half.items():
+            want = units[key] if key == "down_bias" else units[key][rows]
+            torch.testing.assert_close(v, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
 def test_aligned_recovers_an_expert_from_permuted_copies(tmp_path, family):
     model = tiny_model(family)

@@ -12,7 +12,8 @@ pca_stats.json selects per layer, with its weights renormalized), aligned_topK (
 matching each expert's hidden units to the most important one's), concat_topK (the K experts side
 by side: exactly Σ w_k E_k(x); the shared expert is K times wider), feature_topK (function-preserving:
 the K experts' gate/up rows with the down projection zero, so outputs are unchanged at step 0; the
-M × I units carrying the most weighted output at --width-multiplier M). A sanity forward of the
+M × I units carrying the most weighted output at --width-multiplier M), pruned_topK (those units with
+their down rows: concat_topK at any width). A sanity forward of the
 converted model on a few tokens runs before the output directory appears (--skip-check when the
 base does not fit in memory; every shared expert is still probed on random inputs).
 """
@@ -35,8 +36,8 @@ FLAGS = {  # convert()'s parameters: their defaults and types are its signature'
     "pca_stats": {"metavar": "FILE",
                   "help": "pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies"},
     "init_strategy": {"metavar": "NAME",
-                      "help": "zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK | feature_topK "
-                              "(e.g. pca_top24)"},
+                      "help": "zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK | feature_topK | "
+                              "pruned_topK (e.g. pca_top24)"},
     "width_multiplier": {"metavar": "M",
                          "help": "shared intermediate size = M × the routed expert's, e.g. 2 or 0.25 (default 1; "
                                  "concat_topK: K). Units beyond the merged expert start with random gate/up and "

@@ -175,7 +175,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         elif strategy.kind == "aligned":
             i = b.layout.intermediate_size
             work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
-        elif strategy.kind in ("concat", "feature"):
+        elif strategy.kind in ("concat", "feature", "pruned"):
             work = (strategy.top_k + 2) * expert + raw
         else:
             work = 0

@@ -196,7 +196,7 @@ def make_merger(kind: str, k: int):
         return Average()
     if kind == "aligned":
         return AlignedAverage()
-    if kind in ("concat", "feature"):
+    if kind in ("concat", "feature", "pruned"):
         return Concat(k)
     raise ValueError(kind)
 

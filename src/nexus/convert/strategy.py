@@ -10,6 +10,9 @@
                       down projection and its bias zero, so the model's outputs are unchanged at step 0;
                       at --width-multiplier M (default 1) the M × I units of the K × I that carry the most
                       weighted output (‖gate‖·‖up‖·‖wₖ down‖), more than K × I adding random gate/up rows
+    pruned_topK       concat_topK at any width: the same M × I strongest units of the K × I, down rows
+                      scaled by their expert's weight (the best single-width approximation of concat_topK
+                      this ranking gives; at M = K it is concat_topK exactly)
 
 Weights are the file's `weights` for the first K `selected_experts`, renormalized to sum to 1.
 """
@@ -26,8 +29,8 @@ from ..fsutil import is_safetensors, read_json
 
 PCA_FORMAT = "nexus-pca-stats"
 PCA_VERSION = 1
-MERGES = ("pca", "frequency", "aligned", "concat", "feature")
-_TOPK = re.compile(r"^(pca|frequency|aligned|concat|feature)_top(\d+)$")
+MERGES = ("pca", "frequency", "aligned", "concat", "feature", "pruned")
+_TOPK = re.compile(r"^(pca|frequency|aligned|concat|feature|pruned)_top(\d+)$")
 WEIGHT_SUM_TOLERANCE = 1e-3  # hand-written files round their weights
 
 
@@ -46,13 +49,14 @@ class Strategy:
 
 
 def parse_strategy(text: str) -> Strategy:
-    """`zero`, `random`, or `{pca,frequency,aligned,concat,feature}_topK`; errors name the flag."""
+    """`zero`, `random`, or `{pca,frequency,aligned,concat,feature,pruned}_topK`; errors name the flag."""
     if text in ("zero", "random"):
         return Strategy(text)
     m = _TOPK.match(text or "")
     if m is None or int(m.group(2)) < 1:
         raise NexusError(f"--init-strategy {text!r}: unknown init strategy (expected zero, random, or "
-                         f"pca_topK / frequency_topK / aligned_topK / concat_topK / feature_topK with K >= 1, e.g. pca_top24)")
+                         f"pca_topK / frequency_topK / aligned_topK / concat_topK / feature_topK / pruned_topK "
+                         f"with K >= 1, e.g. pca_top24)")
     return Strategy(m.group(1), int(m.group(2)))
 
 
