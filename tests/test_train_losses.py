@@ -207,3 +207,28 @@ def test_a_bf16_head_on_cpu_is_multiplied_in_fp32_slices():
     torch.testing.assert_close(losses.head_logits(h, w, b).double(), want, rtol=1e-5, atol=1e-5)
     dz = torch.randn(6, w.shape[0], generator=g)
     torch.testing.assert_close(losses.head_input_grad(dz, w).double(), dz.double() @ w.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_down_lr_ratio_gives_the_down_projections_their_own_learning_rate():
+    from conftest import tiny_model
+
+    from nexus.shared import attach_shared_experts
+    from nexus.train.optim import TrainableParams, build_optimizer, set_lr
+
+    model = attach_shared_experts(tiny_model("qwen3_moe"), init="random", seed=0)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = TrainableParams(named)
+    opt = build_optimizer(params, 1e-3, 0.0, down_lr_ratio=4.0)
+    set_lr(opt, 2e-3)
+    by_id = {id(p): n for n, p in named.items()}
+    lrs = {by_id[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs.keys() == named.keys()
+    down = {n for n in named if ".nexus_shared_expert.down_proj" in n}
+    assert down and all(lrs[n] == pytest.approx(8e-3) for n in down)
+    assert all(lrs[n] == pytest.approx(2e-3) for n in named.keys() - down)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in named.values():
+        p.grad = torch.ones_like(p)
+    opt.step()  # Adam's first step moves each weight by lr · g / |g| (eps aside)
+    for n, p in named.items():
+        torch.testing.assert_close((before[n] - p.detach()).abs().max().item(), lrs[n], rtol=1e-4, atol=0)

@@ -65,6 +65,8 @@ class TrainConfig:
     # optimization
     learning_rate: float = flag(1e-4, "peak learning rate of AdamW")
     weight_decay: float = flag(0.0, "AdamW weight decay on the trainable weights")
+    down_lr_ratio: float = flag(1.0, "learning rate of the shared experts' down projections (and biases) × this, "
+                                     "relative to gate/up, as LoRA+ raises B's over A's (e.g. 4-16)")
     batch_size: int = flag(1, "sequences per micro-batch per rank")
     gradient_accumulation_steps: int = flag(1, "micro-batches accumulated per optimizer step")
     max_steps: int = flag(1000, "optimizer steps to train for")
@@ -144,6 +146,8 @@ class TrainConfig:
                              "(use --no-freeze-router --bias-freeze-ratio R)")
         if self.bias_freeze_ratio is not None and not 0 <= self.bias_freeze_ratio <= 1:
             raise NexusError(f"--bias-freeze-ratio must be in [0, 1], got {self.bias_freeze_ratio}")
+        if not self.down_lr_ratio > 0:
+            raise NexusError(f"--down-lr-ratio must be positive, got {self.down_lr_ratio}")
         if not 0 < self.sfa_alpha < 1:
             raise NexusError(f"--sfa-alpha must be in (0, 1), got {self.sfa_alpha}")
         if self.save_total_limit is not None and self.save_total_limit < 1:

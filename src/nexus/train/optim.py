@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..shared import SHARED_NAME
+
 
 class TrainableParams:
     """Named trainable parameters (sorted by name, so optimizer state indices are stable)."""
@@ -81,11 +83,24 @@ class TrainableParams:
         self.masters_to_model()
 
 
-def build_optimizer(params: TrainableParams, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the fp32 view of the trainable parameters. The lr is set per step by the schedule."""
-    return torch.optim.AdamW(params.opt_params, lr=lr, weight_decay=weight_decay)
+DOWN_PROJ = f"{SHARED_NAME}.down_proj"  # a shared expert's output projection (and its `_bias`)
+
+
+def build_optimizer(params: TrainableParams, lr: float, weight_decay: float,
+                    down_lr_ratio: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the fp32 view of the trainable parameters. The lr is set per step by the schedule.
+
+    With `down_lr_ratio` != 1 the shared experts' down projections (weights and biases) form a second
+    group whose lr is the schedule's × the ratio, as LoRA+ gives B a larger lr than A.
+    """
+    if down_lr_ratio == 1.0:
+        return torch.optim.AdamW(params.opt_params, lr=lr, weight_decay=weight_decay)
+    down = [p for n, p in zip(params.names, params.opt_params) if DOWN_PROJ in n]
+    rest = [p for n, p in zip(params.names, params.opt_params) if DOWN_PROJ not in n]
+    groups = [{"params": rest, "lr_ratio": 1.0}, {"params": down, "lr_ratio": down_lr_ratio}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

@@ -97,7 +97,7 @@ class Trainer:
 
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.params = TrainableParams(named)
-        self.optimizer = build_optimizer(self.params, cfg.learning_rate, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.params, cfg.learning_rate, cfg.weight_decay, cfg.down_lr_ratio)
         self.schedule = cfg.schedule()
         self.head = lm_head_of(self.model)
         self.chunk = cfg.kl_chunk_size or default_chunk_size(vocab_size(self.model))

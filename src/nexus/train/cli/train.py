@@ -34,7 +34,7 @@ GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
     "loss": ["ce_weight", "kl_weight", "router_kl_weight", "temperature", "final_temperature",
              "temperature_anneal_start", "kl_weight_warmup", "kl_chunk_size"],
     "router": ["freeze_router", "bias_freeze_ratio"],
-    "optimization": ["learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_steps",
+    "optimization": ["learning_rate", "down_lr_ratio", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_steps",
                      "gradient_clip_val", "gradient_checkpointing", "use_advanced_scheduler", "warmup_ratio",
                      "stable_ratio", "final_lr_ratio", "sfa_interval", "sfa_alpha", "seed"],
     "output": ["output_dir", "checkpoint_interval", "save_total_limit", "resume_from_checkpoint", "logging_steps",
