@@ -12,6 +12,7 @@ from test_convert_merge import permuted_in_family_layout, run_expert
 import nexus
 from nexus.adapter import CONFIG_NAME, WEIGHTS_NAME
 from nexus.convert.core import convert
+from nexus.errors import NexusError
 from nexus.moe import find_moe_blocks
 from nexus.shared import SHARED_NAME, run_shared_expert
 
@@ -169,6 +170,24 @@ def test_pruned_concat_is_concat_at_full_width_and_keeps_its_strongest_units_bel
         for key, v in half.items():
             want = units[key] if key == "down_bias" else units[key][rows]
             torch.testing.assert_close(v, want, rtol=0, atol=0)
+
+
+def test_gate_scales_the_shared_output_and_is_trainable(bases, stats, tmp_path):
+    src, ref = bases["qwen3_moe"]
+    convert(src, tmp_path / "plain", "pca_top2", pca_stats=stats, check=False, log=quiet)
+    convert(src, tmp_path / "gated", "pca_top2", pca_stats=stats, gate=0.1, log=quiet)  # sanity check included
+    assert json.loads((tmp_path / "gated" / CONFIG_NAME).read_text())["gate"] is True
+    plain, gated = nexus.load_model(tmp_path / "plain"), nexus.load_model(tmp_path / "gated")
+    x = torch.randn(6, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(find_moe_blocks(plain), find_moe_blocks(gated)):
+        g = getattr(getattr(b.block, SHARED_NAME), "nexus_gate")
+        assert g.item() == pytest.approx(0.1) and g.requires_grad
+        with torch.no_grad():
+            want = 0.1 * run_shared_expert(getattr(a.block, SHARED_NAME), x)
+            got = run_shared_expert(getattr(b.block, SHARED_NAME), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(NexusError, match="--gate must be a finite number"):
+        convert(src, tmp_path / "bad", "zero", gate=float("nan"), log=quiet)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])

@@ -232,7 +232,7 @@ class StreamingWriter:
         expected = self._order[self._next] if self._next < len(self._order) else None
         if expected is None or expected[0] != name or tuple(tensor.shape) != expected[1] or tensor.dtype != expected[2]:
             raise ValueError(f"StreamingWriter: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {expected}")
-        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)  # 0-dim too
         self._next += 1
 
     def close(self) -> None:

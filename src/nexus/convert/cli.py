@@ -48,6 +48,8 @@ FLAGS = {  # convert()'s parameters: their defaults and types are its signature'
     "dry_run": {"help": "print the plan and write nothing"},
     "check": {"negate": "--skip-check", "help": "skip the sanity forward through the full converted model "
                                                 "(for bases that do not fit in memory)"},
+    "gate": {"metavar": "G", "help": "add a learnable scalar on each shared expert's output, initialized to G "
+                                     "(e.g. 0.1: the init's contribution starts small)"},
     "dequantize": {"help": "sanity check: " + DEQUANTIZE_HELP},
     "overwrite": {"help": "replace an existing output directory"},
 }

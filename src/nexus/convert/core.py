@@ -27,7 +27,7 @@ from ..errors import NexusError
 from ..fsutil import atomic_dir
 from ..moe import check_width, shared_intermediate_size
 from ..progress import bar, format_bytes
-from ..shared import SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
+from ..shared import GATE_NAME, SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from ..version import __version__
 from .checkpoint import ExpertReader
 from .merge import from_units, keep_units, make_merger, silence_outputs, strongest_units, to_units, widen
@@ -67,6 +67,7 @@ class ConvertPlan:
     adapter_bytes: int
     base_load_bytes: int  # estimated memory to load the base with from_pretrained (sanity check)
     pca_stats: Path | None = None
+    gate: float | None = None  # initial value of a learnable scalar on each shared expert's output, if any
     selection: dict[int, LayerSelection] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know before the run
 
@@ -217,6 +218,8 @@ def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generato
         reader.release()
     shared = build_shared_expert(block, reader.model, plan.width_multiplier)
     init_shared_expert(shared, strategy.kind, std, tensors, plan.scale, generator)
+    if plan.gate is not None:  # output × gate, learnable; a small value lets an init start near the base
+        setattr(shared, GATE_NAME, torch.nn.Parameter(torch.tensor(float(plan.gate))))
     where = f"layer {lp.layer} ({strategy.name})"
     for name, p in shared.named_parameters():
         if not torch.isfinite(p).all():
@@ -252,7 +255,7 @@ def sanity_forward(adapter_dir: Path, dequantize: bool = False) -> float:
 def convert(input_dir: str, output_dir: str, init_strategy: str,
             pca_stats: str | None = None, width_multiplier: float | None = None, scale: float = 1.0,
             seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print,
-            dequantize: bool = False) -> dict:
+            dequantize: bool = False, gate: float | None = None) -> dict:
     """Convert `input_dir` (a transformers model directory) into an adapter at `output_dir`.
 
     Returns a summary (layers, experts_read, bytes_read, seconds, adapter_bytes, ...); with
@@ -264,6 +267,8 @@ def convert(input_dir: str, output_dir: str, init_strategy: str,
         raise NexusError(f"--init-strategy {strategy.name} merges the experts pca_stats.json selects: pass --pca-stats")
     if not math.isfinite(scale):
         raise NexusError(f"--scale must be a finite number, got {scale}")
+    if gate is not None and not math.isfinite(gate):
+        raise NexusError(f"--gate must be a finite number, got {gate}")
     width = resolve_width(strategy, width_multiplier)
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite and not dry_run:
@@ -273,6 +278,7 @@ def convert(input_dir: str, output_dir: str, init_strategy: str,
         raise NexusError(f"--input {input_dir}: no such model directory")
     reader = ExpertReader(input_path)
     plan = make_plan(reader, strategy, width, scale, pca_stats, dequantize=dequantize)
+    plan.gate = gate
     available = available_memory()
     if not dry_run:
         for note in plan.notes:
@@ -286,10 +292,12 @@ def convert(input_dir: str, output_dir: str, init_strategy: str,
         raise NexusError(f"the sanity check loads the base model (~{format_bytes(plan.base_load_bytes)}), more than "
                          f"the {format_bytes(available)} available: pass --skip-check to convert without it")
     blocks = [reader.blocks[lp.layer] for lp in plan.layers]
-    spec = [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32)
-            for b in blocks
-            for name, shape in b.layout.param_shapes(1, shared_intermediate_size(b.layout.intermediate_size,
-                                                                                 width)).items()]
+    gated = [GATE_NAME] if gate is not None else []
+    spec = []  # in the order the layers are written: each layer's projections, then its gate
+    for b in blocks:
+        shapes = b.layout.param_shapes(1, shared_intermediate_size(b.layout.intermediate_size, width))
+        spec += [(f"{b.path}.{SHARED_NAME}.{name}", shape, torch.float32) for name, shape in shapes.items()]
+        spec += [(f"{b.path}.{SHARED_NAME}.{name}", (), torch.float32) for name in gated]
     generator = torch.Generator().manual_seed(seed)
     probe = torch.Generator().manual_seed(seed + 1)
     delta, layer_seconds = None, 0.0
@@ -299,7 +307,7 @@ def convert(input_dir: str, output_dir: str, init_strategy: str,
                 for b, lp in zip(blocks, plan.layers):
                     t0 = time.perf_counter()
                     tensors = build_layer(reader, plan, lp, generator, probe)
-                    for name in b.layout.param_shapes(1, 1):
+                    for name in [*b.layout.param_shapes(1, 1), *gated]:
                         w.write(f"{b.path}.{SHARED_NAME}.{name}", tensors[name])
                     del tensors
                     layer_seconds += time.perf_counter() - t0
@@ -332,4 +340,5 @@ def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> NexusC
     return NexusConfig(base_model_name_or_path=str(reader.model_dir.resolve()), model_type=reader.config.model_type,
                        moe_layers=tuple(lp.layer for lp in plan.layers), num_experts=plan.num_experts,
                        intermediate_size=plan.shared_intermediate_size, width_multiplier=plan.width_multiplier,
-                       init_strategy=s.name, scale=float(plan.scale), nexus_version=__version__, init=init)
+                       init_strategy=s.name, scale=float(plan.scale), gate=plan.gate is not None,
+                       nexus_version=__version__, init=init)
