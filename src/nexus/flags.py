@@ -74,8 +74,8 @@ def add_function_flags(parser, func, specs: dict[str, dict], aliases: dict[str, 
         _add(parser, name, p.annotation, default, dict(meta), aliases or {})
 
 
-def function_args(func, args: argparse.Namespace, specs: dict[str, dict]) -> dict:
-    """The keyword arguments of `func` that `add_function_flags(..., specs)` parsed into `args`."""
+def function_args(args: argparse.Namespace, specs: dict[str, dict]) -> dict:
+    """The keyword arguments that `add_function_flags(parser, func, specs)` parsed into `args`."""
     return {name: getattr(args, name) for name in specs}
 
 

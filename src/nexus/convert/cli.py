@@ -66,5 +66,5 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(**function_args(convert, args, FLAGS), log=lambda msg: print(msg, flush=True))
+    convert(**function_args(args, FLAGS), log=lambda msg: print(msg, flush=True))
     return 0

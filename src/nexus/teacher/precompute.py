@@ -69,10 +69,10 @@ class PrecomputeConfig:
     def check(self) -> None:
         if (self.num_sequences is None) == (self.num_steps is None):
             raise NexusError("pass exactly one of --num-sequences and --num-steps (× --batch-size)")
-        for flag, v in {"--batch-size": self.batch_size, "--top-k": self.top_k, "--shard-size": self.shard_size,
+        for option, v in {"--batch-size": self.batch_size, "--top-k": self.top_k, "--shard-size": self.shard_size,
                         "--num-sequences / --num-steps": self.total}.items():
             if v < 1:
-                raise NexusError(f"{flag} must be at least 1, got {v}")
+                raise NexusError(f"{option} must be at least 1, got {v}")
         if self.router_topk is not None and self.router_topk < 1:
             raise NexusError(f"--router-topk must be at least 1, got {self.router_topk}")
 

@@ -127,18 +127,18 @@ class TrainConfig:
         self.schedule()  # validates the schedule flags
         positive = {"--batch-size": self.batch_size, "--gradient-accumulation-steps": self.gradient_accumulation_steps,
                     "--checkpoint-interval": self.checkpoint_interval}
-        for flag, value in positive.items():
+        for option, value in positive.items():
             if value < 1:
-                raise NexusError(f"{flag} must be at least 1, got {value}")
+                raise NexusError(f"{option} must be at least 1, got {value}")
         self.width_multiplier = check_width(self.width_multiplier)
         if self.seq_len is not None and self.seq_len < 2:
             raise NexusError(f"--seq-len must be at least 2, got {self.seq_len}")
-        for flag, value in {"--ce-weight": self.ce_weight, "--router-kl-weight": self.router_kl_weight,
+        for option, value in {"--ce-weight": self.ce_weight, "--router-kl-weight": self.router_kl_weight,
                             "--weight-decay": self.weight_decay, "--gradient-clip-val": self.gradient_clip_val,
                             "--eval-every": self.eval_every, "--sfa-interval": self.sfa_interval,
                             "--kl-chunk-size": self.kl_chunk_size}.items():
             if value < 0:
-                raise NexusError(f"{flag} must be non-negative, got {value}")
+                raise NexusError(f"{option} must be non-negative, got {value}")
         if self.ce_weight == 0 and self.kl_weight == 0 and self.router_kl_weight == 0:
             raise NexusError("--ce-weight, --kl-weight and --router-kl-weight are all 0: nothing to train on")
         if self.freeze_router and self.bias_freeze_ratio is not None:

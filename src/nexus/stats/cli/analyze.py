@@ -72,5 +72,5 @@ def run(args) -> int:
         raise NexusError(f"--auto-share must be in (0, 1], got {args.auto_share}")
     if Path(args.output).exists() and not args.overwrite:
         raise NexusError(f"--output {args.output} exists (pass --overwrite to replace it)")
-    analyze(**function_args(analyze, args, FLAGS))
+    analyze(**function_args(args, FLAGS))
     return 0

@@ -71,5 +71,5 @@ interrupted = nothing_written  # the Ctrl-C message: the output is written atomi
 
 def run(args) -> int:
     _check_args(args)
-    sample(**function_args(sample, args, FLAGS))
+    sample(**function_args(args, FLAGS))
     return 0
