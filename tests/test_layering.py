@@ -26,7 +26,7 @@ LAYERS = (
                     "config")),
     # models and data: MoE discovery, the shared expert, adapters, the frozen base, datasets, the data stream
     ("core", ("", "families", "moe", "routing", "shared", "adapter", "base.*", "data", "packing", "device",
-              "stream", "forward")),
+              "stream", "forward", "sharding")),
     # one package per stage: its logic, without argument parsing
     ("stages", ("stats.*", "convert.*", "teacher.*", "train.*", "validate.*", "plan.*", "chat.*")),
     # one module per verb (`nexus.verbs` lists them): flags, checks, messages; the logic is below

@@ -23,6 +23,7 @@ from .errors import NexusError
 from .fsutil import atomic_path
 from .moe import find_moe_blocks
 from .shared import SHARED_NAME, attach_shared_experts
+from .sharding import like
 from .version import __version__
 
 WEIGHTS_NAME = "nexus_adapter.safetensors"
@@ -44,15 +45,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of `model` to `directory` (created if needed; each file written atomically).
 
     `model.nexus_config` is written with the base the model was loaded from (resolved to an absolute
-    path when it is a local directory) and this NEXUS's version.
+    path when it is a local directory) and this NEXUS's version. `state` gives the weights instead of
+    the model's own (a sharded model's, gathered whole).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.contiguous().cpu() for k, v in (adapter_state_dict(model) if state is None else state).items()}
     base = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", "")
     if base and Path(base).exists():
         base = str(Path(base).resolve())
@@ -106,7 +108,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
                              f"(load an earlier checkpoint)")
     with torch.no_grad():
         for name, t in state.items():
-            expected[name].copy_(t)
+            expected[name].copy_(like(t, expected[name]))  # a sharded parameter takes its rows
 
 
 def attach_from_config(model: nn.Module, cfg: NexusConfig, source: str = "adapter") -> nn.Module:

@@ -51,20 +51,25 @@ def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 @torch.no_grad()
-def check_head_split(model: nn.Module, device) -> None:
+def check_head_split(model: nn.Module, device, root: nn.Module | None = None) -> None:
     """Make sure logits == lm_head(backbone(x)) for this family (no softcapping or logit scaling).
 
     One forward of 8 tokens; a family that post-processes logits would otherwise train on the wrong
-    distribution silently.
+    distribution silently. `root`: the FSDP2 root of a sharded model (`nexus.sharding.ShardedRoot`),
+    through which both forwards run.
     """
-    vocab = lm_head_of(model).weight.shape[0]
+    vocab = vocab_size(model)
     ids = (torch.arange(8, device=device) * 7919 % vocab)[None]  # (1, 8) arbitrary tokens
     mask = torch.ones_like(ids)
     was_training = model.training
     model.eval()
     try:
-        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        split = lm_head_of(model)(hidden_states(backbone_of(model), ids, mask)).float()
+        if root is None:
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            split = lm_head_of(model)(hidden_states(backbone_of(model), ids, mask)).float()
+        else:
+            full = root(ids, mask, logits=True).float()
+            split = lm_head_of(model)(root(ids, mask)).float()
     finally:
         model.train(was_training)
     if not torch.allclose(full, split, rtol=1e-3, atol=1e-3 * float(full.abs().max().clamp_min(1))):
@@ -125,13 +130,28 @@ def router_params(blocks: list[MoEBlock]) -> dict[str, nn.Parameter]:
 
 @contextlib.contextmanager
 def swapped_weights(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give `params` the tensors in `values` (no copy; for no-grad forwards only)."""
-    saved = {}
+    """Temporarily give `params` the tensors in `values` (for no-grad forwards only).
+
+    A plain parameter's data is swapped (no copy). A sharded (FSDP2) parameter is gathered from its
+    shard storage at each forward, so its rows are copied in place there, and back afterwards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    saved, copied = {}, {}
     try:
-        for name, p in params.items():
-            saved[name] = p.data
-            p.data = values[name]
+        with torch.no_grad():
+            for name, p in params.items():
+                if isinstance(p, DTensor):
+                    local = p.to_local()
+                    copied[name] = local.clone()
+                    local.copy_(values[name].to_local())
+                else:
+                    saved[name] = p.data
+                    p.data = values[name]
         yield
     finally:
-        for name, data in saved.items():
-            params[name].data = data
+        with torch.no_grad():
+            for name, data in saved.items():
+                params[name].data = data
+            for name, data in copied.items():
+                params[name].to_local().copy_(data)

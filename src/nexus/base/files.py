@@ -151,9 +151,10 @@ class SafetensorsDir:
         self.bytes_read += self.slice_nbytes(key, index)
         return tensor
 
-    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+    def read_into(self, key: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read tensor `key` with plain file reads (no memory map) into `out`, or into a new tensor when
         `out` is None; returns it. `out` must be a contiguous CPU tensor of the stored dtype and size.
+        `rows` = (start, stop) reads only those rows of the first dimension (a rank's shard).
 
         Used by the base loader: mapped pages would count toward the process's resident memory until
         the map is closed, which for a multi-GB shard is GBs on top of the model being filled.
@@ -162,25 +163,31 @@ class SafetensorsDir:
         dtype = STORED_DTYPES.get(info.dtype)
         if dtype is None:
             raise NexusError(f"{info.file}: '{key}' is stored as {info.dtype}, which NEXUS does not read")
+        shape, begin, nbytes = list(info.shape), info.begin, info.nbytes
+        if rows is not None:
+            if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise ValueError(f"read_into: rows {rows} of '{key}' {shape}")
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            begin, nbytes, shape[0] = begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, rows[1] - rows[0]
         if out is None:
-            out = torch.empty(info.shape, dtype=dtype)
-        if out.dtype != dtype or out.numel() * out.element_size() != info.nbytes or not out.is_contiguous() \
+            out = torch.empty(shape, dtype=dtype)
+        if out.dtype != dtype or out.numel() * out.element_size() != nbytes or not out.is_contiguous() \
                 or out.device.type != "cpu":
-            raise ValueError(f"read_into: '{key}' ({info.dtype} {list(info.shape)}) does not fit "
+            raise ValueError(f"read_into: '{key}' ({info.dtype} {shape}) does not fit "
                              f"{out.dtype} {list(out.shape)} on {out.device}")
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         try:
             with open(info.file, "rb", buffering=0) as f:
-                f.seek(info.begin)
+                f.seek(begin)
                 done = 0
-                while done < info.nbytes:
+                while done < nbytes:
                     n = f.readinto(buf[done:])
                     if not n:
-                        raise OSError(f"file ends {info.nbytes - done} bytes early")
+                        raise OSError(f"file ends {nbytes - done} bytes early")
                     done += n
         except OSError as e:
             raise NexusError(f"{info.file}: cannot read '{key}' ({e})") from None
-        self.bytes_read += info.nbytes
+        self.bytes_read += nbytes
         return out
 
     def release(self) -> None:

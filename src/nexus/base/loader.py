@@ -219,17 +219,33 @@ def _codec_for(method: str, q: dict, where: str) -> Codec:
 def load_quantized(path: str, dtype=None, device_map=None, trust_remote_code: bool = False,
                    what: str = "--model") -> nn.Module:
     """A quantized checkpoint with its routed experts kept packed (see the module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    device = _target_device(device_map, what, path)
+    model, plan = build_on_meta(path, dtype, trust_remote_code, what)
+    plan.load(device)
+    return _finish(model, plan, device)
+
+
+def build_on_meta(path: str, dtype=None, trust_remote_code: bool = False,
+                  what: str = "--model") -> tuple[nn.Module, "_Plan"]:
+    """The model of a local checkpoint with every parameter on the meta device, quantized experts in their
+    packed form, and the plan that fills it (`_Plan.load`, or `materialize_sharded` once sharded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     where = f"{what} {path}"
-    device = _target_device(device_map, what, path)
+    path = check_model_path(path, what)
+    check_model_type(path, what, trust_remote_code)
+    if not Path(path).is_dir():
+        raise NexusError(f"{where}: a local model directory is needed here (hub names are not loaded this way)")
     files = SafetensorsDir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise NexusError(f"{where}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     method = quant_method(config)
-    codec = _codec_for(method, quantization_config(config), where)
+    if method is not None and method not in SUPPORTED_QUANTIZATION:
+        raise NexusError(f"{where}: '{method}' quantized checkpoints are not supported (NEXUS loads "
+                         f"{', '.join(SUPPORTED_QUANTIZATION)} and unquantized checkpoints)")
+    codec = _codec_for(method, quantization_config(config), where) if method else None
     if dtype in (None, "auto"):
         dtype = _stored_float_dtype(files)
     with parameters_on_meta():
@@ -256,24 +272,61 @@ def load_quantized(path: str, dtype=None, device_map=None, trust_remote_code: bo
             if n.endswith("_bias"):
                 plan.add_unquantized_experts(prefix, [n], sources)
     plan.add_rest(sources)
-    plan.load(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config._name_or_path = str(path)
+    return model, plan
+
+
+def _finish(model: nn.Module, plan: "_Plan", device: torch.device) -> nn.Module:
+    """After the fill: tied weights, the meta check, buffers on the device, frozen, eval, generation config."""
+    from transformers import GenerationConfig
+
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise NexusError(f"{where}: the checkpoint lacks {len(missing)} parameters of the model "
+        raise NexusError(f"{plan.where}: the checkpoint lacks {len(missing)} parameters of the model "
                          f"(e.g. {', '.join(missing[:3])})")
     if device.type != "cpu":
         model.to(device)  # the buffers; parameters are there already
     for p in model.parameters():
         p.requires_grad_(False)
-    model.config._name_or_path = str(path)
+    path = model.config._name_or_path
     if (Path(path) / "generation_config.json").is_file():
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
+    from ..moe import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
     n_quant = sum(is_quantized_experts(b.experts) for b in blocks)
-    log.info("loaded %s: %d of %d MoE layers' experts kept in %s", path, n_quant, len(blocks), codec.name)
+    if plan.codec is not None:
+        log.info("loaded %s: %d of %d MoE layers' experts kept in %s", path, n_quant, len(blocks), plan.codec.name)
     return model
+
+
+@torch.no_grad()
+def materialize_sharded(model: nn.Module, plan: "_Plan", device: torch.device) -> None:
+    """Fill a model that `build_on_meta` made and `nexus.sharding.shard_model` sharded: each rank reads only
+    the rows of each tensor it holds. Parameters that were real before sharding (the shared experts) and
+    buffers (rotary tables) keep their values."""
+    from ..sharding import local_rows
+
+    kept = {n: local_rows(p)[0].clone() for n, p in model.named_parameters() if p.device.type != "meta"}
+    buffers = dict(model.named_buffers())
+    model.to_empty(device=device)
+    for name, t in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = t.to(device)
+    params = dict(model.named_parameters())
+    for name, t in kept.items():
+        local_rows(params[name])[0].copy_(t)
+    planned = plan.load_sharded()
+    missing = [n for n in params if n not in kept and n not in planned]
+    if missing:
+        raise NexusError(f"{plan.where}: the checkpoint lacks {len(missing)} parameters of the model "
+                         f"(e.g. {', '.join(missing[:3])})")
+    model.eval()
 
 
 def _is_quantized(src) -> bool:
@@ -284,7 +337,7 @@ def _is_quantized(src) -> bool:
 class _Plan:
     """What fills each parameter: a list of (file key, setter) reads, grouped by file when loaded."""
 
-    def __init__(self, model: nn.Module, files: SafetensorsDir, codec: Codec, where: str):
+    def __init__(self, model: nn.Module, files: SafetensorsDir, codec: Codec | None, where: str):
         self.model, self.files, self.codec, self.where = model, files, codec, where
         self.reads: list[tuple[str, str, object]] = []  # (checkpoint key, parameter name, how)
         self.consumed: set[str] = set()
@@ -361,8 +414,9 @@ class _Plan:
                 continue
             scale = key + SCALE_SUFFIX
             if scale in keys:
-                if self.codec.name != "fp8":
-                    raise NexusError(f"{self.where}: '{key}' has an FP8 scale in an {self.codec.name} checkpoint")
+                if self.codec is None or self.codec.name != "fp8":
+                    raise NexusError(f"{self.where}: '{key}' has an FP8 scale in a checkpoint whose config declares "
+                                     f"{self.codec.name if self.codec else 'no'} quantization")
                 self._read(key, target, ("fp8", scale))
             else:
                 self._read(key, target, ("copy",))
@@ -393,17 +447,40 @@ class _Plan:
             module = self.model.get_submodule(module_name)
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
-    def _fill(self, dest: torch.Tensor, key: str, name: str, how) -> None:
+    def load_sharded(self) -> set[str]:
+        """Fill this rank's rows of every planned parameter of the sharded model (and the planned buffers,
+        whole); returns the names filled. Shards are read one file at a time, in file order."""
+        from ..sharding import local_rows
+
+        by_file: dict[Path, list] = {}
+        for key, name, how in self.reads:
+            by_file.setdefault(self.files.tensors[key].file, []).append((key, name, how))
+        for file in sorted(by_file):
+            for key, name, how in sorted(by_file[file], key=lambda r: self.files.tensors[r[0]].begin):
+                if how[0] == "buffer":
+                    self._fill(self.model.get_buffer(name), key, name, how)
+                    continue
+                local, start, stop = local_rows(self._param(name))
+                if how[0] in ("rows", "piece"):  # expert j's part: only on the rank that holds row j
+                    j = how[1]
+                    if start <= j < stop:
+                        self._fill(local, key, name, (how[0], j - start, *how[2:]))
+                elif start < stop:
+                    self._fill(local, key, name, how, rows=(start, stop))
+        return {name for _, name, how in self.reads if how[0] != "buffer"}
+
+    def _fill(self, dest: torch.Tensor, key: str, name: str, how, rows: tuple[int, int] | None = None) -> None:
         """Read checkpoint tensor `key` into its place in `dest` (file reads, no memory maps)."""
         kind = how[0]
         info = self.files.tensors[key]
+        shape = tuple(info.shape) if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        read_rows = rows if kind == "copy" else None  # an FP8 linear decodes whole, then gives its rows
         if kind in ("copy", "rows") and dest.device.type == "cpu":  # straight into place when nothing converts
             view = dest if kind == "copy" else dest[how[1], how[2]:how[2] + how[3]]
-            if STORED_DTYPES.get(info.dtype) == dest.dtype and view.is_contiguous() and \
-                    tuple(info.shape) == tuple(view.shape):
-                self.files.read_into(key, view)
+            if STORED_DTYPES.get(info.dtype) == dest.dtype and view.is_contiguous() and tuple(view.shape) == shape:
+                self.files.read_into(key, view, read_rows)
                 return
-        t = self.files.read_into(key, None)
+        t = self.files.read_into(key, None, read_rows)
         if kind == "buffer":
             if tuple(t.shape) != tuple(dest.shape):
                 raise NexusError(f"{info.file}: '{key}' is {list(t.shape)}; the model's '{name}' is {list(dest.shape)}")
@@ -414,6 +491,8 @@ class _Plan:
 
             scale = self.files.read_into(how[1], None)
             t = fp8.decode(t.to(dest.device), scale.to(dest.device), self.codec.block, dest.dtype)
+            if rows is not None:
+                t = t[rows[0]:rows[1]]
             kind = "copy"
         if kind == "copy":
             view = dest

@@ -12,7 +12,8 @@ from torch import nn
 
 from ..adapter import (attach_from_config, is_adapter_dir, load_adapter_weights, load_model, read_adapter_config,
                        resolve_base)
-from ..base.loader import check_model_path, load_base_model
+from ..base.cpu_matmul import compute_frozen_linears_in_fp32
+from ..base.loader import build_on_meta, check_model_path, load_base_model, materialize_sharded
 from ..data import NoTokenizerError, check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..device import resolve_device, torch_dtype
 from ..errors import NexusError
@@ -20,6 +21,7 @@ from ..forward import RouterCapture, check_head_split, router_params, vocab_size
 from ..fsutil import same_path
 from ..moe import find_moe_blocks
 from ..shared import attach_shared_experts
+from ..sharding import shard_model
 from ..stream import DataSpec, SequenceSet, build_sequences
 from .config import TrainConfig
 from .teachers import CacheTeacher, ModelTeacher, SelfTeacher
@@ -34,8 +36,9 @@ def student_base_path(student: str) -> str:
     return student
 
 
-def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The student (base frozen, shared experts trainable in fp32) and a copy of the base's routers.
+def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor], nn.Module | None]:
+    """The student (base frozen, shared experts trainable in fp32), a copy of the base's routers, and with
+    --shard-base the FSDP2 root every forward goes through (None otherwise).
 
     The router copy is taken before any adapter weights are loaded: it is the unmodified base's
     routing, which the self-teacher needs once the student's routers have been trained.
@@ -49,6 +52,8 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
         raise NexusError(f"--student-model {cfg.student_model} is a base model: pass --init-strategy zero|random, "
                          f"or an adapter directory made by `nexus convert`")
     base = student_base_path(cfg.student_model)
+    if cfg.shard_base:
+        return _load_sharded_student(cfg, device, adapter, base)
     device_map = {"": str(device)} if device.type == "cuda" else None  # load straight onto the GPU
     model = load_base_model(base, dtype=dtype, device_map=device_map, dequantize=cfg.dequantize,
                             what="--student-model" if not adapter else
@@ -65,13 +70,37 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
             log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
                         "gradient (only an output bias, where the family has one, can learn); use random or a "
                         "converted adapter")
+    _set_router_trainable(model, blocks, cfg)
+    return model, original, None
+
+
+def _set_router_trainable(model: nn.Module, blocks, cfg: TrainConfig) -> None:
     # an adapter whose routers were trained keeps carrying them, even when this run freezes them
     model.nexus_config = replace(model.nexus_config,
                                  trainable_router=model.nexus_config.trainable_router or cfg.train_router)
     for p in router_params(blocks).values():
         p.requires_grad_(cfg.train_router)
     model.config.use_cache = False
-    return model, original
+
+
+def _load_sharded_student(cfg: TrainConfig, device: torch.device, adapter: bool, base: str):
+    """--shard-base: built on the meta device, shared experts attached, sharded (FSDP2), then each rank reads
+    only its rows of the checkpoint. The router copy is this rank's shards of the base's routers."""
+    what = "--student-model" if not adapter else f"base model of --student-model {cfg.student_model}"
+    model, plan = build_on_meta(base, dtype=torch_dtype(cfg.dtype), what=what)
+    compute_frozen_linears_in_fp32(model)
+    blocks = find_moe_blocks(model)
+    if adapter:
+        attach_from_config(model, read_adapter_config(cfg.student_model), source=cfg.student_model)
+    else:
+        attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
+    _set_router_trainable(model, blocks, cfg)
+    root = shard_model(model, device, [b.router for b in blocks] if cfg.train_router else [])
+    materialize_sharded(model, plan, device)
+    original = {n: p.detach().clone() for n, p in router_params(blocks).items()}
+    if adapter:
+        load_adapter_weights(model, cfg.student_model)
+    return model, original, root
 
 
 def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teacher_path: str) -> None:
@@ -92,7 +121,7 @@ def check_same_vocab(student: nn.Module, teacher: nn.Module, student_tok, teache
 
 
 def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str, torch.Tensor],
-                 capture: RouterCapture, tokenizer, device: torch.device):
+                 capture: RouterCapture, tokenizer, device: torch.device, root: nn.Module | None = None):
     """The teacher: the cache (--precomputed-teacher), a separate model, or the student's own base."""
     if cfg.precomputed_teacher:
         from ..teacher.cache import TeacherCache
@@ -105,7 +134,7 @@ def make_teacher(cfg: TrainConfig, model: nn.Module, original_routers: dict[str,
     if cfg.teacher_model is None or (same_path(cfg.teacher_model, base) and tdev == device):
         blocks = find_moe_blocks(model)
         swap = model.nexus_config.trainable_router
-        return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None)
+        return SelfTeacher(model, capture, router_params(blocks), original_routers if swap else None, root)
     check_model_path(cfg.teacher_model, "--teacher-model")
     teacher = load_model(cfg.teacher_model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
                          device_map={"": str(tdev)} if tdev.type == "cuda" else None).to(tdev)

@@ -77,13 +77,14 @@ def restore_rng(state: dict) -> None:
 
 def save(path: Path, model, trainer_state: dict, optimizer_state: dict | None = None,
          rng_states: list[dict] | None = None, masters: dict[str, torch.Tensor] | None = None,
-         anchor: dict[str, torch.Tensor] | None = None) -> Path:
+         anchor: dict[str, torch.Tensor] | None = None, adapter: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `path` atomically (an existing one, e.g. from an interrupted run, is replaced).
 
     `final/` passes only the adapter and the trainer state: it is a result, not a resume point.
+    `adapter`: the adapter weights, when not the model's own (a sharded model's, gathered).
     """
     with atomic_dir(path, overwrite=True) as tmp:
-        save_adapter(model, tmp)
+        save_adapter(model, tmp, adapter)
         write_json(tmp / STATE, trainer_state)
         if optimizer_state is not None:
             torch_save(optimizer_state, tmp / OPTIMIZER)

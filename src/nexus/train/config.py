@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..base.loader import DEQUANTIZE_HELP
+from ..sharding import SHARD_BASE_HELP
 from ..defaults import SEQ_LEN_HELP
 from ..device import DTYPES, canonical_dtype, dtype_name
 from ..errors import NexusError
@@ -46,6 +47,7 @@ class TrainConfig:
     dtype: str = flag("auto", "dtype of the frozen base (trainable weights are always fp32)", type=dtype_name,
                       metavar="{" + ",".join(DTYPES) + "}")
     dequantize: bool = flag(False, DEQUANTIZE_HELP)
+    shard_base: bool = flag(False, SHARD_BASE_HELP)
     device: str | None = flag(None, "cpu, cuda, cuda:N (default: cuda if available; under torchrun, this rank's GPU)")
     # loss
     ce_weight: float = flag(1.0, "weight of the cross-entropy (LM) loss on the data")
@@ -157,6 +159,12 @@ class TrainConfig:
         if self.precomputed_teacher and self.teacher_model:
             raise NexusError("pass either --teacher-model (online distillation) or --precomputed-teacher "
                              "(offline), not both")
+        if self.shard_base and self.teacher_model:
+            raise NexusError("--teacher-model with --shard-base is not supported (a second model would not be "
+                             "sharded); use the online self-teacher (no --teacher-model) or --precomputed-teacher")
+        if self.shard_base and self.dequantize:
+            raise NexusError("--dequantize with --shard-base is not supported: the sharded base keeps the "
+                             "checkpoint's quantization")
         if not self.dataset and not self.precomputed_teacher:
             raise NexusError("--dataset is required (with --precomputed-teacher it defaults to the cache's dataset)")
         self.dtype = canonical_dtype(self.dtype)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..shared import SHARED_NAME
+from ..sharding import like
 
 
 class TrainableParams:
@@ -48,7 +49,8 @@ class TrainableParams:
         if not with_grad:
             return torch.zeros(())
         limit = max_norm if max_norm and max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(with_grad, limit)
+        norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)  # over sharded gradients: a replicated DTensor
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def zero_grad(self) -> None:
         for p in self.params + list(self.masters.values()):
@@ -59,11 +61,17 @@ class TrainableParams:
 
     @torch.no_grad()
     def load_master_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Masters from a checkpoint; a parameter kept in fp32 itself (a sharded run's routers) takes its
+        master's value directly."""
+        params = dict(zip(self.names, self.params))
         for name, m in self.masters.items():
             if name in state:
-                m.copy_(state[name])
+                m.copy_(like(state[name], m))
             else:  # checkpoint from before this parameter had a master: start from the model's value
-                m.copy_(dict(zip(self.names, self.params))[name].float())
+                m.copy_(params[name].float())
+        for name, value in state.items():
+            if name not in self.masters and name in params and params[name].dtype == torch.float32:
+                params[name].copy_(like(value, params[name]))
         self.masters_to_model()
 
     def values(self) -> dict[str, torch.Tensor]:

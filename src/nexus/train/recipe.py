@@ -36,6 +36,7 @@ from ..forward import (RouterCapture, StudentBackbone, check_head_split, default
 from ..fsutil import write_json
 from ..moe import find_moe_blocks
 from ..shared import format_parameter_summary
+from ..sharding import gather_full, gather_optimizer_state, like, optimizer_state_like
 from ..stream import SequenceStream, StepLayout, build_sequences, trim_padding
 from ..version import __version__
 from . import checkpoint as ckpt
@@ -73,18 +74,19 @@ class Trainer:
         resume = self._resume_point()
 
         self.tokenizer = load_tokenizer(cfg.student_model, what="--student-model")
-        self.model, original_routers = load_student(cfg, self.device)
+        self.model, original_routers, self.root = load_student(cfg, self.device)
         if cfg.seq_len is None:  # the teacher cache's (it must match), else fitted to the model
             from ..teacher.cache import TeacherCache
 
             cfg.seq_len = TeacherCache(cfg.precomputed_teacher).seq_len if cfg.precomputed_teacher else \
                 seq_len_for(self.model, None)
         check_seq_len(self.model, cfg.seq_len, "student model")
-        check_head_split(self.model, self.device)
+        check_head_split(self.model, self.device, self.root)
         self.blocks = find_moe_blocks(self.model)
         self.routers = router_params(self.blocks)
         self.capture = RouterCapture(self.model, self.blocks)
-        self.teacher = make_teacher(cfg, self.model, original_routers, self.capture, self.tokenizer, self.device)
+        self.teacher = make_teacher(cfg, self.model, original_routers, self.capture, self.tokenizer, self.device,
+                                    self.root)
         self.spec, self.seqs = load_data(cfg, self.tokenizer)
         self.stream = SequenceStream(self.seqs, cfg.seed)
         self.layout = StepLayout(cfg.batch_size, cfg.gradient_accumulation_steps, self.world)
@@ -96,6 +98,13 @@ class Trainer:
                              f"{cfg.max_steps * self.layout.global_batch}")
 
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # the dtype each trainable weight has in the adapter: a sharded run keeps routers in fp32 (FSDP2 casts)
+        self.stored_dtypes = {n: p.dtype for n, p in named.items()}
+        for b in self.blocks:
+            for pname, _ in b.router.named_parameters():
+                dtype = getattr(b.router, "nexus_param_dtype", None)
+                if dtype is not None and f"{b.path}.{b.router_name}.{pname}" in named:
+                    self.stored_dtypes[f"{b.path}.{b.router_name}.{pname}"] = dtype
         self.params = TrainableParams(named)
         self.optimizer = build_optimizer(self.params, cfg.learning_rate, cfg.weight_decay, cfg.down_lr_ratio)
         self.schedule = cfg.schedule()
@@ -170,7 +179,10 @@ class Trainer:
         return True
 
     def _wrap(self) -> None:
-        """(Re)build the DDP wrapper over the parameters that currently require grad."""
+        """(Re)build the DDP wrapper over the parameters that currently require grad (--shard-base: the FSDP2 root)."""
+        if self.root is not None:
+            self.student = self.root
+            return
         self.student = None
         gc.collect()  # a replaced DDP wrapper must release its gradient hooks before the next backward
         self.student = StudentBackbone(self.model)
@@ -250,6 +262,9 @@ class Trainer:
                                          b["cached"])
                 loss.backward()
             sums += stats
+        if self.router_frozen:  # a sharded run still reduces their gradients; frozen means not applied
+            for p in self.routers.values():
+                p.grad = None
         sums = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
         row = {"step": step + 1, **metrics_row(sums, len(self.blocks), temperature, cfg.ce_weight, kl_w,
                                                cfg.router_kl_weight, self._router_kind() if use_teacher else None)}
@@ -280,7 +295,8 @@ class Trainer:
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
         idx = list(range(self.rank, len(self.eval_seqs), self.world))
         stream = SequenceStream(self.eval_seqs, shuffle=False)
-        backbone = StudentBackbone(self.model)  # not the DDP wrapper: ranks may run different batch counts
+        # not the DDP wrapper: ranks may run different batch counts (the FSDP2 root gathers per layer, as in training)
+        backbone = self.root if self.root is not None else StudentBackbone(self.model)
         for i in range(0, len(idx), self.cfg.batch_size):
             ids, mask = trim_padding(*stream.batch(idx[i:i + self.cfg.batch_size]))
             _, stats = batch_loss(backbone, self.head, self.capture, self.teacher, ids.to(self.device),
@@ -309,15 +325,28 @@ class Trainer:
                 "trainable_parameters": self.params.names}
 
     def save_checkpoint(self, final: bool = False) -> Path:
-        """checkpoint-N/ (or final/): adapter + optimizer, RNG, data position; rank 0 writes."""
+        """checkpoint-N/ (or final/): adapter + optimizer, RNG, data position; rank 0 writes.
+
+        A sharded run gathers every tensor whole first (all ranks take part), so its checkpoint is the
+        one a one-process run writes, resumable on any number of ranks.
+        """
         path = self.out / ("final" if final else f"checkpoint-{self.step}")
         rng = dist.all_gather_object(ckpt.capture_rng())
+        adapter, optimizer, masters, anchor = None, None, None, self.anchor
+        if self.root is not None:
+            values = {n: gather_full(p.detach()).cpu() for n, p in zip(self.params.names, self.params.params)}
+            adapter = {n: v.to(self.stored_dtypes[n]) for n, v in values.items()}
+            masters = {n: v for n, v in values.items() if self.stored_dtypes[n] != torch.float32}
+            if not final:
+                optimizer = gather_optimizer_state(self.optimizer.state_dict())
+                anchor = {n: gather_full(v).cpu() for n, v in self.anchor.items()} if self.anchor else None
+        elif not final:
+            optimizer, masters = self.optimizer.state_dict(), self.params.master_state()
         if self.rank == 0:
             if final:
-                ckpt.save(path, self.model, self._trainer_state())
+                ckpt.save(path, self.model, self._trainer_state(), adapter=adapter)
             else:
-                ckpt.save(path, self.model, self._trainer_state(), self.optimizer.state_dict(), rng,
-                          self.params.master_state(), self.anchor)
+                ckpt.save(path, self.model, self._trainer_state(), optimizer, rng, masters, anchor, adapter=adapter)
             removed = [] if final else ckpt.rotate(self.out, self.cfg.save_total_limit)
             log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         dist.barrier()
@@ -338,12 +367,15 @@ class Trainer:
         load_adapter_weights(self.model, path)
         try:
             self.params.load_master_state(data["masters"])
-            self.optimizer.load_state_dict(data["optimizer"])
+            optimizer = data["optimizer"]
+            if self.root is not None:
+                optimizer = optimizer_state_like(optimizer, self.params.opt_params)
+            self.optimizer.load_state_dict(optimizer)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise NexusError(f"--resume-from-checkpoint {path}: its optimizer state does not fit this run's "
                              f"trainable weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if data["anchor"] is not None and self.anchor is not None:
-            self.anchor = data["anchor"]
+            self.anchor = {n: like(v, self.anchor[n]) for n, v in data["anchor"].items()}
         rng = data["rng"]
         if rng is not None and len(rng) == self.world:
             ckpt.restore_rng(rng[self.rank])

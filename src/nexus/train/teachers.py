@@ -57,8 +57,9 @@ class SelfTeacher:
     provides_router = True
 
     def __init__(self, model: nn.Module, capture: RouterCapture, routers: dict[str, nn.Parameter],
-                 original_routers: dict[str, torch.Tensor] | None):
-        self.model, self.capture = model, capture
+                 original_routers: dict[str, torch.Tensor] | None, root: nn.Module | None = None):
+        """`root`: the FSDP2 root of a sharded student (`nexus.sharding.ShardedRoot`), run instead of the backbone."""
+        self.model, self.capture, self.root = model, capture, root
         self.routers, self.original = routers, original_routers
 
     @torch.no_grad()
@@ -68,7 +69,8 @@ class SelfTeacher:
         swap = swapped_weights(self.routers, self.original) if self.original else contextlib.nullcontext()
         try:
             with shared_experts_disabled(self.model), swap, self.capture.recording() as logits:
-                h = hidden_states(backbone_of(self.model), input_ids, attention_mask)  # (B, L, H)
+                h = hidden_states(backbone_of(self.model), input_ids, attention_mask) if self.root is None \
+                    else self.root(input_ids, attention_mask)  # (B, L, H)
         finally:
             self.model.train(was_training)
         return TeacherOut(hidden=h.reshape(-1, h.shape[-1])[src], head=lm_head_of(self.model),

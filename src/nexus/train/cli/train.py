@@ -6,6 +6,7 @@ r"""Train the shared experts by distillation from the unmodified model plus LM l
 
     nexus train --student-model base/ --init-strategy random ...   # attach shared experts on the fly
     nexus train ... --use-ddp --nproc 2              # = torchrun --nproc-per-node 2 -m nexus train ...
+    nexus train ... --shard-base --nproc 8           # the frozen base sharded over 8 ranks (FSDP2)
     nexus train ... --precomputed-teacher cache/     # offline distillation
     nexus train ... --resume-from-checkpoint latest  # continue exactly
 
@@ -39,15 +40,18 @@ GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
                      "stable_ratio", "final_lr_ratio", "sfa_interval", "sfa_alpha", "seed"],
     "output": ["output_dir", "checkpoint_interval", "save_total_limit", "resume_from_checkpoint", "logging_steps",
                "kl_warn_threshold", "grad_spike_threshold", "router_l1_warn_threshold"],
+    "distributed": ["shard_base"],  # and --use-ddp, --nproc (launcher flags, not TrainConfig fields)
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
     for title, names in GROUPS.items():
-        add_flags(p.add_argument_group(title), TrainConfig, names)
-    g = p.add_argument_group("distributed")
+        add_flags(groups[title], TrainConfig, names)
+    g = groups["distributed"]
     g.add_argument("--use-ddp", action="store_true", help="launch torchrun with --nproc processes for this command")
-    g.add_argument("--nproc", type=int, help="processes for --use-ddp (default: GPU count, or 2 on CPU)")
+    g.add_argument("--nproc", type=int, help="processes for --use-ddp or --shard-base (default: GPU count, or 2 on "
+                                             "CPU)")
 
 
 def _launch_ddp(args) -> int:
@@ -114,8 +118,11 @@ def check_options(args) -> None:
 
 def run(args) -> int:
     _check_output_dir(args)
-    if args.use_ddp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _launch_ddp(args)
+    if args.use_ddp and args.shard_base:
+        raise NexusError("--use-ddp replicates the base, --shard-base shards it: pass one of them")
+    if (args.use_ddp or args.shard_base) and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        check_options(args)  # before any process starts
+        return _launch_ddp(args)  # --shard-base stays on the relaunched command line
     from ..recipe import Trainer
 
     trainer = Trainer(TrainConfig.from_args(args))
