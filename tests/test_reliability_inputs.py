@@ -217,6 +217,8 @@ CASES = {
                                                                     r"'acme_moe' is not a model family"),
     ("plan", "truncated config.json"): ({"--model": "{model_badconfig}"}, r"config\.json is not valid JSON"),
     ("plan", "width multiplier 0"): ({}, r"--width-multiplier must be a positive number, got 0", ["--width-multiplier", "0"]),
+    ("plan", "devices 0"): ({}, r"--devices 0: expected a number of devices >= 1", ["--devices", "0"]),
+    ("plan", "device memory 0"): ({}, r"--device-memory 0\.0: expected GiB per device > 0", ["--device-memory", "0"]),
     # sample
     ("sample", "missing dataset"): ({"--dataset": "{missing}"}, r"--dataset .*does-not-exist: no such file"),
     ("sample", "missing tokenizer"): ({"--tokenizer": "{missing}"}, r"--tokenizer .*does-not-exist: no such"),

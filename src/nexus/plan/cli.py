@@ -2,9 +2,13 @@
 
     nexus plan --model path/to/gpt-oss-120b            # a model directory or a bare config.json
     nexus plan --model config.json --width-multiplier 2 --json
+    nexus plan --model path/to/gpt-oss-120b --devices 8 --device-memory 80   # per rank, replicated or sharded
 
 The model is built on the meta device (no weights are read or allocated). Memory figures are for
 weights and optimizer state; activations depend on batch size and sequence length and come on top.
+With --devices, the plan also gives what each rank holds for train and for collect, validate and
+precompute-teacher, the base replicated on every rank (--use-ddp) or sharded across them
+(--shard-base), and with --device-memory which of the two fits.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from dataclasses import asdict
 
 from ..base.config import load_model_config
 from ..moe import check_width
-from .core import format_plan, make_plan
+from .core import check_devices, format_plan, make_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or bare config.json (no weights are read)")
     p.add_argument("--width-multiplier", type=float, default=1,
                    help="shared expert intermediate size = this x the routed expert's (default 1)")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="devices (ranks) to plan for: what each holds replicated (--use-ddp) and sharded "
+                        "(--shard-base)")
+    p.add_argument("--device-memory", type=float, metavar="GB",
+                   help="GiB of memory per device: says whether the run fits replicated, sharded or not at all "
+                        "(alone: one device)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modeling code from the model directory (off by default)")
@@ -29,6 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     check_width(args.width_multiplier)
-    plan = make_plan(load_model_config(args.model, "--model", args.trust_remote_code), args.width_multiplier)
-    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
+    check_devices(args.devices, args.device_memory)
+    plan = make_plan(load_model_config(args.model, "--model", args.trust_remote_code), args.width_multiplier,
+                     args.devices, args.device_memory)
+    if args.json:
+        fields = asdict(plan)
+        if fields["devices"] is None:
+            del fields["devices"]
+        print(json.dumps(fields, indent=2))
+    else:
+        print(format_plan(plan))
     return 0

@@ -2,17 +2,21 @@
 
 `make_plan` builds the model on the meta device (no weights are read or allocated); `format_plan`
 is the table `nexus plan` prints. Memory figures are weights and optimizer state; activations
-come on top.
+come on top. Given a device count (and memory), the plan also says what each rank holds with the
+base replicated on every rank (`--use-ddp`) or sharded across them (`--shard-base`, FSDP2 with one
+unit per decoder layer), and which of the two fits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..base.quantized import CHUNK_BYTES
 from ..base.sources import quant_method, quantization_config
+from ..errors import NexusError
 from ..moe import check_width, find_moe_blocks, shared_intermediate_size
 from ..progress import format_bytes
 from ..routing import routed_top_k
@@ -21,6 +25,35 @@ GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
 BF16 = 2  # bytes per weight of the non-quantized base weights (as gpt-oss, DeepSeek-V3 and Qwen3 store them)
+TRAINABLE_GATHERED_BYTES_PER_PARAM = 8  # a gathered layer's shared expert: fp32 weight + its unsharded gradient
+BASE_STAGES = "collect, validate, precompute-teacher"  # the verbs that hold the base only
+
+
+@dataclass
+class RankMemory:
+    """What each rank holds for one stage, form of the base and layout across devices (bytes)."""
+
+    stage: str  # "train", or "base": collect, validate, precompute-teacher (the base only)
+    base_form: str  # "native" (quantized experts kept packed) or "dequantized" (--dequantize)
+    layout: str  # "replicated" (--use-ddp) or "sharded" (--shard-base)
+    base_bytes: int  # the frozen base's weights on the rank: all of them replicated, 1/N sharded
+    gathered_layers_bytes: int  # sharded: the largest decoder layer unsharded, twice (in use + prefetched)
+    trainable_bytes: int  # shared experts' fp32 weights, grads and AdamW moments: all replicated, 1/N sharded
+    decode_chunk_bytes: int  # quantized experts dequantized a chunk at a time (native form only)
+    total_bytes: int
+    fits: bool | None  # total within --device-memory; None without it
+
+
+@dataclass
+class DevicePlan:
+    """Per-rank memory on `devices` devices, replicated and sharded, and (with a memory) what fits."""
+
+    devices: int
+    device_memory_bytes: int | None
+    largest_layer: int  # the decoder layer with the most bytes as stored
+    largest_layer_bytes: dict  # base form -> that layer's bytes (the largest in each form)
+    per_rank: list[RankMemory]
+    verdicts: dict  # "train/native", "base/dequantized", ... -> "replicated", "sharded" or "does not fit"
 
 
 @dataclass
@@ -41,6 +74,7 @@ class Plan:
     quantization: str | None
     adapter_bytes: int
     memory_bytes: dict
+    devices: DevicePlan | None = None
 
 
 def expert_bytes_per_weight(config) -> float:
@@ -54,10 +88,38 @@ def expert_bytes_per_weight(config) -> float:
     return BF16
 
 
-def make_plan(config, width_multiplier: float = 1) -> Plan:
-    """Compute the plan for `config` (a transformers config) on a meta-device model."""
+def check_devices(devices: int | None, device_memory: float | None) -> None:
+    """Raise `NexusError` naming the flag for a device count below 1 or a memory that is not > 0 GiB."""
+    if devices is not None and devices < 1:
+        raise NexusError(f"--devices {devices}: expected a number of devices >= 1")
+    if device_memory is not None and not (math.isfinite(device_memory) and device_memory > 0):
+        raise NexusError(f"--device-memory {device_memory}: expected GiB per device > 0")
+
+
+def stored_bytes_by_layer(model, blocks, config) -> tuple[dict, dict]:
+    """Bytes of the base's weights per decoder layer (key None: embeddings, LM head, final norm), as
+    the checkpoint stores them (routed-expert weights packed, all else bf16) and dequantized to bf16."""
+    bpw = expert_bytes_per_weight(config)
+    expert_weights = {id(p) for b in blocks for n, p in b.experts.named_parameters() if not n.endswith("_bias")}
+    prefix = blocks[0].path[:blocks[0].path.index(f"layers.{blocks[0].layer}")] + "layers."
+    native, dequantized = {}, {}
+    for name, p in model.named_parameters():
+        layer = int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+        native[layer] = native.get(layer, 0) + p.numel() * (bpw if id(p) in expert_weights else BF16)
+        dequantized[layer] = dequantized.get(layer, 0) + p.numel() * BF16
+    return native, dequantized
+
+
+def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
+              device_memory: float | None = None) -> Plan:
+    """Compute the plan for `config` (a transformers config) on a meta-device model.
+
+    With `devices` (or `device_memory`, GiB per device, alone: one device) the plan includes what
+    each rank holds replicated and sharded (`Plan.devices`).
+    """
     from transformers import AutoModelForCausalLM
 
+    check_devices(devices, device_memory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = find_moe_blocks(model)
@@ -69,15 +131,17 @@ def make_plan(config, width_multiplier: float = 1) -> Plan:
     embed = model.get_input_embeddings().weight.numel()
     # Active: every non-expert weight but the input embedding table (a row lookup), plus top-k experts.
     active = total - expert_total - embed + sum(top_k * b.layout.expert_numel() for b in blocks)
-    shared_per_layer = layout.expert_numel(shared_intermediate_size(layout.intermediate_size, width_multiplier))
-    shared_total = sum(b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size, width_multiplier))
-                       for b in blocks)
+    shared_by_layer = {b.layer: b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size,
+                                                                                 width_multiplier))
+                       for b in blocks}
+    shared_per_layer = shared_by_layer[blocks[0].layer]
+    shared_total = sum(shared_by_layer.values())
     adapter = shared_total * 4  # fp32
-    biases = sum(p.numel() for b in blocks for n, p in b.experts.named_parameters() if n.endswith("_bias"))
     quantization = quant_method(config)
+    chunk = CHUNK_BYTES if quantization else 0
+    native_layers, dequantized_layers = stored_bytes_by_layer(model, blocks, config)
     # native: the experts as the checkpoint stores them, plus one bounded chunk of dequantized experts
-    native_base = (total - expert_total) * BF16 + (expert_total - biases) * expert_bytes_per_weight(config) + \
-        biases * BF16 + (CHUNK_BYTES if quantization else 0)
+    native_base = sum(native_layers.values()) + chunk
     dequantized_base = total * BF16
     optimizer = shared_total * ADAMW_BYTES_PER_PARAM
     memory = {
@@ -90,13 +154,52 @@ def make_plan(config, width_multiplier: float = 1) -> Plan:
         "trainable_optimizer_state": optimizer,
         "teacher_logits_per_1k_tokens_fp32": int(config.vocab_size * 4 * 1024),
     }
+    device_plan = None
+    if devices is not None or device_memory is not None:
+        forms = {"native": (native_layers, chunk)}
+        if quantization:
+            forms["dequantized"] = (dequantized_layers, 0)
+        device_plan = plan_devices(devices or 1, device_memory, forms, shared_by_layer, optimizer)
     return Plan(model_type=config.model_type, num_layers=int(config.num_hidden_layers),
                 moe_layers=[b.layer for b in blocks], num_experts=layout.num_experts, routed_top_k=top_k,
                 hidden_size=layout.hidden_size, expert_intermediate_size=layout.intermediate_size,
                 total_params=total, active_params_per_token=active, expert_params_per_expert=per_expert,
                 shared_params_per_layer=shared_per_layer, shared_params_total=shared_total,
                 width_multiplier=check_width(width_multiplier), quantization=quantization, adapter_bytes=adapter,
-                memory_bytes=memory)
+                memory_bytes=memory, devices=device_plan)
+
+
+def plan_devices(devices: int, device_memory: float | None, forms: dict, shared_by_layer: dict,
+                 optimizer: int) -> DevicePlan:
+    """Per-rank memory on `devices` devices of `device_memory` GiB, replicated and sharded.
+
+    `forms` maps a base form to (bytes per decoder layer, key None for the rest; decode chunk bytes);
+    `shared_by_layer` is the shared expert's parameters per MoE layer; `optimizer` the bytes of all
+    trainable weights, grads and AdamW moments.
+    """
+    memory = None if device_memory is None else int(device_memory * GIB)
+    rows, verdicts, largest = [], {}, {}
+    for form, (layers, chunk) in forms.items():
+        weights = sum(layers.values())
+        decoder = {k: v for k, v in layers.items() if k is not None}
+        largest[form] = int(max(decoder.values()))
+        if form == "native":
+            largest_layer = max(decoder, key=decoder.get)
+        for stage in ("train", "base"):
+            trainable = optimizer if stage == "train" else 0
+            per_param = TRAINABLE_GATHERED_BYTES_PER_PARAM if stage == "train" else 0
+            gathered = 2 * max(b + per_param * shared_by_layer.get(k, 0) for k, b in decoder.items())
+            for layout, parts in (("replicated", (weights, 0, trainable)),
+                                  ("sharded", (weights / devices, gathered, trainable / devices))):
+                base, gathered_bytes, trainable_bytes = (math.ceil(x) for x in parts)
+                total = base + gathered_bytes + trainable_bytes + chunk
+                rows.append(RankMemory(stage, form, layout, base, gathered_bytes, trainable_bytes, chunk, total,
+                                       None if memory is None else total <= memory))
+            if memory is not None:
+                fits = [r.layout for r in rows[-2:] if r.fits]
+                verdicts[f"{stage}/{form}"] = fits[0] if fits else "does not fit"
+    return DevicePlan(devices=devices, device_memory_bytes=memory, largest_layer=largest_layer,
+                      largest_layer_bytes=largest, per_rank=rows, verdicts=verdicts)
 
 
 def _n(x: float) -> str:
@@ -147,4 +250,36 @@ def format_plan(plan: Plan) -> str:
     out += [f"{k:<{width}}{v / GIB:8.2f} GiB" for k, v in mem_rows]
     out.append("online distillation reuses the frozen base as teacher (shared experts switched off): "
                "no second copy of the model")
+    if plan.devices is not None:
+        out += ["", *format_devices(plan.devices)]
     return "\n".join(out)
+
+
+VERDICTS = {"replicated": "fits replicated", "sharded": "fits sharded only", "does not fit": "does not fit"}
+
+
+def format_devices(d: DevicePlan) -> list[str]:
+    """The per-rank table of `nexus plan --devices N [--device-memory GB]`, as lines."""
+    of = "" if d.device_memory_bytes is None else f" of {d.device_memory_bytes / GIB:.2f} GiB"
+    sizes = ", ".join(f"{v / GIB:.2f} GiB {'as stored' if k == 'native' else 'in bf16'}"
+                      for k, v in d.largest_layer_bytes.items())
+    out = [f"memory per rank on {d.devices} device{'s' if d.devices > 1 else ''}{of} (weights and optimizer "
+           "state; activations come on top)",
+           "  replicated (as train --use-ddp): every rank holds the whole base and all trainable state",
+           "  sharded (--shard-base): FSDP2, one unit per decoder layer; each rank holds 1/N of the base and of",
+           "    the trainable state (shared experts' fp32 weights, grads, AdamW), plus the gathered layers",
+           "  gathered: the largest decoder layer unsharded, twice (in use + prefetched), in train with its",
+           f"    shared expert's fp32 weights and gradient; that layer: {sizes}"]
+    if any(r.decode_chunk_bytes for r in d.per_rank):
+        out.append("  chunk: routed experts dequantized a chunk at a time (the quantized base kept packed)")
+    out.append(f"{'GiB per rank':<16}{'base':>8} {'gathered':>9} {'trainable':>9} {'chunk':>6} {'total':>8}"
+               + ("  fits" if d.device_memory_bytes is not None else ""))
+    for r in d.per_rank:
+        if r.layout == "replicated":
+            name = ("train" if r.stage == "train" else BASE_STAGES) + (" --dequantize" * (r.base_form != "native"))
+            verdict = d.verdicts.get(f"{r.stage}/{r.base_form}")
+            out.append(name + (f": {VERDICTS[verdict]}" if verdict else ""))
+        cells = (r.base_bytes, r.gathered_layers_bytes, r.trainable_bytes, r.decode_chunk_bytes, r.total_bytes)
+        out.append(f"  {r.layout:<14}" + " ".join(f"{v / GIB:{w}.2f}" for v, w in zip(cells, (8, 9, 9, 6, 8)))
+                   + ("" if r.fits is None else f"  {'yes' if r.fits else 'no'}"))
+    return out
