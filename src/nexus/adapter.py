@@ -156,3 +156,34 @@ def load_model(path: str | os.PathLike, dtype=None, device_map=None, base_model:
     attach_from_config(model, cfg, source=str(Path(path) / CONFIG_NAME))
     load_adapter_weights(model, path)
     return model
+
+
+def load_sharded_model(path: str | os.PathLike, device: torch.device, dtype=None, base_model: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[nn.Module, nn.Module]:
+    """`load_model` for `--shard-base`: (model, FSDP2 root), the base sharded over the torchrun ranks.
+
+    Built on the meta device, the adapter's shared experts attached, sharded (`nexus.sharding.shard_model`),
+    then each rank reads only its rows of the checkpoint and the adapter's. Every forward goes through the
+    root: `root(ids, mask)` gives the final hidden states, `root(ids, mask, logits=True)` the logits, and
+    every rank must run the same number of forwards (each gathers layers from all ranks).
+    """
+    from .base.cpu_matmul import compute_frozen_linears_in_fp32
+    from .base.loader import build_on_meta, materialize_sharded
+    from .sharding import shard_model
+
+    path = Path(check_model_path(path)) if Path(path).exists() else check_model_path(path)
+    adapter = is_adapter_dir(path)
+    cfg = read_adapter_config(path) if adapter else None
+    base = (base_model or resolve_base(Path(path), cfg.base_model_name_or_path)) if adapter else str(path)
+    model, plan = build_on_meta(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                what=f"base model of adapter {path}" if adapter else "--model")
+    compute_frozen_linears_in_fp32(model)
+    if adapter:
+        attach_from_config(model, cfg, source=str(Path(path) / CONFIG_NAME))
+        for p in model.parameters():
+            p.requires_grad_(False)
+    root = shard_model(model, device)
+    materialize_sharded(model, plan, device)
+    if adapter:
+        load_adapter_weights(model, path)
+    return model, root

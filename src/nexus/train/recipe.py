@@ -295,14 +295,19 @@ class Trainer:
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
         idx = list(range(self.rank, len(self.eval_seqs), self.world))
         stream = SequenceStream(self.eval_seqs, shuffle=False)
-        # not the DDP wrapper: ranks may run different batch counts (the FSDP2 root gathers per layer, as in training)
+        # not the DDP wrapper: ranks may run different batch counts. Sharded, every forward gathers layers from
+        # all ranks, so each runs as many batches as rank 0 and a rank out of sequences discards what it computes.
         backbone = self.root if self.root is not None else StudentBackbone(self.model)
-        for i in range(0, len(idx), self.cfg.batch_size):
-            ids, mask = trim_padding(*stream.batch(idx[i:i + self.cfg.batch_size]))
+        batches = math.ceil(len(range(0, len(self.eval_seqs), self.world)) / self.cfg.batch_size) \
+            if self.root is not None else math.ceil(len(idx) / self.cfg.batch_size)
+        for i in range(0, batches * self.cfg.batch_size, self.cfg.batch_size):
+            chunk = idx[i:i + self.cfg.batch_size]
+            ids, mask = trim_padding(*stream.batch(chunk or [0]))
             _, stats = batch_loss(backbone, self.head, self.capture, self.teacher, ids.to(self.device),
                                   mask.to(self.device), {"ce": 1.0, "kl": 0.0}, 0.0, temperature, self.chunk,
                                   use_teacher=self.teacher.online)
-            sums += stats
+            if chunk:
+                sums += stats
         self.model.train()
         s = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
         out = {"eval_ce": s["ce"] / max(s["targets"], 1)}
