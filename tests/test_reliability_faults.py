@@ -252,11 +252,12 @@ def _worker_pids(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
-def test_a_rank_killed_under_torchrun_stops_the_job_which_then_resumes(files, tmp_path):
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_a_rank_killed_under_torchrun_stops_the_job_which_then_resumes(files, tmp_path, mode):
     model, data = files
     args = ["train", "--student-model", model, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
             "--batch-size", 1, "--max-steps", 24, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
-            "--device", "cpu", "--output-dir", tmp_path / "ddp"]
+            "--device", "cpu", "--output-dir", tmp_path / "ddp", *(["--shard-base"] if mode == "sharded" else [])]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = dict(subprocess_env(), NEXUS_DIST_TIMEOUT="30")
     proc = subprocess.Popen([*torchrun, *nexus_cmd(*args)[1:]], env=env, stdout=subprocess.DEVNULL,
@@ -281,7 +282,7 @@ def test_a_rank_killed_under_torchrun_stops_the_job_which_then_resumes(files, tm
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {tmp_path / 'ddp' / f'checkpoint-{done[-1]}'}" in r.stderr
     # 2 ranks x accumulation 1 = 1 process x accumulation 2 (tests/test_train_distributed.py)
-    one = [a if a != tmp_path / "ddp" else tmp_path / "one" for a in args]
+    one = [a if a != tmp_path / "ddp" else tmp_path / "one" for a in args if a != "--shard-base"]
     _ok(*one, "--gradient-accumulation-steps", 2)
     a = load_file(str(tmp_path / "ddp" / "final" / "nexus_adapter.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "nexus_adapter.safetensors"))

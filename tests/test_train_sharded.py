@@ -81,10 +81,10 @@ def test_each_rank_reads_its_rows_of_the_unsharded_load(tmp_path, base):
     assert all(seen[n] == (p.shape[0] if p.dim() else 1) for n, p in reference.items())  # every row, once
 
 
-def _train_args(model_dir, data, dtype):
+def _train_args(student, data, dtype, init=("--init-strategy", "random")):
     # an odd number of held-out sequences: one rank runs a forward with nothing to count (sharded, all ranks must)
     held_out = write_text_dataset(data.parent / "eval.jsonl", n=3, seed=5)
-    return ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
+    return ["train", "--student-model", student, *init, "--dataset", data, "--seq-len", 32,
             "--eval-dataset", held_out, "--eval-every", 2,
             "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
             "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu",
@@ -95,16 +95,22 @@ def _train_args(model_dir, data, dtype):
 def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_path, base):
     if base == "gpt_oss-mxfp4":
         write_mxfp4_gpt_oss(tmp_path / "model")
+        # a converted adapter with a scalar gate (FSDP2 leaves 0-dim parameters whole; their gradients are averaged)
+        convert = run_main("convert", "--input", tmp_path / "model", "--output", tmp_path / "adapter", "--init-strategy",
+                           "random", "--gate", 0.5, "--skip-check")
+        assert convert.returncode == 0, convert.stderr
+        student, init = tmp_path / "adapter", ()
         dtype, extra = "float32", []  # the experts stay packed; fp32 rest, so the runs agree to float tolerance
         rtol, atol, router_atol = 1e-4, 1e-6, 1e-6
     else:  # bf16 base; routers trained (fp32 in FSDP2, computed in bf16), checkpointing and SFA on
         save_model_dir(tmp_path / "model")  # stored fp32, loaded as bf16
+        student, init = tmp_path / "model", ("--init-strategy", "random")
         dtype, extra = "bfloat16", ["--gradient-checkpointing", "--sfa-interval", 2]
         # bf16 products summed in another order: the fp32 shared experts agree to ~0.2 %, the bf16 routers
         # to 2 units in the last place
         rtol, atol, router_atol = 2e-2, 1e-3, 2 * 2 ** -7 * 2
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
-    args = [*_train_args(tmp_path / "model", data, dtype), *extra]
+    args = [*_train_args(student, data, dtype, init), *extra]
     sharded = subprocess.run([*TORCHRUN, *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--shard-base",
                                                     "--output-dir", tmp_path / "sharded")[1:]],
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -117,6 +123,7 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
         a = load_file(str(a_dir / "nexus_adapter.safetensors"))
         b = load_file(str(b_dir / "nexus_adapter.safetensors"))
         assert a.keys() == b.keys() and any(k.endswith(("gate.weight", "router.weight")) for k in a)
+        assert any(k.endswith("nexus_gate") for k in a) == (base == "gpt_oss-mxfp4")
         for k in a:
             assert a[k].dtype == b[k].dtype, k  # the router keeps the base's dtype in the adapter
             router = "nexus_shared_expert" not in k

@@ -73,6 +73,9 @@ def shard_model(model: nn.Module, device: torch.device, router_modules: list[nn.
         raise NexusError(f"{type(model).__name__}: tied input and output embeddings are not supported with "
                          f"--shard-base")
     mesh = device_mesh(device)
+    # FSDP2 shards along a dimension: a 0-dim parameter (a shared expert's scalar gate) stays whole on every
+    # rank, outside the units, and the trainer averages its gradient over the ranks (`replicated_parameters`)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
     for router in router_modules:
         dtypes = {p.dtype for p in router.parameters()}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
@@ -82,12 +85,22 @@ def shard_model(model: nn.Module, device: torch.device, router_modules: list[nn.
         router.float()
         policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                       reduce_dtype=torch.float32)
-        fully_shard(router, mesh=mesh, mp_policy=policy)
+        fully_shard(router, mesh=mesh, mp_policy=policy, ignored_params=scalars)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params=scalars)
     root = ShardedRoot(model)
-    fully_shard(root, mesh=mesh)
+    fully_shard(root, mesh=mesh, ignored_params=scalars)
     return root
+
+
+def average_replicated_grads(params: list[torch.Tensor]) -> None:
+    """Average over the ranks the gradients of the trainable parameters FSDP2 does not manage (0-dim ones);
+    FSDP2 averages the sharded ones itself."""
+    from . import dist
+
+    for p in params:
+        if p.grad is not None and not is_sharded(p):
+            dist.all_reduce_sum(p.grad).div_(dist.world_size())
 
 
 def is_sharded(t: torch.Tensor) -> bool:

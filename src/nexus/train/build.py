@@ -65,19 +65,24 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
         attach_from_config(model, acfg, source=cfg.student_model)
         load_adapter_weights(model, cfg.student_model)
     else:
-        attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
-        if cfg.init_strategy == "zero":
-            log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
-                        "gradient (only an output bias, where the family has one, can learn); use random or a "
-                        "converted adapter")
+        _attach_new(model, cfg)
     _set_router_trainable(model, blocks, cfg)
     return model, original, None
 
 
-def _set_router_trainable(model: nn.Module, blocks, cfg: TrainConfig) -> None:
-    # an adapter whose routers were trained keeps carrying them, even when this run freezes them
-    model.nexus_config = replace(model.nexus_config,
-                                 trainable_router=model.nexus_config.trainable_router or cfg.train_router)
+def _attach_new(model: nn.Module, cfg: TrainConfig) -> None:
+    attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
+    if cfg.init_strategy == "zero":
+        log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
+                    "gradient (only an output bias, where the family has one, can learn); use random or a "
+                    "converted adapter")
+
+
+def _set_router_trainable(model: nn.Module, blocks, cfg: TrainConfig, config: bool = True) -> None:
+    """Routers trainable or not; with `config`, also recorded in the adapter config (after its weights loaded)."""
+    if config:  # an adapter whose routers were trained keeps carrying them, even when this run freezes them
+        model.nexus_config = replace(model.nexus_config,
+                                     trainable_router=model.nexus_config.trainable_router or cfg.train_router)
     for p in router_params(blocks).values():
         p.requires_grad_(cfg.train_router)
     model.config.use_cache = False
@@ -93,13 +98,14 @@ def _load_sharded_student(cfg: TrainConfig, device: torch.device, adapter: bool,
     if adapter:
         attach_from_config(model, read_adapter_config(cfg.student_model), source=cfg.student_model)
     else:
-        attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
-    _set_router_trainable(model, blocks, cfg)
+        _attach_new(model, cfg)
+    _set_router_trainable(model, blocks, cfg, config=False)  # FSDP2 takes what trains from requires_grad
     root = shard_model(model, device, [b.router for b in blocks] if cfg.train_router else [])
     materialize_sharded(model, plan, device)
     original = {n: p.detach().clone() for n, p in router_params(blocks).items()}
     if adapter:
         load_adapter_weights(model, cfg.student_model)
+    _set_router_trainable(model, blocks, cfg)
     return model, original, root
 
 

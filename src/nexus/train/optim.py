@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..shared import SHARED_NAME
-from ..sharding import like
+from ..sharding import is_sharded, like
 
 
 class TrainableParams:
@@ -49,8 +49,15 @@ class TrainableParams:
         if not with_grad:
             return torch.zeros(())
         limit = max_norm if max_norm and max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)  # over sharded gradients: a replicated DTensor
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # sharded (FSDP2) and whole gradients have their norms taken apart; a sharded norm is a replicated DTensor
+        norms = []
+        for group in ([p for p in with_grad if is_sharded(p)], [p for p in with_grad if not is_sharded(p)]):
+            if group:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+                norms.append(norm.full_tensor() if is_sharded(norm) else norm)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        torch.nn.utils.clip_grads_with_norm_(with_grad, limit, total)
+        return total
 
     def zero_grad(self) -> None:
         for p in self.params + list(self.masters.values()):

@@ -36,7 +36,7 @@ from ..forward import (RouterCapture, StudentBackbone, check_head_split, default
 from ..fsutil import write_json
 from ..moe import find_moe_blocks
 from ..shared import format_parameter_summary
-from ..sharding import gather_full, gather_optimizer_state, like, optimizer_state_like
+from ..sharding import average_replicated_grads, gather_full, gather_optimizer_state, like, optimizer_state_like
 from ..stream import SequenceStream, StepLayout, build_sequences, trim_padding
 from ..version import __version__
 from . import checkpoint as ckpt
@@ -265,6 +265,8 @@ class Trainer:
         if self.router_frozen:  # a sharded run still reduces their gradients; frozen means not applied
             for p in self.routers.values():
                 p.grad = None
+        if self.root is not None:
+            average_replicated_grads(self.params.params)
         sums = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
         row = {"step": step + 1, **metrics_row(sums, len(self.blocks), temperature, cfg.ce_weight, kl_w,
                                                cfg.router_kl_weight, self._router_kind() if use_teacher else None)}
