@@ -170,3 +170,14 @@ def test_shard_base_refusals(tmp_path):
     assert r.returncode != 0 and "--teacher-model with --shard-base is not supported" in r.stderr
     r = run_main(*base, "--shard-base", "--dequantize")
     assert r.returncode != 0 and "--dequantize with --shard-base is not supported" in r.stderr
+
+
+def test_shard_model_refuses_tied_embeddings_and_a_single_process():
+    from nexus.errors import NexusError
+    from nexus.sharding import shard_model
+    from tiny import tiny_model
+
+    with pytest.raises(NexusError, match="tied input and output embeddings are not supported with --shard-base"):
+        shard_model(tiny_model("qwen3_moe", tie_word_embeddings=True), torch.device("cpu"))
+    with pytest.raises(NexusError, match="--shard-base runs under torchrun"):
+        shard_model(tiny_model("qwen3_moe"), torch.device("cpu"))

@@ -37,7 +37,7 @@ class RankMemory:
     base_form: str  # "native" (quantized experts kept packed) or "dequantized" (--dequantize)
     layout: str  # "replicated" (--use-ddp) or "sharded" (--shard-base)
     base_bytes: int  # the frozen base's weights on the rank: all of them replicated, 1/N sharded
-    gathered_layers_bytes: int  # sharded: the largest decoder layer unsharded, twice (in use + prefetched)
+    gathered_layers_bytes: int  # sharded: the largest decoder layer unsharded, twice (in use + prefetched), + the root
     trainable_bytes: int  # shared experts' fp32 weights, grads and AdamW moments: all replicated, 1/N sharded
     decode_chunk_bytes: int  # quantized experts dequantized a chunk at a time (native form only)
     total_bytes: int
@@ -188,7 +188,9 @@ def plan_devices(devices: int, device_memory: float | None, forms: dict, shared_
         for stage in ("train", "base"):
             trainable = optimizer if stage == "train" else 0
             per_param = TRAINABLE_GATHERED_BYTES_PER_PARAM if stage == "train" else 0
-            gathered = 2 * max(b + per_param * shared_by_layer.get(k, 0) for k, b in decoder.items())
+            # the root unit (embeddings, final norm, LM head) stays gathered from its forward to the end of backward
+            gathered = 2 * max(b + per_param * shared_by_layer.get(k, 0) for k, b in decoder.items()) + \
+                layers.get(None, 0)
             for layout, parts in (("replicated", (weights, 0, trainable)),
                                   ("sharded", (weights / devices, gathered, trainable / devices))):
                 base, gathered_bytes, trainable_bytes = (math.ceil(x) for x in parts)
@@ -269,7 +271,8 @@ def format_devices(d: DevicePlan) -> list[str]:
            "  sharded (--shard-base): FSDP2, one unit per decoder layer; each rank holds 1/N of the base and of",
            "    the trainable state (shared experts' fp32 weights, grads, AdamW), plus the gathered layers",
            "  gathered: the largest decoder layer unsharded, twice (in use + prefetched), in train with its",
-           f"    shared expert's fp32 weights and gradient; that layer: {sizes}"]
+           f"    shared expert's fp32 weights and gradient (that layer: {sizes}); plus the root",
+           "    (embeddings, final norm, LM head), gathered from the forward until the backward ends"]
     if any(r.decode_chunk_bytes for r in d.per_rank):
         out.append("  chunk: routed experts dequantized a chunk at a time (the quantized base kept packed)")
     out.append(f"{'GiB per rank':<16}{'base':>8} {'gathered':>9} {'trainable':>9} {'chunk':>6} {'total':>8}"
