@@ -14,6 +14,10 @@ An unquantized checkpoint loads through transformers' `from_pretrained`, as befo
    safetensors shards one file at a time (memory-mapped; maps dropped after each file). Non-expert
    weights load in the requested dtype; non-expert FP8 linears are dequantized to it.
 
+With `--shard-base` (any checkpoint, quantized or not) the same plan fills a sharded model instead:
+`build_on_meta` stops after step 2, `nexus.sharding.shard_model` applies FSDP2, and
+`materialize_sharded` has each rank read only the rows of each tensor it holds.
+
 Peak memory is the finished model, never a dequantized copy of the experts. With `dequantize=True`
 (`--dequantize` on the CLI) transformers' own dequantizing load is used instead (≈ 4× the
 checkpoint for MXFP4). transformers' hub kernels are never requested.
