@@ -29,9 +29,10 @@ LAYERS = (
               "stream", "forward", "sharding")),
     # one package per stage: its logic, without argument parsing
     ("stages", ("stats.*", "convert.*", "teacher.*", "train.*", "validate.*", "plan.*", "chat.*")),
-    # one module per verb (`nexus.verbs` lists them): flags, checks, messages; the logic is below
-    ("verbs", ("verbs", "stats.cli.*", "convert.cli", "teacher.cli", "train.cli.*", "validate.cli", "plan.cli",
-               "chat.cli")),
+    # one module per verb (`nexus.verbs` lists them): flags, checks, messages; the logic is below; `launch`
+    # relaunches a verb under torchrun
+    ("verbs", ("verbs", "launch", "stats.cli.*", "convert.cli", "teacher.cli", "train.cli.*", "validate.cli",
+               "plan.cli", "chat.cli")),
     # runs verbs: the pipeline, and the demo built on it
     ("orchestration", ("pipeline.*", "demo.*")),
     # the console script

@@ -159,7 +159,7 @@ def load_model(path: str | os.PathLike, dtype=None, device_map=None, base_model:
 
 
 def load_sharded_model(path: str | os.PathLike, device: torch.device, dtype=None, base_model: str | None = None,
-                       trust_remote_code: bool = False) -> tuple[nn.Module, nn.Module]:
+                       trust_remote_code: bool = False, what: str = "--model") -> tuple[nn.Module, nn.Module]:
     """`load_model` for `--shard-base`: (model, FSDP2 root), the base sharded over the torchrun ranks.
 
     Built on the meta device, the adapter's shared experts attached, sharded (`nexus.sharding.shard_model`),
@@ -176,7 +176,7 @@ def load_sharded_model(path: str | os.PathLike, device: torch.device, dtype=None
     cfg = read_adapter_config(path) if adapter else None
     base = (base_model or resolve_base(Path(path), cfg.base_model_name_or_path)) if adapter else str(path)
     model, plan = build_on_meta(base, dtype=dtype, trust_remote_code=trust_remote_code,
-                                what=f"base model of adapter {path}" if adapter else "--model")
+                                what=f"base model of adapter {path}" if adapter else what)
     compute_frozen_linears_in_fp32(model)
     if adapter:
         attach_from_config(model, cfg, source=str(Path(path) / CONFIG_NAME))

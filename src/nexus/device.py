@@ -90,3 +90,17 @@ def load_for_inference(path: str, args, what: str = "--model"):
     else:
         model = load_base_model(path, what=what, **kwargs)
     return model.eval()
+
+
+def load_sharded_for_inference(path: str, args, what: str = "--model"):
+    """`load_for_inference` for `--shard-base` under torchrun: (model, FSDP2 root), eval mode, the base sharded
+    over the ranks (`nexus.adapter.load_sharded_model`); every forward goes through the root."""
+    from . import dist
+    from .adapter import load_sharded_model
+
+    device = resolve_device(args.device, "--device")
+    dist.init(device)
+    device = resolve_device(args.device, "--device")  # under torchrun: this rank's GPU
+    model, root = load_sharded_model(path, device, dtype=torch_dtype(args.dtype),
+                                     trust_remote_code=args.trust_remote_code, what=what)
+    return model.eval(), root

@@ -40,6 +40,7 @@ def interrupted(args) -> str:
 def run(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run every stage
         raise NexusError("nexus pipeline runs each stage once: start it without torchrun, and give the train "
-                         "stage `use_ddp: true` (and `nproc: N`) to train on N processes")
+                         "stage `use_ddp: true` (and `nproc: N`) to train on N processes, or a stage "
+                         "`shard_base: true` (and `nproc: N`) to shard the base over N processes")
     run_pipeline(load_pipeline_config(args.config), Path.cwd(), args.start, args.only, args.dry_run, source=args.config)
     return 0

@@ -63,6 +63,17 @@ def _forward(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
+@torch.no_grad()
+def _pad_forwards(root: torch.nn.Module, batches: int, world: int, rank: int, device: torch.device) -> None:
+    """Sharded (--shard-base): every forward gathers layers from all ranks, so a rank that had no batch in
+    the last, incomplete round runs one forward of a token whose routing is not recorded (the router
+    hooks are gone by now) and discarded."""
+    last = batches % world
+    if last and rank >= last:
+        one = torch.ones(1, 1, dtype=torch.long, device=device)  # (1, 1)
+        root(one, one)
+
+
 def partial_description(partial: Path) -> str:
     from safetensors import safe_open
 
@@ -213,12 +224,17 @@ def collect(args) -> int:
 
     if next(texts(), None) is None:  # fail before loading the model or writing anything
         raise NexusError(f"--dataset {args.dataset}: no non-empty documents")
-    from ..adapter import load_model
+    from ..adapter import load_model, load_sharded_model
 
-    # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
-    device_map = {"": str(device)} if device.type == "cuda" else None
-    model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code,
-                       dequantize=args.dequantize).eval()
+    root = None
+    if getattr(args, "shard_base", False):  # every forward goes through the FSDP2 root
+        model, root = load_sharded_model(args.model, device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model.eval()
+    else:
+        # On GPU, weights load straight onto this rank's device (quantized checkpoints stay quantized).
+        device_map = {"": str(device)} if device.type == "cuda" else None
+        model = load_model(args.model, dtype=dtype, device_map=device_map, trust_remote_code=args.trust_remote_code,
+                           dequantize=args.dequantize).eval()
     args.seq_len = seq_len_for(model, args.seq_len)
     check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -245,7 +261,10 @@ def collect(args) -> int:
                 if k % world == rank:
                     ids, mask = pad_batch(seqs, tokenizer.pad_token_id)  # (B, L), (B, L)
                     collector.set_batch(mask, batch_index=b)
-                    _forward(decoder, ids.to(device), mask.to(device))
+                    if root is None:
+                        _forward(decoder, ids.to(device), mask.to(device))
+                    else:
+                        root(ids.to(device), mask.to(device))  # (B, L, H), unused
                 round_tokens += sum(len(s) for s in seqs)
                 batches_done = b + 1
                 if (k + 1) % world == 0:  # every rank has finished this round of batches
@@ -259,6 +278,8 @@ def collect(args) -> int:
                                                     "world_size": world})
         progress.update(round_tokens)
         new_tokens += round_tokens
+        if root is not None:
+            _pad_forwards(root, batches_done - start_batch, world, rank, device)
     finally:
         progress.close()
     total, raw = _reduced(stats, reservoir)

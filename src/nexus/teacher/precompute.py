@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..adapter import load_model
+from ..adapter import load_model, load_sharded_model
 from ..base.loader import DEQUANTIZE_HELP
 from ..data import check_seq_len, load_tokenizer, tokenizer_fingerprint
 from ..defaults import SEQ_LEN_HELP, seq_len_for
@@ -29,6 +29,7 @@ from ..forward import (RouterCapture, backbone_of, check_head_split, default_chu
 from ..fsutil import read_json
 from ..moe import find_moe_blocks
 from ..progress import bar, format_bytes
+from ..sharding import SHARD_BASE_HELP
 from ..stream import DataSpec, SequenceStream, build_sequences
 from ..version import __version__
 from . import cache as fmt
@@ -61,6 +62,7 @@ class PrecomputeConfig:
     dtype: str = flag("auto", "dtype of the teacher weights (default: as stored)", type=dtype_name,
                       metavar="{" + ",".join(DTYPES) + "}")
     dequantize: bool = flag(False, DEQUANTIZE_HELP)
+    shard_base: bool = flag(False, SHARD_BASE_HELP)
 
     @property
     def total(self) -> int:
@@ -75,19 +77,31 @@ class PrecomputeConfig:
                 raise NexusError(f"{option} must be at least 1, got {v}")
         if self.router_topk is not None and self.router_topk < 1:
             raise NexusError(f"--router-topk must be at least 1, got {self.router_topk}")
+        if self.shard_base and self.dequantize:
+            raise NexusError("--dequantize with --shard-base is not supported")
 
 
 @torch.no_grad()
 def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, chunk: int,
-                 capture: RouterCapture | None = None, router_k: int | None = None) -> dict[str, torch.Tensor]:
-    """Top-k log-probs at T = 1 of every position of a batch, padding zeroed. (B, L) -> (B, L, k) ×2 [+ router]."""
+                 capture: RouterCapture | None = None, router_k: int | None = None,
+                 root: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Top-k log-probs at T = 1 of every position of a batch, padding zeroed. (B, L) -> (B, L, k) ×2 [+ router].
+
+    `root`: the FSDP2 root of a sharded `model` (--shard-base): the forward runs through it, and its LM
+    head stays gathered after it."""
     b, length = input_ids.shape
-    head = lm_head_of(model)
+
+    def forward():
+        if root is not None:
+            return root(input_ids, attention_mask)  # (B, L, H)
+        return hidden_states(backbone_of(model), input_ids, attention_mask)
+
     if capture is not None:
         with capture.recording() as router_logits:
-            h = hidden_states(backbone_of(model), input_ids, attention_mask)  # (B, L, H)
+            h = forward()  # (B, L, H)
     else:
-        h = hidden_states(backbone_of(model), input_ids, attention_mask)
+        h = forward()
+    head = lm_head_of(model)
     flat = h.reshape(-1, h.shape[-1])  # (B*L, H)
     values = torch.empty(flat.shape[0], k, dtype=torch.float16)
     indices = torch.empty(flat.shape[0], k, dtype=torch.int32)
@@ -113,6 +127,11 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     return out
 
 
+def _forwards(cfg: PrecomputeConfig, shards: list[int]) -> int:
+    """Forwards (batches) that writing `shards` takes."""
+    return sum(math.ceil(min(cfg.shard_size, cfg.total - i * cfg.shard_size) / cfg.batch_size) for i in shards)
+
+
 def precompute(cfg: PrecomputeConfig) -> Path:
     cfg.check()
     out = Path(cfg.output)
@@ -126,10 +145,15 @@ def precompute(cfg: PrecomputeConfig) -> Path:
                     text_field=cfg.text_field, split=cfg.split)
     seqs = build_sequences(spec, tokenizer)
     stream = SequenceStream(seqs, cfg.seed)
-    model = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
-                       device_map={"": str(device)} if device.type == "cuda" else None).to(device).eval()
+    root = None
+    if cfg.shard_base:  # every forward goes through the FSDP2 root, and every rank runs as many
+        model, root = load_sharded_model(cfg.model, device, dtype=torch_dtype(cfg.dtype))
+        model.eval()
+    else:
+        model = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), dequantize=cfg.dequantize,
+                           device_map={"": str(device)} if device.type == "cuda" else None).to(device).eval()
     check_seq_len(model, cfg.seq_len, "model")
-    check_head_split(model, device)
+    check_head_split(model, device, root)
     vocab = vocab_size(model)
     if cfg.top_k > vocab:
         raise NexusError(f"--top-k {cfg.top_k} is above the vocabulary size {vocab}")
@@ -185,10 +209,16 @@ def precompute(cfg: PrecomputeConfig) -> Path:
             for b0 in range(first, first + count, cfg.batch_size):
                 ids, mask = stream.batch(range(b0, min(b0 + cfg.batch_size, first + count)))
                 parts.append(teacher_topk(model, ids.to(device), mask.to(device), cfg.top_k,
-                                          default_chunk_size(vocab), capture, cfg.router_topk))
+                                          default_chunk_size(vocab), capture, cfg.router_topk, root))
                 progress.update(ids.numel())
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             fmt.write_shard(out, i, first, tensors)
+        if root is not None:  # as many forwards as the busiest rank (each gathers layers from all of them)
+            with torch.no_grad():
+                busiest = max(_forwards(cfg, [i for i in todo if i % world == r]) for r in range(world))
+                one = torch.ones(1, 1, dtype=torch.long, device=device)  # (1, 1), discarded
+                for _ in range(busiest - _forwards(cfg, mine)):
+                    root(one, one)
     if capture is not None:
         capture.close()
     dist.barrier()

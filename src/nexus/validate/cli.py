@@ -3,6 +3,7 @@
     nexus validate --model adapter/ --dataset general=heldout.jsonl --dataset domain=docs/ \\
         --compute-perplexity --num-samples 200 --seq-len 1024 --output validation/
     nexus validate --model adapter/ --chat                 # straight to an interactive chat
+    nexus validate --model adapter/ --dataset heldout.jsonl --shard-base --nproc 4   # the base sharded (FSDP2)
 
 The baseline defaults to the adapter's own base: the loaded model is then run a second time with its
 shared experts switched off, so no second copy is loaded. --baseline naming another model (or
@@ -10,6 +11,10 @@ adapter) loads it and compares against that. Both see exactly the same tokens. W
 report.md and plots/ to --output (the folder appears only once complete). With
 --fail-on-degradation the exit code is 1 when a dataset's perplexity degrades by more than
 --fail-threshold percent. --chat opens `nexus chat` on the model after the report.
+
+With --shard-base the model (and a separately loaded baseline) is sharded over torchrun ranks (FSDP2;
+relaunched on --nproc processes when started without torchrun): batch i is measured on rank i mod N,
+the sums are combined, rank 0 writes the report. --chat (text generation) is refused with it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from pathlib import Path
 
 from ..chat.session import add_sampling_arguments, sampling_from_args, start_chat
 from ..defaults import SEQ_LEN_HELP
-from ..device import add_device_arguments, load_for_inference
+from ..device import add_device_arguments, load_for_inference, load_sharded_for_inference
 from ..errors import NexusError
+from ..launch import add_shard_arguments, check_shard_options, relaunch, under_torchrun
 from .core import validate_model
 from .report import EXCELLENT_BELOW_PCT, FAIL_ABOVE_PCT
 
@@ -60,6 +66,8 @@ def check_options(args) -> dict[str, str]:
     if args.excellent_threshold > args.fail_threshold:
         raise NexusError(f"--excellent-threshold ({args.excellent_threshold}) must not exceed "
                          f"--fail-threshold ({args.fail_threshold})")
+    check_shard_options(args, {"--chat (text generation)": args.chat, "--dequantize": args.dequantize,
+                               "--device auto (spread over GPUs)": args.device == "auto"})
     if args.chat:
         sampling_from_args(args)
     return datasets
@@ -105,10 +113,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="chat with the model after the report (see nexus chat)")
     add_sampling_arguments(p)
     add_device_arguments(p)
+    add_shard_arguments(p)
 
 
 def run(args) -> int:
     datasets = check_args(args)
+    if args.shard_base:
+        if not under_torchrun():
+            return relaunch(args, "--shard-base")  # --shard-base stays on the relaunched command line
+        from .. import dist
+
+        try:  # no --chat here (refused by check_options)
+            model, root = load_sharded_for_inference(args.model, args)
+            return validate_model(model, datasets, args, root=root)
+        finally:
+            dist.shutdown()
     model = load_for_inference(args.model, args)
     code = 0
     if datasets:

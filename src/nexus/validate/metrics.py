@@ -20,12 +20,13 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..errors import NexusError
 from ..moe import find_moe_blocks
 from ..routing import entropy, router_hooks, router_probs
@@ -176,7 +177,8 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], baseline: nn.Module | None = None,
              compute_perplexity: bool = True, temperature: float = 1.0,
-             progress: Callable[[int], None] | None = None) -> Totals:
+             progress: Callable[[int], None] | None = None, root: nn.Module | None = None,
+             baseline_root: nn.Module | None = None) -> Totals:
     """Run `model` and its baseline on the same batches and accumulate every validation metric.
 
     Args:
@@ -185,7 +187,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         baseline: a separate baseline model; None runs `model` itself with its shared experts
             switched off (the adapter's own base, without loading a second copy).
         compute_perplexity: accumulate the NLL of both (KL and router metrics are always computed).
-        progress: called with the number of real tokens after each batch.
+        progress: called with the number of real tokens after each batch (sharded: after each round of
+            batches, with the round's tokens on every rank).
+        root, baseline_root: the FSDP2 roots of a sharded `model` and `baseline` (--shard-base), through
+            which every forward runs. Batch i is then measured on rank i mod world size; every rank runs
+            as many forwards (a rank out of batches runs the first one again and counts nothing), and the
+            sums are combined over the ranks, so every rank returns the totals of all batches.
     """
     same = baseline is None
     if same and not any(hasattr(m, SHARED_NAME) for m in model.modules()):
@@ -193,7 +200,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     blocks = find_moe_blocks(model)
     base_blocks = blocks if same else find_moe_blocks(baseline)
     totals = Totals(perplexity_computed=compute_perplexity)
-    state = {"pass": "model", "mask": None}
+    state = {"pass": "model", "mask": None, "totals": totals}  # totals: where this batch's figures go
     captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     warned: set[int] = set()  # layers already warned about
 
@@ -208,8 +215,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             flat_s = shared.reshape(-1, shared.shape[-1]).float()
             flat_r = real_tokens(flat_r, state["mask"], layer, "MoE block output")
             flat_s = real_tokens(flat_s, state["mask"], layer, "shared expert output")
-            totals.add(layer, "routed_norm", float(flat_r.norm(dim=-1).double().sum()), flat_r.shape[0])
-            totals.add(layer, "shared_norm", float(flat_s.norm(dim=-1).double().sum()), flat_s.shape[0])
+            state["totals"].add(layer, "routed_norm", float(flat_r.norm(dim=-1).double().sum()), flat_r.shape[0])
+            state["totals"].add(layer, "shared_norm", float(flat_s.norm(dim=-1).double().sum()), flat_s.shape[0])
         return fn
 
     modes = [(m, m.training) for m in ([model] if same else [model, baseline])]
@@ -226,34 +233,62 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             m.eval()
         stack.callback(lambda: [m.train(flag) for m, flag in modes])
         with torch.inference_mode():
-            for input_ids, attention_mask in batches:
+            for input_ids, attention_mask, counted, tokens in _share(batches, root is not None):
+                t = totals if counted else Totals(perplexity_computed=compute_perplexity)  # else discarded
+                state["totals"] = t
                 captured.clear()
                 mask = attention_mask.bool()  # (B, L)
                 state["mask"] = mask.reshape(-1)  # (T,), T = B*L in row-major order, as the routers see it
                 state["pass"] = "baseline"
                 if same:
                     with shared_experts_disabled(model):
-                        base_logits = _forward(model, input_ids, attention_mask)  # (B, L, V)
+                        base_logits = _forward(model, input_ids, attention_mask, root)  # (B, L, V)
                 else:
-                    base_logits = _forward(baseline, input_ids, attention_mask)
+                    base_logits = _forward(baseline, input_ids, attention_mask, baseline_root)
                 state["pass"] = "model"
-                logits = _forward(model, input_ids, attention_mask)  # (B, L, V)
+                logits = _forward(model, input_ids, attention_mask, root)  # (B, L, V)
                 kl_sum, positions = kl_divergence(base_logits, logits, attention_mask, temperature)
-                totals.kl += kl_sum
-                totals.positions += positions
+                t.kl += kl_sum
+                t.positions += positions
                 if compute_perplexity:
                     s, n = nll(logits, input_ids, attention_mask)
                     base_s, _ = nll(base_logits, input_ids, attention_mask)
-                    totals.nll += s
-                    totals.baseline_nll += base_s
-                    totals.targets += n
+                    t.nll += s
+                    t.baseline_nll += base_s
+                    t.targets += n
                 else:
-                    totals.targets += int((mask[:, :-1] & mask[:, 1:]).sum())
+                    t.targets += int((mask[:, :-1] & mask[:, 1:]).sum())
                 del base_logits, logits
-                _router_metrics(totals, captured, state["mask"], warned)
-                if progress is not None:
-                    progress(int(mask.sum()))
-    return totals
+                _router_metrics(t, captured, state["mask"], warned)
+                if progress is not None and tokens:
+                    progress(tokens)
+    return _over_ranks(totals) if root is not None else totals
+
+
+def _share(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], sharded: bool):
+    """(input_ids, attention_mask, counted, tokens to report) for each forward this rank runs.
+
+    One process: every batch, counted. Sharded: round r gives batch r × world + rank to this rank; a
+    rank past the last batch runs the first batch again, not counted; tokens are the whole round's.
+    """
+    if not sharded:
+        for ids, mask in batches:
+            yield ids, mask, True, int(mask.sum())
+        return
+    batches, world, rank = list(batches), dist.world_size(), dist.rank()
+    for r in range(0, len(batches), world):
+        round_ = batches[r:r + world]
+        tokens = sum(int(m.sum()) for _, m in round_)
+        yield (*round_[rank], True, tokens) if rank < len(round_) else (*batches[0], False, tokens)
+
+
+def _over_ranks(totals: Totals) -> Totals:
+    """The totals of all ranks, combined in rank order (every rank calls this)."""
+    plain = replace(totals, layers={layer: {k: list(v) for k, v in m.items()} for layer, m in totals.layers.items()})
+    out = Totals(perplexity_computed=totals.perplexity_computed)
+    for part in dist.all_gather_object(plain):  # the layers' defaultdicts do not pickle; plain dicts do
+        out.merge(part)
+    return out
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor, layer: int, what: str) -> torch.Tensor:
@@ -268,8 +303,11 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor, layer: int, what: str) -> t
     return x[mask.to(x.device)]
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             root: nn.Module | None = None) -> torch.Tensor:
     device = _input_device(model)
+    if root is not None:  # a sharded model: through its FSDP2 root
+        return root(input_ids.to(device), attention_mask.to(device), logits=True)  # (B, L, V)
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
     return out.logits  # (B, L, V)
 

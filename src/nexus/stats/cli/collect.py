@@ -3,6 +3,7 @@
     nexus collect --model path/to/model --dataset sample.jsonl --output router_stats.safetensors
     nexus collect --model path/to/model --dataset sample.jsonl --resume          # after an interruption
     torchrun --nproc-per-node 2 -m nexus collect --model ... --dataset ...         # batches sharded over ranks
+    nexus collect --model ... --dataset ... --shard-base --nproc 4                  # the model sharded too (FSDP2)
     nexus collect --merge a.safetensors b.safetensors --output all.safetensors
 
 Documents (the JSONL written by `nexus sample`, or any --dataset) are tokenized with EOS appended,
@@ -16,7 +17,9 @@ with the data position; `--resume` continues from there and ends with the same s
 uninterrupted run; without `--resume` a partial file is refused (the message gives the command that
 resumes and the one that starts over, `--overwrite`), and Ctrl-C prints the command that resumes.
 Under torchrun, global batch b goes to rank b mod world size and the sums are
-all-reduced. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
+all-reduced. With `--shard-base` the model itself is sharded over the ranks (FSDP2; relaunched under
+torchrun on --nproc processes when started without it); a rank out of batches runs forwards that
+count nothing until the others are done. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
 `<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
 """
 
@@ -29,6 +32,7 @@ from ...base.loader import DEQUANTIZE_HELP
 from ...defaults import SEQ_LEN_HELP
 from ...device import DTYPES, dtype_name
 from ...errors import NexusError
+from ...launch import add_shard_arguments, check_shard_options, relaunch, under_torchrun
 from ...rerun import command
 from ..collect import collect, merge, partial_description, partial_path
 
@@ -60,10 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict")
     p.add_argument("--merge", nargs="+", metavar="STATS", help="merge these statistics files into --output and exit")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code (off by default)")
+    add_shard_arguments(p)
 
 
 def check_options(args) -> None:
     """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
+    check_shard_options(args, {"--merge": bool(args.merge), "--dequantize": args.dequantize})
     if args.merge:
         return
     if not args.model or not args.dataset:
@@ -105,4 +111,6 @@ def interrupted(args) -> str:
 
 def run(args) -> int:
     _check_args(args)
+    if args.shard_base and not under_torchrun():
+        return relaunch(args, "--shard-base")  # --shard-base stays on the relaunched command line
     return merge(args) if args.merge else collect(args)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from ...errors import NexusError
 from ...flags import add_flags
+from ...launch import relaunch, under_torchrun
 from ...rerun import command
 from ..config import TrainConfig
 
@@ -52,31 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-ddp", action="store_true", help="launch torchrun with --nproc processes for this command")
     g.add_argument("--nproc", type=int, help="processes for --use-ddp or --shard-base (default: GPU count, or 2 on "
                                              "CPU)")
-
-
-def _launch_ddp(args) -> int:
-    import torch
-
-    nproc = args.nproc or torch.cuda.device_count() or 2
-    # The command line of this train command alone (set by `nexus.cli.main` and by the pipeline); never
-    # sys.argv, which under `nexus pipeline` would relaunch every stage on every rank.
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        raise NexusError("--use-ddp: the train command line to relaunch is unknown (run `nexus train`)")
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--use-ddp":
-            continue
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "nexus",
-           *out]
-    print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=dict(os.environ))
 
 
 RESUME = ("--resume-from-checkpoint", "latest")
@@ -120,9 +94,9 @@ def run(args) -> int:
     _check_output_dir(args)
     if args.use_ddp and args.shard_base:
         raise NexusError("--use-ddp replicates the base, --shard-base shards it: pass one of them")
-    if (args.use_ddp or args.shard_base) and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if (args.use_ddp or args.shard_base) and not under_torchrun():
         check_options(args)  # before any process starts
-        return _launch_ddp(args)  # --shard-base stays on the relaunched command line
+        return relaunch(args, "--shard-base" if args.shard_base else "--use-ddp")  # --shard-base stays on it
     from ..recipe import Trainer
 
     trainer = Trainer(TrainConfig.from_args(args))
