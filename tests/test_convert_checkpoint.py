@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nexus.convert.checkpoint import ExpertReader, FusedSource, Mxfp4Source, PerExpertSource
-from nexus.convert.writer import MXFP4_QUANTIZATION_CONFIG
 from nexus.errors import NexusError
 
 REFERENCE = Path("/work/shared/reference/gpt-oss-20b")

@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch

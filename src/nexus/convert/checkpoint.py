@@ -34,7 +34,7 @@ from ..base import fp8
 from ..base.sources import (FusedSource, Mxfp4Source, PerExpertSource, map_expert_sources, quant_method,
                             quantization_config)
 from ..errors import NexusError
-from ..moe import MoEBlock, find_moe_blocks
+from ..moe import find_moe_blocks
 
 
 def meta_model(config):

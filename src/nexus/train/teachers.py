@@ -15,7 +15,6 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..forward import RouterCapture, backbone_of, hidden_states, lm_head_of, swapped_weights
