@@ -33,9 +33,9 @@ Methods: nexus-INIT (frozen router) for each of --nexus-inits; nexus-INIT-router
 --router-init; esft (ESFT token share: per layer the most-routed experts until their cumulative share
 reaches --esft-threshold); esft-matched (per layer as many experts as NEXUS's shared expert is wide, the
 same trainable count); lora-attn-experts and lora-attn (PEFT LoRA, rank matched to NEXUS's trainable
-count); full-moe (every routed expert and router: the ceiling). ESFT trains its experts in place under a
-gradient mask: its trainable count is real, its optimizer memory is not split (recorded as
-memory_split: false). FLOPs per token at inference: 2 × active parameters (input embeddings excluded,
+count); full-moe (every routed expert and router: the ceiling). ESFT's chosen experts are split out as
+their own trainable tensors (a delta on their slices of the frozen fused expert tensors, written back for
+scoring), so gradients and AdamW state exist for them only. FLOPs per token at inference: 2 × active parameters (input embeddings excluded,
 routed experts at top_k / num_experts), plus 2 × the shared experts' parameters for NEXUS; merged LoRA,
 ESFT and full-moe add nothing.
 """

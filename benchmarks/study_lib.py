@@ -194,25 +194,52 @@ def esft_choice(stats_path: Path, threshold: float | None = None, per_layer: int
     return out
 
 
+class SliceDelta(torch.nn.Module):
+    """Parametrization of a fused expert tensor (E, ...): the frozen base plus a trainable delta for the
+    chosen experts only (index_add into their slices), so the trained experts are their own parameters."""
+
+    def __init__(self, idx: list[int], like: torch.Tensor):
+        super().__init__()
+        self.register_buffer("idx", torch.tensor(idx, dtype=torch.long))
+        self.delta = torch.nn.Parameter(torch.zeros(len(idx), *like.shape[1:], dtype=like.dtype))
+
+    def forward(self, w):
+        return w.index_add(0, self.idx, self.delta)
+
+
 def esft_model(model: str, chosen: dict[int, list[int]]):
-    """The chosen experts of each layer train in place; the other experts' slices get a zero gradient mask.
-    Known limitation: the full expert tensors are parameters, so AdamW holds state for all of them (the
-    trainable count is real, the memory saving of ESFT's split-out experts is not)."""
+    """ESFT: the chosen experts of each layer are split out as their own trainable tensors (SliceDelta on
+    each fused expert tensor); every base weight stays frozen, so gradients and AdamW state exist for the
+    chosen experts only. Returns (model, trainable count)."""
+    from torch.nn.utils import parametrize
+
     from nexus.moe import find_moe_blocks
 
     m = load_base_model(model, dtype=torch.float32)
     for p in m.parameters():
         p.requires_grad_(False)
-    count = 0
     for b in find_moe_blocks(m):
-        top = chosen[b.layer]
-        for name, p in b.experts.named_parameters():
-            mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))  # (E, 1, ...): broadcast over the slice
-            mask[top] = 1.0
-            p.requires_grad_(True)
-            p.register_hook(lambda g, m_=mask: g * m_)
-            count += p[0].numel() * len(top)
-    return m, count
+        for name, p in list(b.experts.named_parameters(recurse=False)):
+            parametrize.register_parametrization(b.experts, name, SliceDelta(chosen[b.layer], p))
+    return m, sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def merged(model):
+    """A plain copy of `model` for scoring: PEFT LoRA merged, ESFT's split-out experts written back."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    mods = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    if not mods:
+        return model
+    model = copy.deepcopy(model)
+    for m in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        for name in list(m.parametrizations):
+            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return model
 
 
 def full_moe_model(model: str):
@@ -266,12 +293,9 @@ class Evaluator:
 
     def __call__(self, model) -> dict:
         """{domain_loss, general_loss, base_domain_loss, base_general_loss (nats/token), *_ppl, *_kl, tokens}."""
-        import copy
-
         from nexus.validate.metrics import evaluate
 
-        if hasattr(model, "merge_and_unload"):  # PEFT: score a merged copy (the MoE hooks need plain modules)
-            model = copy.deepcopy(model).merge_and_unload()
+        model = merged(model)  # PEFT and ESFT: a plain copy (the MoE hooks need plain modules)
         was = model.training
         model.eval()
         out = {}
@@ -376,16 +400,13 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
     elif kind.startswith("esft"):
         model, _ = esft_model(model_dir, {int(k): v for k, v in chosen.items()})
         extra["experts"] = chosen
-        extra["memory_split"] = False
+        extra["memory_split"] = True
     elif kind == "full-moe":
         model, _ = full_moe_model(model_dir)
     else:
         raise ValueError(kind)
     params = [p for p in model.parameters() if p.requires_grad]
-    if kind.startswith("esft"):
-        n = _esft_count(model, {int(k): v for k, v in chosen.items()})
-    else:
-        n = sum(p.numel() for p in params)
+    n = sum(p.numel() for p in params)
     stream = SequenceStream(build_sequences(DataSpec(data["domain_train"], seq_len=seq_len, seed=seed), ev.tok), seed)
     layout = StepLayout(batch)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -409,13 +430,6 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
     rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta)
     end = ev(model)
     return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec, **extra}
-
-
-def _esft_count(model, chosen: dict[int, list[int]]) -> int:
-    from nexus.moe import find_moe_blocks
-
-    return sum(p[0].numel() * len(chosen[b.layer]) for b in find_moe_blocks(model)
-               for p in b.experts.parameters())
 
 
 # ------------------------------------------------------------------------------------------ processes

@@ -165,6 +165,10 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
                          f"{_med([r['steps'] for r in rs]):.0f} ({_med([r['best_step'] for r in rs]):.0f}) | "
                          f"{', '.join(sorted(set(r['stopped'] for r in rs)))} |")
     notes = []
+    if any(r.get("memory_split") for r in rows):
+        notes.append("ESFT rows train their chosen experts split out as their own tensors (deltas on the frozen "
+                     "fused expert tensors): gradients and AdamW state cover those experts only; each forward "
+                     "still composes the full expert tensor.")
     if any(r.get("memory_split") is False for r in rows):
         notes.append("ESFT rows train their experts in place under a gradient mask: the trainable count is "
                      "real, but the optimizer and gradient memory cover the whole expert tensors (not split out "

@@ -108,3 +108,29 @@ def test_resume_skips_finished_runs(tmp_path):
     todo = study.pending(grid, path)
     assert len(todo) == len(grid) - 2
     assert ("esft", 1e-2, 1) not in todo and ("nexus-random", 1e-3, 0) not in todo and ("esft", 1e-2, 0) in todo
+
+
+def test_esft_split_out_experts_train_alone():
+    from nexus import demo_data
+    from nexus.moe import find_moe_blocks
+
+    model_dir = str(demo_data.DEMO_MODEL_DIR)
+    chosen = {0: [3], 1: [0, 5], 2: [1], 3: [31]}
+    m, n = L.esft_model(model_dir, chosen)
+    base = L.load_base_model(model_dir, dtype=torch.float32)
+    per_expert = sum(p[0].numel() for p in find_moe_blocks(base)[0].experts.parameters())
+    assert n == 5 * per_expert  # only the chosen slices are parameters that train
+    assert all("delta" in name for name, p in m.named_parameters() if p.requires_grad)
+    ids = torch.randint(3, 4000, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+    m(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    plain = L.merged(m)
+    for b, bb in zip(find_moe_blocks(plain), find_moe_blocks(base)):
+        for (name, w), w0 in zip(b.experts.named_parameters(), bb.experts.parameters()):
+            moved = (w - w0).flatten(1).abs().amax(1) > 0  # (E,)
+            assert moved.nonzero().flatten().tolist() == chosen[b.layer], name
