@@ -110,6 +110,26 @@ def prepare(args, work: Path) -> dict:
     return setup
 
 
+def start_key(method: str, seed: int) -> str:
+    """Runs whose step-0 model is the same: a NEXUS adapter (init, seed), whatever its lr or router; the
+    base model for every other method."""
+    if method.startswith("nexus"):
+        return f"{method.removesuffix('-router')}-s{seed}"
+    return "base"
+
+
+def cached_start(path: Path, method: str, seed: int, protocol: dict) -> dict | None:
+    """The step-0 scores of an earlier run with the same start_key and evaluation settings, if any."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else None
+        if r and start_key(r["method"], int(r["seed"])) == start_key(method, seed) and \
+                all(r.get("protocol", {}).get(k) == protocol[k] for k in ("seq_len", "eval_num")) and r["model"] == protocol["model"]:
+            return r["start"]
+    return None
+
+
 def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int) -> dict:
     kw = dict(model=args.model, data=setup["data"], method=method, lr=lr, seed=seed, root=str(work),
               tag=f"{method}-lr{lr:g}-s{seed}", eval_num=args.eval_num, val_num=args.val_num, batch=args.batch,
@@ -189,11 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         for method, lr, seed in todo:
             t0 = time.time()
             kw = run_kwargs(args, setup, work, method, lr, seed)
+            kw["start"] = cached_start(results, method, seed, {"seq_len": args.seq_len, "eval_num": args.eval_num,
+                                                               "model": args.model})
             res = L.run_one(kw) if args.no_isolate else L.isolated(kw)
             added = setup["nexus_params"] if method.startswith("nexus") else 0
             row = {"method": method, "lr": lr, "seed": seed, "model": args.model, "command": command,
                    "flops_per_token": L.flops_per_token(setup["active"]["active"], added),
                    "active_params": setup["active"]["active"] + added, "seconds": time.time() - t0,
+                   "start_scores": "reused" if kw["start"] else "measured",
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
                                                               "val_frac", "batch", "seq_len", "eval_num", "val_num")},

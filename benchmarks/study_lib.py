@@ -321,14 +321,16 @@ def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_ever
     rule = Plateau(patience, min_delta)
     rule.update(ev.val_loss(model))
     best = [p.detach().clone() for p in params]
-    best_step, curve, times, losses, step = 0, [(0, rule.best)], [], [], 0
+    best_step, curve, times, losses, step, val_s = 0, [(0, rule.best)], [], [], 0, []
     while step < max_steps and not rule.stop:
         t0 = time.perf_counter()
         losses.append(step_fn(step))
         times.append(time.perf_counter() - t0)
         step += 1
         if step % eval_every == 0 or step == max_steps:
+            t0 = time.perf_counter()
             v = ev.val_loss(model)
+            val_s.append(time.perf_counter() - t0)
             curve.append((step, v))
             rule.update(v)
             if rule.improved:
@@ -338,11 +340,12 @@ def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_ever
             p.copy_(b)
     return {"steps": step, "best_step": best_step, "best_val_loss": rule.best, "val_curve": curve,
             "step_s": statistics.median(times) if times else None, "train_loss": losses,
+            "val_eval_s": statistics.median(val_s) if val_s else None,
             "stopped": "plateau" if rule.stop else "max_steps"}
 
 
 def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, lr: float, seed: int,
-              train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
+              start: dict | None = None, train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
     """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus."""
     import shutil
@@ -358,14 +361,16 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
                       logging_steps=10 ** 9, device="cpu")
     trainer = Trainer(cfg)
     trainer.setup()
-    start = ev(trainer.model)
+    start = start or ev(trainer.model)  # step 0 depends on the adapter only: the caller may pass it
     params = trainer.params.params
 
     def step_fn(_step):
         return trainer.train_step()["loss"]
 
     rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta)
+    t0 = time.perf_counter()
     end = ev(trainer.model)
+    rec["eval_s"] = time.perf_counter() - t0
     n = trainer.params.numel()
     trainer.cleanup()
     shutil.rmtree(out, ignore_errors=True)
@@ -385,7 +390,8 @@ def _kd_loss(logits, teacher, ids, mask, kl_weight):  # logits, teacher (B, L, V
     return loss
 
 
-def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, seed: int, rank: int = 1,
+def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, seed: int, start: dict | None = None,
+               rank: int = 1,
                chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
                max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
     """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
@@ -411,7 +417,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
     layout = StepLayout(batch)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(0.1 * max_steps))
-    start = ev(model)
+    start = start or ev(model)  # step 0 is the base model for every custom method: the caller may pass it
     model.train()
 
     def step_fn(step):
@@ -428,7 +434,9 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
         return float(loss.detach())
 
     rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta)
+    t0 = time.perf_counter()
     end = ev(model)
+    rec["eval_s"] = time.perf_counter() - t0
     return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec, **extra}
 
 

@@ -134,3 +134,17 @@ def test_esft_split_out_experts_train_alone():
         for (name, w), w0 in zip(b.experts.named_parameters(), bb.experts.parameters()):
             moved = (w - w0).flatten(1).abs().amax(1) > 0  # (E,)
             assert moved.nonzero().flatten().tolist() == chosen[b.layer], name
+
+
+def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
+    path = tmp_path / "results.jsonl"
+    proto = {"seq_len": 128, "eval_num": None, "model": "m"}
+    rows = [{**_row("nexus-random", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}},
+            {**_row("lora-attn", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}}]
+    rows[0]["start"]["tag"], rows[1]["start"]["tag"] = "nexus-random-s0", "base"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.cached_start(path, "nexus-random-router", 0, proto)["tag"] == "nexus-random-s0"
+    assert study.cached_start(path, "nexus-random", 1, proto) is None  # another seed: another random init
+    assert study.cached_start(path, "nexus-pca_top8", 0, proto) is None
+    assert study.cached_start(path, "esft", 2, proto)["tag"] == "base"  # every non-NEXUS method starts at the base
+    assert study.cached_start(path, "esft", 2, {**proto, "eval_num": 8}) is None
