@@ -90,8 +90,13 @@ def pending(runs: list[tuple[str, float, int]], path: Path) -> list[tuple[str, f
 def prepare(args, work: Path) -> dict:
     """Data split, router statistics, selections, LoRA ranks, ESFT choices, FLOPs (cached in setup.json)."""
     cache = work / "setup.json"
+    inputs = {k: getattr(args, k) for k in ("model", "domain_train", "domain_eval", "general_eval", "val_frac",
+                                            "stats_tokens", "esft_threshold", "seq_len")}
     if cache.is_file():
-        return json.loads(cache.read_text())
+        setup = json.loads(cache.read_text())
+        if setup.get("inputs") != inputs:
+            raise SystemExit(f"{cache} was prepared for other inputs ({setup.get('inputs')}); use another --work")
+        return setup
     fit, val = L.split_train_val(args.domain_train, work, args.val_frac)
     data = {"domain_train": fit, "domain_val": val, "domain_eval": args.domain_eval, "general_eval": args.general_eval}
     stats = L.router_stats(args.model, fit, work / "router_stats.safetensors", args.stats_tokens, args.seq_len)
@@ -101,7 +106,7 @@ def prepare(args, work: Path) -> dict:
     per_expert = act["experts"] // (len(L.find_blocks(base)) * L.find_blocks(base)[0].layout.num_experts)
     per_layer = max(1, round(n_nexus / len(L.find_blocks(base)) / per_expert))
     del base
-    setup = {"data": data, "stats": str(stats), "active": act, "nexus_params": n_nexus,
+    setup = {"inputs": inputs, "data": data, "stats": str(stats), "active": act, "nexus_params": n_nexus,
              "lora_rank": {k: L.lora_rank_for(args.model, n_nexus, experts=k == "lora-attn-experts")
                            for k in ("lora-attn-experts", "lora-attn")},
              "esft": {"esft": L.esft_choice(stats, threshold=args.esft_threshold),
@@ -227,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method} lr {lr:g} seed {seed}: {res['steps']} steps (best {res['best_step']}, "
                   f"{res['stopped']}), domain loss {s['base_domain_loss']:.4f} -> {e['domain_loss']:.4f}, general "
                   f"{s['base_general_loss']:.4f} -> {e['general_loss']:.4f}, {res['trainable']:,} params, "
-                  f"{res['step_s'] * 1e3 if res['step_s'] else math.nan:.0f} ms/step, RSS {res['rss_mib']:.0f} MiB "
+                  f"{res['step_s'] * 1e3 if res['step_s'] else math.nan:.0f} ms/step, RSS {res['rss_mib']:.0f} MiB, "
+                  f"scored on {res['eval_tokens']['domain']:,} domain / {res['eval_tokens']['general']:,} general "
+                  f"tokens "
                   f"({time.time() - t0:.0f}s)", flush=True)
     import study_report
 
