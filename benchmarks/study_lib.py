@@ -221,25 +221,30 @@ def esft_model(model: str, chosen: dict[int, list[int]]):
     for b in find_moe_blocks(m):
         for name, p in list(b.experts.named_parameters(recurse=False)):
             parametrize.register_parametrization(b.experts, name, SliceDelta(chosen[b.layer], p))
+    m.nexus_study_source = model  # merged() rebuilds a plain copy from it
     return m, sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def merged(model):
-    """A plain copy of `model` for scoring: PEFT LoRA merged, ESFT's split-out experts written back."""
+    """A plain copy of `model` for scoring: PEFT LoRA merged; for ESFT a fresh base with the split-out
+    experts written back into their slices (a parametrized model is not deep-copied: the copy would share
+    its parametrization registry)."""
     import copy
 
     from torch.nn.utils import parametrize
 
+    from nexus.moe import find_moe_blocks
+
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
-    mods = [m for m in model.modules() if parametrize.is_parametrized(m)]
-    if not mods:
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
-    model = copy.deepcopy(model)
-    for m in [m for m in model.modules() if parametrize.is_parametrized(m)]:
-        for name in list(m.parametrizations):
-            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-    return model
+    plain = load_base_model(model.nexus_study_source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for b, pb in zip(find_moe_blocks(model), find_moe_blocks(plain)):
+            for name in b.experts.parametrizations:
+                getattr(pb.experts, name).copy_(getattr(b.experts, name))
+    return plain
 
 
 def full_moe_model(model: str):

@@ -130,6 +130,9 @@ def test_esft_split_out_experts_train_alone():
             if p.requires_grad:
                 p.add_(0.01)
     plain = L.merged(m)
+    plain2 = L.merged(m)  # scoring leaves the trained model intact (twice, then a forward)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), plain2.parameters()))
+    m(input_ids=ids)
     for b, bb in zip(find_moe_blocks(plain), find_moe_blocks(base)):
         for (name, w), w0 in zip(b.experts.named_parameters(), bb.experts.parameters()):
             moved = (w - w0).flatten(1).abs().amax(1) > 0  # (E,)
