@@ -15,6 +15,14 @@ docs/study.md):
         --general-eval DATA/general_eval.jsonl --lrs 3e-4 1e-3 3e-3 1e-2 --seeds 0 1 2 \
         --max-steps 2000 --eval-every 25 --patience 4 --work /tmp/nexus-study --out docs/study --doc docs/study.md
 
+Cost, measured on the demo model with one thread (2-core machine, lightly loaded): ~0.5 s per training step
+(8 × 128 tokens), ~2.3 s per validation evaluation (the 10 % slice, ~19k tokens), ~45 s per full scoring
+(~33k domain_eval + ~117k general_eval tokens, model and base), ~10 s to start a run's process; a run takes
+about 0.6 s × steps + 55 s. The default grid (10 methods × 4 lrs × 3 seeds = 120 runs, plus 13 step-0
+scorings) is then ~6 h of CPU time if runs plateau near 200 steps, ~12 h near 500, ~41 h if all reach
+--max-steps 2000. Runs are independent: once setup.json exists in --work, two processes with disjoint
+--methods and the same --work and --out share one results file.
+
 Without --model and the data flags it runs on the demo model and its `nexus.demo_data` splits. A rerun
 with the same --out skips every (method, lr, seed) already in results.jsonl (resumable); only the report
 is rewritten with --report.
