@@ -1,26 +1,51 @@
-"""Method study on the bundled demo MoE: init strategies, other fine-tuning methods, sensitivity.
+"""Pareto study: NEXUS against other fine-tuning methods, each at several learning rates and paired seeds,
+trained until the domain loss plateaus, scored on the full held-out splits.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 1 --steps 40 --seeds 0 1 2
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 3 --steps 40 --seeds 0
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --questions 2 --steps 40 --seeds 0 1 2
-    PYTHONPATH=src python benchmarks/study.py --report          # docs/study.md + docs/study/*.png from the JSON
+Smoke test of the machinery (bundled demo model, tiny budgets; writes under /tmp only):
 
-Specialization to the demo model's held-out domain (`email` + `http`): every run trains for --steps
-optimizer steps of --batch sequences × --seq-len tokens of domain_train (the Trainer's data order for
-the seed), loss CE + kl_weight × T² × KL(base ‖ model), T = 2, lr 1e-3 with 10 % warmup, and is scored
-before and after on the first --eval-num packed --seq-len sequences of domain_eval and general_eval
-(nexus.validate.metrics.evaluate against the frozen base). Router statistics: `nexus collect` once on
-domain_train (--stats-tokens tokens), analyzed (nexus.stats.analyze) into each selection.
+    cd /work/wt-study && PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --smoke \
+        --work /tmp/nexus-study-smoke --out /tmp/nexus-study-smoke/report
 
-  1  init strategies (NEXUS, frozen router): zero, random, uniform average of all experts,
-     pca_top8 equal / importance weights, frequency_top8, aligned_top8, concat_top8
-  2  NEXUS frozen vs trainable router, PEFT LoRA (attention + experts, rank matched to NEXUS's
-     parameter count), ESFT-style (most-used routed experts per layer unfrozen by a gradient mask);
-     each run in a fresh process, so ru_maxrss is that run's peak RSS
-  3  sensitivity around pca_top8 / importance: width 1×, 2×, 4×; KL weight 0, 1, 4; top-K 4, 8, 16
+Full study on the specializing testbed (TESTBED = the model directory of scripts/pretrain_testbed.py,
+DATA = its data directory; the results land in docs/study/results.jsonl, the report in docs/study/ and
+docs/study.md):
 
-Each question writes docs/study/results_qN.json (raw results); every invocation then rewrites
-docs/study.md and the plots from all result files present.
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --model TESTBED \
+        --domain-train DATA/domain_train.jsonl --domain-eval DATA/domain_eval.jsonl \
+        --general-eval DATA/general_eval.jsonl --lrs 3e-4 1e-3 3e-3 1e-2 --seeds 0 1 2 \
+        --max-steps 2000 --eval-every 25 --patience 4 --work /tmp/nexus-study --out docs/study --doc docs/study.md
+
+Cost, measured on the demo model with one thread (2-core machine, lightly loaded): ~0.5 s per training step
+(8 × 128 tokens), ~2.3 s per validation evaluation (the 10 % slice, ~19k tokens), ~45 s per full scoring
+(~33k domain_eval + ~117k general_eval tokens, model and base), ~10 s to start a run's process; a run takes
+about 0.6 s × steps + 55 s. The default grid (10 methods × 4 lrs × 3 seeds = 120 runs, plus 13 step-0
+scorings) is then ~6 h of CPU time if runs plateau near 200 steps, ~12 h near 500, ~41 h if all reach
+--max-steps 2000. Runs are independent: once setup.json exists in --work, two processes with disjoint
+--methods and the same --work and --out share one results file.
+
+Without --model and the data flags it runs on the demo model and its `nexus.demo_data` splits. A rerun
+with the same --out skips every (method, lr, seed) already in results.jsonl (resumable); only the report
+is rewritten with --report.
+
+Protocol. --val-frac of domain_train's documents (the last ones) are held out as the validation slice of
+the stopping rule; every method trains on the rest, in the Trainer's data order for the seed (the same
+batches for every method at a given seed), with CE + 1 × T² × KL(base ‖ model at T = 2), AdamW (no weight
+decay), linear warmup over 10 % of --max-steps then constant lr, clipping at 1.0. The validation loss is
+measured every --eval-every steps; a run stops when it has not improved by more than --min-delta for
+--patience evaluations, or at --max-steps, and its trainable parameters go back to their best-validation
+values, which are scored on every packed --seq-len sequence of domain_eval and general_eval
+(nexus.validate.metrics.evaluate against a frozen base). Router statistics: `nexus collect` once on the
+training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits.
+
+Methods: nexus-INIT (frozen router) for each of --nexus-inits; nexus-INIT-router (trainable router) for
+--router-init; esft (ESFT token share: per layer the most-routed experts until their cumulative share
+reaches --esft-threshold); esft-matched (per layer as many experts as NEXUS's shared expert is wide, the
+same trainable count); lora-attn-experts and lora-attn (PEFT LoRA, rank matched to NEXUS's trainable
+count); full-moe (every routed expert and router: the ceiling). ESFT's chosen experts are split out as
+their own trainable tensors (a delta on their slices of the frozen fused expert tensors, written back for
+scoring), so gradients and AdamW state exist for them only. FLOPs per token at inference: 2 × active parameters (input embeddings excluded,
+routed experts at top_k / num_experts), plus 2 × the shared experts' parameters for NEXUS; merged LoRA,
+ESFT and full-moe add nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +53,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
+import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,144 +65,189 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_lib as L  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "study"
-K = 8  # top-K of the reference NEXUS configuration (the demo config's pca_top8)
+
+SMOKE = dict(lrs=[1e-3, 1e-2], seeds=[0], max_steps=3, eval_every=1, patience=2, eval_num=6, val_num=4,
+             nexus_inits=["random", "pca_top8"], stats_tokens=8000, batch=4)
 
 
-def setup(args):
-    work = Path(args.work)
-    data = L.write_data(work)
-    stats = L.router_stats(work, data, args.stats_tokens)
-    sel = {f"pca_top{k}_{w}": L.selection(stats, work, f"pca_top{k}_{w}", k, "pca", w)
-           for k in (4, 8, 16) for w in ("equal", "importance")}
-    sel["frequency_top8"] = L.selection(stats, work, "frequency_top8", K, "frequency", "importance")
-    sel["uniform_all"] = L.uniform_selection(sel["pca_top8_importance"], work)
-    return work, data, stats, sel
+def methods(args) -> list[str]:
+    out = [f"nexus-{i}" for i in args.nexus_inits] + [f"nexus-{args.router_init}-router",
+                                                      "esft", "esft-matched", "lora-attn-experts", "lora-attn",
+                                                      "full-moe"]
+    return [m for m in out if not args.methods or m in args.methods]
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Mean and std (over seeds) of every start/end metric, plus medians of cost figures."""
-    out = {}
-    for when in ("start", "end"):
-        for key in runs[0][when]:
-            vals = [r[when][key] for r in runs]
-            out[f"{when}_{key}"] = [statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0]
-    for key in ("trainable", "step_s", "rss_mib", "rss_before_mib"):
-        if key in runs[0]:
-            out[key] = statistics.median(r[key] for r in runs)
-    out["seeds"] = len(runs)
+def done_keys(path: Path) -> set[tuple[str, float, int]]:
+    """(method, lr, seed) of every finished run in a results file (missing file: none)."""
+    if not path.is_file():
+        return set()
+    out = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out.add((r["method"], float(r["lr"]), int(r["seed"])))
     return out
 
 
-def q1(args, work, data, stats, sel, ev):
-    configs = [("zero", "zero", None), ("random", "random", None),
-               ("uniform_all32", f"pca_top{32}", sel["uniform_all"]),
-               ("pca_top8_equal", "pca_top8", sel["pca_top8_equal"]),
-               ("pca_top8_importance", "pca_top8", sel["pca_top8_importance"]),
-               ("frequency_top8", "frequency_top8", sel["frequency_top8"]),
-               ("aligned_top8", "aligned_top8", sel["pca_top8_importance"]),
-               ("concat_top8", "concat_top8", sel["pca_top8_importance"])]
-    results = {}
-    for name, strategy, path in configs:
-        runs = []
-        for seed in args.seeds:
-            t0 = time.time()
-            ad = L.adapter(work, name, strategy, path, seed)
-            runs.append(L.run_nexus(ad, data, ev, work, f"q1-{name}-s{seed}", args.steps, seed,
-                                    batch=args.batch, seq_len=args.seq_len))
-            print(f"q1 {name} seed {seed}: domain ppl {runs[-1]['start']['domain_ppl']:.2f} -> "
-                  f"{runs[-1]['end']['domain_ppl']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-        results[name] = {"strategy": strategy, "runs": runs, "summary": summarize(runs)}
-    return results
+def pending(runs: list[tuple[str, float, int]], path: Path) -> list[tuple[str, float, int]]:
+    """The runs not yet in the results file, in order."""
+    done = done_keys(path)
+    return [r for r in runs if (r[0], float(r[1]), int(r[2])) not in done]
 
 
-def q2(args, work, data, stats, sel, ev):
-    common = dict(data=data, root=str(work), eval_num=args.eval_num, eval_len=args.seq_len, steps=args.steps,
-                  batch=args.batch, seq_len=args.seq_len)
-    ad = L.adapter(work, "pca_top8_importance", "pca_top8", sel["pca_top8_importance"], 0)
-    n_nexus = None
-    methods = [("nexus_frozen_router", "nexus", dict(adapter_dir=ad, train_router=False)),
-               ("nexus_trainable_router", "nexus", dict(adapter_dir=ad, train_router=True)),
-               ("lora", "lora", {}),
-               ("esft_top1", "esft", dict(per_layer=1, stats_path=str(stats))),
-               ("esft_top2", "esft", dict(per_layer=2, stats_path=str(stats)))]
-    results = {}
-    for name, fn, kw in methods:
-        runs = []
-        for seed in args.seeds:
-            t0 = time.time()
-            if fn == "nexus":
-                kw = {**kw, "tag": f"q2-{name}-s{seed}"}
-            if fn == "lora":
-                kw = dict(rank=L.lora_rank_for(n_nexus), stats_path=str(stats))
-            runs.append(L.isolated(fn, {**common, **kw, "seed": seed}))
-            print(f"q2 {name} seed {seed}: domain ppl {runs[-1]['start']['domain_ppl']:.2f} -> "
-                  f"{runs[-1]['end']['domain_ppl']:.2f}, {runs[-1]['trainable']:,} params "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-        n_nexus = n_nexus or runs[0]["trainable"]
-        results[name] = {"runs": runs, "summary": summarize(runs), **({"rank": runs[0]["rank"]} if fn == "lora" else {})}
-    return results
+def prepare(args, work: Path) -> dict:
+    """Data split, router statistics, selections, LoRA ranks, ESFT choices, FLOPs (cached in setup.json)."""
+    cache = work / "setup.json"
+    inputs = {k: getattr(args, k) for k in ("model", "domain_train", "domain_eval", "general_eval", "val_frac",
+                                            "stats_tokens", "esft_threshold", "seq_len")}
+    if cache.is_file():
+        setup = json.loads(cache.read_text())
+        if setup.get("inputs") != inputs:
+            raise SystemExit(f"{cache} was prepared for other inputs ({setup.get('inputs')}); use another --work")
+        return setup
+    fit, val = L.split_train_val(args.domain_train, work, args.val_frac)
+    data = {"domain_train": fit, "domain_val": val, "domain_eval": args.domain_eval, "general_eval": args.general_eval}
+    stats = L.router_stats(args.model, fit, work / "router_stats.safetensors", args.stats_tokens, args.seq_len)
+    base = L.load_base_model(args.model, dtype=torch.float32)
+    act = L.active_params(base)
+    n_nexus = L.nexus_param_count(args.model)
+    per_expert = act["experts"] // (len(L.find_blocks(base)) * L.find_blocks(base)[0].layout.num_experts)
+    per_layer = max(1, round(n_nexus / len(L.find_blocks(base)) / per_expert))
+    del base
+    setup = {"inputs": inputs, "data": data, "stats": str(stats), "active": act, "nexus_params": n_nexus,
+             "lora_rank": {k: L.lora_rank_for(args.model, n_nexus, experts=k == "lora-attn-experts")
+                           for k in ("lora-attn-experts", "lora-attn")},
+             "esft": {"esft": L.esft_choice(stats, threshold=args.esft_threshold),
+                      "esft-matched": L.esft_choice(stats, per_layer=per_layer)}}
+    cache.write_text(json.dumps(setup, indent=1))
+    return setup
 
 
-def q3(args, work, data, stats, sel, ev):
-    ref = dict(width=1, kl=1.0, k=8)
-    points = [("width", 1), ("width", 2), ("width", 4), ("kl", 0.0), ("kl", 1.0), ("kl", 4.0),
-              ("k", 4), ("k", 8), ("k", 16)]
-    done, results = {}, {}
-    for knob, value in points:
-        cfg = {**ref, knob: value}
-        key = (cfg["width"], cfg["kl"], cfg["k"])
-        if key not in done:
-            runs = []
-            for seed in args.seeds:
-                t0 = time.time()
-                name = f"pca_top{cfg['k']}_importance"
-                ad = L.adapter(work, f"{name}-w{cfg['width']}", f"pca_top{cfg['k']}", sel[name], seed, cfg["width"])
-                runs.append(L.run_nexus(ad, data, ev, work, f"q3-{knob}{value}-s{seed}", args.steps, seed,
-                                        kl_weight=cfg["kl"], batch=args.batch, seq_len=args.seq_len))
-                print(f"q3 {knob}={value} seed {seed}: domain ppl {runs[-1]['start']['domain_ppl']:.2f} -> "
-                      f"{runs[-1]['end']['domain_ppl']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-            done[key] = {"config": cfg, "runs": runs, "summary": summarize(runs)}
-        results[f"{knob}={value}"] = {"knob": knob, "value": value, **done[key]}
-    return results
+def start_key(method: str, seed: int) -> str:
+    """Runs whose step-0 model is the same: a NEXUS adapter (init, seed), whatever its lr or router; the
+    base model for every other method."""
+    if method.startswith("nexus"):
+        return f"{method.removesuffix('-router')}-s{seed}"
+    return "base"
 
 
-QUESTIONS = {1: q1, 2: q2, 3: q3}
+def cached_start(path: Path, method: str, seed: int, protocol: dict) -> dict | None:
+    """The step-0 scores of an earlier run with the same start_key and evaluation settings, if any."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else None
+        if r and start_key(r["method"], int(r["seed"])) == start_key(method, seed) and \
+                all(r.get("protocol", {}).get(k) == protocol[k] for k in ("seq_len", "eval_num")) and r["model"] == protocol["model"]:
+            return r["start"]
+    return None
 
 
-def _report():
-    import study_report  # imported late: a long run writes its JSON even if the report code changes meanwhile
+def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int) -> dict:
+    kw = dict(model=args.model, data=setup["data"], method=method, lr=lr, seed=seed, root=str(work),
+              tag=f"{method}-lr{lr:g}-s{seed}", eval_num=args.eval_num, val_num=args.val_num, batch=args.batch,
+              seq_len=args.seq_len, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
+              min_delta=args.min_delta)
+    if method.startswith("nexus"):
+        init = method[len("nexus-"):].removesuffix("-router")
+        k = L.init_top_k(init)
+        sel = L.selection(Path(setup["stats"]), work, k) if k else None
+        kw.update(adapter_dir=L.adapter(args.model, work, init, sel, seed), train_router=method.endswith("-router"))
+    elif method.startswith("lora"):
+        kw.update(kind=method, rank=setup["lora_rank"][method])
+    elif method.startswith("esft"):
+        kw.update(kind=method, chosen={int(k): v for k, v in setup["esft"][method].items()})
+    else:
+        kw.update(kind=method)
+    return kw
 
-    return study_report
 
+def main(argv: list[str] | None = None) -> None:
+    from nexus import demo_data
 
-def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--questions", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data order, random init)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, train and eval (default 128)")
-    p.add_argument("--eval-num", type=int, default=24, help="evaluation sequences per split (default 24)")
-    p.add_argument("--stats-tokens", type=int, default=40000, help="router-statistics tokens (default 40000)")
-    p.add_argument("--work", default=str(ROOT / "study_out"), help="work directory (adapters, runs, data)")
-    p.add_argument("--report", action="store_true", help="only rewrite docs/study.md and the plots")
-    args = p.parse_args()
+    p.add_argument("--model", default=str(demo_data.DEMO_MODEL_DIR), help="model directory (default: the demo model)")
+    p.add_argument("--domain-train", help="domain training JSONL (default: the demo's domain_train)")
+    p.add_argument("--domain-eval", help="domain held-out JSONL (default: the demo's domain_eval)")
+    p.add_argument("--general-eval", help="general held-out JSONL (default: the demo's general_eval)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", help="only these methods (names as in the docstring)")
+    p.add_argument("--nexus-inits", nargs="+", default=["random", "feature_top8", "pruned_top8", "pca_top8"])
+    p.add_argument("--router-init", default="random", help="init of the trainable-router NEXUS run (default random)")
+    p.add_argument("--esft-threshold", type=float, default=0.3, help="ESFT cumulative token share (default 0.3)")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=25, help="steps between validation evaluations")
+    p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    p.add_argument("--min-delta", type=float, default=1e-3, help="improvement (nats) that counts (default 1e-3)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="domain_train documents held out for validation")
+    p.add_argument("--val-num", type=int, help="validation sequences (default: all of the slice)")
+    p.add_argument("--eval-num", type=int, help="evaluation sequences per split (default: all)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--stats-tokens", type=int, default=100000)
+    p.add_argument("--work", default="/tmp/nexus-study", help="adapters, data split, statistics")
+    p.add_argument("--out", default=str(ROOT / "docs" / "study"), help="results.jsonl and the report")
+    p.add_argument("--doc", help="also write the report as this markdown file (e.g. docs/study.md)")
+    p.add_argument("--no-isolate", action="store_true", help="run in this process (RSS is then cumulative)")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    p.add_argument("--report", action="store_true", help="only rewrite the report from results.jsonl")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    for split in ("domain_train", "domain_eval", "general_eval"):
+        if getattr(args, split) is None:
+            setattr(args, split, str(Path(args.work) / "data" / f"{split}.jsonl"))
+            if not Path(getattr(args, split)).is_file():
+                Path(getattr(args, split)).parent.mkdir(parents=True, exist_ok=True)
+                demo_data.write_split(split, getattr(args, split))
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    DOCS.mkdir(parents=True, exist_ok=True)
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    command = "python benchmarks/study.py " + " ".join(shlex.quote(a) for a in argv)
     if not args.report:
-        work, data, stats, sel = setup(args)
-        ev = L.Evaluator(data, args.eval_num, args.seq_len)
-        for q in args.questions:
+        t_setup = time.time()
+        setup = prepare(args, work)
+        print(f"setup {time.time() - t_setup:.0f}s: NEXUS trainable {setup['nexus_params']:,}, LoRA ranks "
+              f"{setup['lora_rank']}, ESFT experts/layer "
+              f"{ {k: [len(v) for v in c.values()] for k, c in setup['esft'].items()} }", flush=True)
+        grid = [(m, lr, s) for s in args.seeds for m in methods(args) for lr in args.lrs]
+        todo = pending(grid, results)
+        print(f"{len(grid)} runs, {len(grid) - len(todo)} already in {results}", flush=True)
+        for method, lr, seed in todo:
             t0 = time.time()
-            res = QUESTIONS[q](args, work, data, stats, sel, ev)
-            meta = {"question": q, "args": {k: v for k, v in vars(args).items() if k != "work"},
-                    "seconds": time.time() - t0, "torch": torch.__version__, "threads": torch.get_num_threads()}
-            (DOCS / f"results_q{q}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-            print(_report().table(q, res))
-    path = _report().write_report(DOCS, ROOT / "docs" / "study.md")
-    print(f"wrote {path}")
+            kw = run_kwargs(args, setup, work, method, lr, seed)
+            kw["start"] = cached_start(results, method, seed, {"seq_len": args.seq_len, "eval_num": args.eval_num,
+                                                               "model": args.model})
+            res = L.run_one(kw) if args.no_isolate else L.isolated(kw)
+            added = setup["nexus_params"] if method.startswith("nexus") else 0
+            row = {"method": method, "lr": lr, "seed": seed, "model": args.model, "command": command,
+                   "flops_per_token": L.flops_per_token(setup["active"]["active"], added),
+                   "active_params": setup["active"]["active"] + added, "seconds": time.time() - t0,
+                   "start_scores": "reused" if kw["start"] else "measured",
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
+                                                              "val_frac", "batch", "seq_len", "eval_num", "val_num")},
+                   **res}
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            s, e = res["start"], res["end"]
+            print(f"{method} lr {lr:g} seed {seed}: {res['steps']} steps (best {res['best_step']}, "
+                  f"{res['stopped']}), domain loss {s['base_domain_loss']:.4f} -> {e['domain_loss']:.4f}, general "
+                  f"{s['base_general_loss']:.4f} -> {e['general_loss']:.4f}, {res['trainable']:,} params, "
+                  f"{res['step_s'] * 1e3 if res['step_s'] else math.nan:.0f} ms/step, RSS {res['rss_mib']:.0f} MiB, "
+                  f"scored on {res['eval_tokens']['domain']:,} domain / {res['eval_tokens']['general']:,} general "
+                  f"tokens "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    import study_report
+
+    print(study_report.write_report(results, out, Path(args.doc) if args.doc else None,
+                                    report_command=command if args.report else None))
 
 
 if __name__ == "__main__":

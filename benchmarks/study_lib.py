@@ -1,7 +1,10 @@
-"""Helpers of benchmarks/study.py: router statistics once, adapters, and one training run per method.
+"""Helpers of benchmarks/study.py: data split, router statistics, adapters, the methods' models, the
+plateau stopping rule, the FLOPs formula, and one training run per (method, learning rate, seed).
 
-Every method trains on the same stream of domain batches (nexus.stream, the Trainer's own data
-order for a seed) with the same loss, CE + kl_weight × T² × KL(base ‖ model at T), and is scored by
+Every method trains on the same stream of domain batches for a seed (nexus.stream, the Trainer's own
+data order), with the same loss, CE + kl_weight × T² × KL(base ‖ model at T), AdamW, linear warmup over
+10 % of --max-steps then a constant learning rate, gradient clipping at 1.0; NEXUS through the library's
+Trainer, the others through `run_custom`, which mirrors it. Every run is scored by
 nexus.validate.metrics.evaluate against one frozen copy of the base model.
 """
 
@@ -11,6 +14,8 @@ import contextlib
 import io
 import json
 import logging
+import math
+import re
 import resource
 import statistics
 import subprocess
@@ -21,96 +26,290 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nexus import demo_data
 from nexus.base.loader import load_base_model
 from nexus.data import load_tokenizer
 from nexus.validate.core import batches, sequences
 
-MODEL = str(demo_data.DEMO_MODEL_DIR)
 TEMPERATURE = 2.0  # TrainConfig's default distillation temperature, used by every method here
-LR = 1e-3  # the demo config's learning rate, used by every method here
+ALL = 10 ** 12  # "every sequence" for nexus.validate.core.sequences
 
 
-def write_data(root: Path) -> dict[str, str]:
-    """The demo corpus splits as JSONL under root/data (written once)."""
-    out = {}
-    for split in demo_data.SPLITS:
-        path = root / "data" / f"{split}.jsonl"
-        if not path.is_file():
-            demo_data.write_split(split, path)
-        out[split] = str(path)
-    return out
+# ------------------------------------------------------------------------------------------ data, stats
+def split_train_val(domain_train: str, root: Path, val_frac: float) -> tuple[str, str]:
+    """domain_train's JSONL lines cut in two: the last `val_frac` of the documents (at least one) are the
+    validation slice of the stopping rule, the rest is what every method trains on (written once)."""
+    train, val = root / "data" / "domain_train_fit.jsonl", root / "data" / "domain_train_val.jsonl"
+    if not (train.is_file() and val.is_file()):
+        lines = [ln for ln in Path(domain_train).read_text().splitlines() if ln.strip()]
+        n_val = max(1, round(val_frac * len(lines)))
+        if n_val >= len(lines):
+            raise SystemExit(f"--domain-train {domain_train}: {len(lines)} documents, too few to hold out {n_val}")
+        train.parent.mkdir(parents=True, exist_ok=True)
+        train.write_text("\n".join(lines[:-n_val]) + "\n")
+        val.write_text("\n".join(lines[-n_val:]) + "\n")
+    return str(train), str(val)
 
 
-def router_stats(root: Path, data: dict, tokens: int) -> Path:
-    """`nexus collect` on the domain training split, run once (skipped when the file exists)."""
-    out = root / "router_stats.safetensors"
+def router_stats(model: str, dataset: str, out: Path, tokens: int, seq_len: int) -> Path:
+    """`nexus collect` on the domain training part, run once (skipped when the file exists)."""
     if not out.is_file():
-        subprocess.run([sys.executable, "-m", "nexus", "collect", "--model", MODEL, "--dataset",
-                        data["domain_train"], "--output", str(out), "--target-tokens", str(tokens),
-                        "--seq-len", "256", "--batch-size", "16", "--device", "cpu"], check=True,
-                       stdout=subprocess.DEVNULL)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "nexus", "collect", "--model", model, "--dataset", dataset,
+                        "--output", str(out), "--target-tokens", str(tokens), "--seq-len", str(seq_len),
+                        "--batch-size", "16", "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
-def selection(stats_path: Path, root: Path, name: str, top_k: int, importance: str, weights: str) -> Path:
-    """A pca_stats.json from `nexus.stats.analyze` (the analyze stage, without plots)."""
+def selection(stats_path: Path, root: Path, top_k: int) -> Path:
+    """A pca_stats.json from `nexus.stats.analyze` (PCA ranking, importance weights), as `nexus analyze`."""
     from nexus.stats.accumulate import RouterStats
     from nexus.stats.analyze import analyze_stats
 
-    out = root / "stats" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stats, _ = RouterStats.load(stats_path)
-    out.write_text(json.dumps(analyze_stats(stats, top_k, importance, merge_weights=weights), indent=1))
+    out = root / "stats" / f"top{top_k}.json"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stats, _ = RouterStats.load(stats_path)
+        out.write_text(json.dumps(analyze_stats(stats, top_k, "pca", merge_weights="importance"), indent=1))
     return out
 
 
-def uniform_selection(template: Path, root: Path) -> Path:
-    """A hand-made pca_stats.json: every expert of every layer, equal weights (uniform average)."""
-    stats = json.loads(template.read_text())
-    n = stats["num_experts"]
-    layers = {k: {"selected_experts": list(range(n)), "weights": [1.0 / n] * n} for k in stats["layers"]}
-    out = root / "stats" / "uniform_all.json"
-    out.write_text(json.dumps({"format": "nexus-pca-stats", "version": 1, "num_experts": n, "layers": layers}))
-    return out
+def init_top_k(init: str) -> int | None:
+    """8 for "pca_top8"; None for inits that read no expert ("random", "zero")."""
+    m = re.search(r"_top(\d+)$", init)
+    return int(m.group(1)) if m else None
 
 
-def adapter(root: Path, name: str, strategy: str, stats: Path | None, seed: int, width: int | None = None) -> str:
-    """`nexus convert` of the demo model into root/adapters/NAME-sSEED (reused when present)."""
+def adapter(model: str, root: Path, init: str, stats: Path | None, seed: int) -> str:
+    """`nexus convert --init-strategy INIT` of the model into root/adapters/INIT-sSEED (reused when present)."""
     from nexus.convert.core import convert
 
-    out = root / "adapters" / f"{name}-s{seed}"
+    out = root / "adapters" / f"{init}-s{seed}"
     if not (out / "nexus_config.json").is_file():
         with contextlib.redirect_stdout(io.StringIO()):
-            convert(MODEL, out, strategy, pca_stats=str(stats) if stats else None, width_multiplier=width,
-                    seed=seed, overwrite=True, log=lambda *a, **k: None)
+            convert(model, str(out), init, pca_stats=str(stats) if stats else None, seed=seed, overwrite=True,
+                    log=lambda *a, **k: None)
     return str(out)
 
 
-class Evaluator:
-    """Fixed evaluation sequences of each split and one frozen base model as the reference."""
+# ------------------------------------------------------------------------------------ pure rules (tested)
+class Plateau:
+    """Early stopping: `update(loss)` after each evaluation; `stop` once the loss has not improved on the
+    best by more than `min_delta` for `patience` evaluations in a row. `improved` says whether the last
+    update set a new best (the checkpoint to keep)."""
 
-    def __init__(self, data: dict, num: int, seq_len: int, batch_size: int = 8):
-        self.tok = load_tokenizer(MODEL)
-        self.base = load_base_model(MODEL, dtype=torch.float32).eval()
-        self.seqs = {name: sequences(data[f"{name}_eval"], self.tok, seq_len, num, packed=True)
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.bad, self.improved = math.inf, 0, False
+
+    def update(self, loss: float) -> bool:
+        self.improved = loss < self.best - self.min_delta
+        if self.improved:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+        return self.stop
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
+
+
+def active_params(model) -> dict[str, int]:
+    """{total, embedding, experts, active}: parameters read per token at inference. Input embeddings are a
+    lookup (not counted); each MoE layer's routed experts count at top_k / num_experts of their size;
+    everything else (attention, norms, routers, LM head) counts fully."""
+    from nexus.moe import find_moe_blocks
+
+    cfg = model.config
+    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_topk", None)
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    experts, active_experts = 0, 0.0
+    for b in find_moe_blocks(model):
+        n = sum(p.numel() for p in b.experts.parameters())
+        e = b.layout.num_experts
+        experts += n
+        active_experts += n * k / e
+    return {"total": total, "embedding": emb, "experts": experts,
+            "active": int(round(total - emb - experts + active_experts))}
+
+
+def flops_per_token(active: int, added: int = 0) -> int:
+    """Inference FLOPs per token: 2 × active parameters, plus 2 × the parameters a method adds to every
+    token's path (NEXUS: its always-on shared experts, all layers; merged LoRA, ESFT, full-moe: 0)."""
+    return 2 * (active + added)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def nexus_param_count(model: str) -> int:
+    """Parameters of NEXUS's shared experts at width 1× (all MoE layers), without converting."""
+    from nexus.shared import SHARED_NAME, attach_shared_experts
+
+    m = load_base_model(model, dtype=torch.float32)
+    attach_shared_experts(m, init="zero")
+    return sum(p.numel() for n, p in m.named_parameters() if SHARED_NAME in n)
+
+
+LORA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # GPT-OSS's fused expert tensors
+
+
+def lora_model(model: str, rank: int, experts: bool):
+    """PEFT LoRA on attention q/k/v/o, and with `experts` on the fused expert weights (`target_parameters`)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(model, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_ATTN,
+                     **({"target_parameters": LORA_EXPERTS} if experts else {}))
+    return get_peft_model(base, cfg)
+
+
+def lora_rank_for(model: str, target: int, experts: bool) -> int:
+    """The LoRA rank whose trainable-parameter count is closest to `target` (the count is linear in r)."""
+    def count(r):
+        return sum(p.numel() for p in lora_model(model, r, experts).parameters() if p.requires_grad)
+
+    c1, c2 = count(1), count(2)
+    return max(1, round((target - (2 * c1 - c2)) / (c2 - c1)))
+
+
+def esft_choice(stats_path: Path, threshold: float | None = None, per_layer: int | None = None) -> dict[int, list[int]]:
+    """ESFT's token-share selection from the router statistics: per layer the routed experts with the
+    highest share of routed (top-k) tokens, taken in that order until their cumulative share reaches
+    `threshold`, or exactly `per_layer` of them."""
+    from nexus.stats.accumulate import RouterStats
+
+    stats, _ = RouterStats.load(stats_path)
+    out = {}
+    for layer, sums in stats.sums.items():
+        share = sums["topk_count"].double()
+        share = share / share.sum()
+        order = torch.argsort(share, descending=True, stable=True)
+        if per_layer is None:
+            cum = torch.cumsum(share[order], 0)
+            n = int((cum < threshold - 1e-12).sum()) + 1
+        else:
+            n = per_layer
+        out[int(layer)] = order[:n].tolist()
+    return out
+
+
+class SliceDelta(torch.nn.Module):
+    """Parametrization of a fused expert tensor (E, ...): the frozen base plus a trainable delta for the
+    chosen experts only (index_add into their slices), so the trained experts are their own parameters."""
+
+    def __init__(self, idx: list[int], like: torch.Tensor):
+        super().__init__()
+        self.register_buffer("idx", torch.tensor(idx, dtype=torch.long))
+        self.delta = torch.nn.Parameter(torch.zeros(len(idx), *like.shape[1:], dtype=like.dtype))
+
+    def forward(self, w):
+        return w.index_add(0, self.idx, self.delta)
+
+
+def esft_model(model: str, chosen: dict[int, list[int]]):
+    """ESFT: the chosen experts of each layer are split out as their own trainable tensors (SliceDelta on
+    each fused expert tensor); every base weight stays frozen, so gradients and AdamW state exist for the
+    chosen experts only. Returns (model, trainable count)."""
+    from torch.nn.utils import parametrize
+
+    from nexus.moe import find_moe_blocks
+
+    m = load_base_model(model, dtype=torch.float32)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for b in find_moe_blocks(m):
+        for name, p in list(b.experts.named_parameters(recurse=False)):
+            parametrize.register_parametrization(b.experts, name, SliceDelta(chosen[b.layer], p))
+    m.nexus_study_source = model  # merged() rebuilds a plain copy from it
+    return m, sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def merged(model):
+    """A plain copy of `model` for scoring: PEFT LoRA merged; for ESFT a fresh base with the split-out
+    experts written back into their slices (a parametrized model is not deep-copied: the copy would share
+    its parametrization registry)."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from nexus.moe import find_moe_blocks
+
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    plain = load_base_model(model.nexus_study_source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for b, pb in zip(find_moe_blocks(model), find_moe_blocks(plain)):
+            for name in b.experts.parametrizations:
+                getattr(pb.experts, name).copy_(getattr(b.experts, name))
+    return plain
+
+
+def full_moe_model(model: str):
+    """Every MoE layer's routed experts and router train; attention, norms, embeddings stay frozen."""
+    from nexus.moe import find_moe_blocks
+
+    m = load_base_model(model, dtype=torch.float32)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for b in find_moe_blocks(m):
+        for p in list(b.experts.parameters()) + list(b.router.parameters()):
+            p.requires_grad_(True)
+    return m, sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+class Evaluator:
+    """Every packed sequence of domain_eval and general_eval (or the first `num`), the validation slice,
+    and one frozen base model as the reference and the teacher of the custom methods."""
+
+    def __init__(self, model: str, data: dict, seq_len: int, num: int | None = None, val_num: int | None = None,
+                 batch_size: int = 8):
+        self.tok = load_tokenizer(model)
+        self.base = load_base_model(model, dtype=torch.float32).eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.seqs = {name: sequences(data[f"{name}_eval"], self.tok, seq_len, num or ALL, packed=True)
                      for name in ("domain", "general")}
+        self.val = sequences(data["domain_val"], self.tok, seq_len, val_num or ALL, packed=True)
         self.batch_size = batch_size
 
-    def __call__(self, model) -> dict:
-        """{domain_ppl, general_ppl, domain_kl, general_kl, base_domain_ppl, base_general_ppl}."""
-        import copy
+    def tokens(self) -> dict[str, int]:
+        """Predicted tokens per split (seq_len - 1 per packed sequence)."""
+        out = {k: sum(len(s) - 1 for s in v) for k, v in self.seqs.items()}
+        out["val"] = sum(len(s) - 1 for s in self.val)
+        return out
 
+    @torch.no_grad()
+    def val_loss(self, model) -> float:
+        """Mean next-token cross-entropy (nats) of `model` on the validation slice."""
+        was = model.training
+        model.eval()
+        nll, n = 0.0, 0
+        for ids, mask in batches(self.val, self.batch_size, self.tok.pad_token_id):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
+            n += int((tgt != -100).sum())
+        model.train(was)
+        return nll / n
+
+    def __call__(self, model) -> dict:
+        """{domain_loss, general_loss, base_domain_loss, base_general_loss (nats/token), *_ppl, *_kl, tokens}."""
         from nexus.validate.metrics import evaluate
 
-        if hasattr(model, "merge_and_unload"):  # PEFT: score a merged copy (the MoE hooks need plain modules)
-            model = copy.deepcopy(model).merge_and_unload()
-
+        model = merged(model)  # PEFT and ESFT: a plain copy (the MoE hooks need plain modules)
+        was = model.training
+        model.eval()
         out = {}
         for name, seqs in self.seqs.items():
             s = evaluate(model, batches(seqs, self.batch_size, self.tok.pad_token_id), baseline=self.base).summary()
-            out.update({f"{name}_ppl": s["perplexity"], f"{name}_kl": s["kl"],
-                        f"base_{name}_ppl": s["baseline_perplexity"]})
+            out.update({f"{name}_ppl": s["perplexity"], f"{name}_kl": s["kl"], f"base_{name}_ppl": s["baseline_perplexity"],
+                        f"{name}_loss": math.log(s["perplexity"]), f"base_{name}_loss": math.log(s["baseline_perplexity"]),
+                        f"{name}_tokens": s["tokens"]})
+        model.train(was)
         return out
 
 
@@ -119,9 +318,41 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, steps: int, seed: int,
-              kl_weight: float = 1.0, train_router: bool = False, batch: int = 8, seq_len: int = 128) -> dict:
-    """NEXUS: the library's Trainer on the adapter, `steps` optimizer steps; metrics at step 0 and the end."""
+# ------------------------------------------------------------------------------------------- training
+def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_every: int, patience: int,
+          min_delta: float) -> dict:
+    """Train with `step_fn(step)` until the validation loss plateaus (Plateau) or max_steps; the trainable
+    parameters end at their best-validation values. Returns the run's training record."""
+    rule = Plateau(patience, min_delta)
+    rule.update(ev.val_loss(model))
+    best = [p.detach().clone() for p in params]
+    best_step, curve, times, losses, step, val_s = 0, [(0, rule.best)], [], [], 0, []
+    while step < max_steps and not rule.stop:
+        t0 = time.perf_counter()
+        losses.append(step_fn(step))
+        times.append(time.perf_counter() - t0)
+        step += 1
+        if step % eval_every == 0 or step == max_steps:
+            t0 = time.perf_counter()
+            v = ev.val_loss(model)
+            val_s.append(time.perf_counter() - t0)
+            curve.append((step, v))
+            rule.update(v)
+            if rule.improved:
+                best, best_step = [p.detach().clone() for p in params], step
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+    return {"steps": step, "best_step": best_step, "best_val_loss": rule.best, "val_curve": curve,
+            "step_s": statistics.median(times) if times else None, "train_loss": losses,
+            "val_eval_s": statistics.median(val_s) if val_s else None,
+            "stopped": "plateau" if rule.stop else "max_steps"}
+
+
+def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, lr: float, seed: int,
+              start: dict | None = None, train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
+              max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
+    """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus."""
     import shutil
 
     from nexus.train.config import TrainConfig
@@ -130,163 +361,119 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
     out = root / "runs" / tag
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(student_model=adapter_dir, dataset=data["domain_train"], output_dir=str(out), seq_len=seq_len,
-                      batch_size=batch, max_steps=steps, learning_rate=LR, seed=seed, kl_weight=kl_weight,
+                      batch_size=batch, max_steps=max_steps, learning_rate=lr, seed=seed, kl_weight=kl_weight,
                       temperature=TEMPERATURE, freeze_router=not train_router, checkpoint_interval=10 ** 9,
                       logging_steps=10 ** 9, device="cpu")
     trainer = Trainer(cfg)
     trainer.setup()
-    start = ev(trainer.model)
-    times, losses = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        row = trainer.train_step()
-        times.append(time.perf_counter() - t0)
-        losses.append(row["loss"])
+    start = start or ev(trainer.model)  # step 0 depends on the adapter only: the caller may pass it
+    params = trainer.params.params
+
+    def step_fn(_step):
+        return trainer.train_step()["loss"]
+
+    rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta)
+    t0 = time.perf_counter()
     end = ev(trainer.model)
+    rec["eval_s"] = time.perf_counter() - t0
     n = trainer.params.numel()
     trainer.cleanup()
-    return {"start": start, "end": end, "trainable": n, "step_s": statistics.median(times), "loss": losses,
-            "rss_mib": rss_mib()}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec}
 
 
-def _kd_loss(logits, teacher, ids, kl_weight):  # logits, teacher (B, L, V); ids (B, L)
+def _kd_loss(logits, teacher, ids, mask, kl_weight):  # logits, teacher (B, L, V); ids, mask (B, L)
     logits, teacher = logits[:, :-1].float(), teacher[:, :-1].float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
+    lg, tg = logits.reshape(-1, logits.shape[-1])[keep], teacher.reshape(-1, teacher.shape[-1])[keep]
+    loss = F.cross_entropy(lg, ids[:, 1:].reshape(-1)[keep])
     if kl_weight:
         t = TEMPERATURE
-        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+        kl = F.kl_div(F.log_softmax(lg / t, -1), F.log_softmax(tg / t, -1), log_target=True,
                       reduction="none").sum(-1).mean()
         loss = loss + kl_weight * t * t * kl
     return loss
 
 
-def lora_model(rank: int):
-    """The demo model with PEFT LoRA on attention q/k/v/o and the fused expert weights (`target_parameters`)."""
-    from peft import LoraConfig, get_peft_model
-
-    base = load_base_model(MODEL, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    return get_peft_model(base, cfg)
-
-
-def lora_rank_for(target: int) -> int:
-    """The LoRA rank whose trainable-parameter count is closest to `target` (count is linear in r)."""
-    count = lambda r: sum(p.numel() for p in lora_model(r).parameters() if p.requires_grad)  # noqa: E731
-    c1, c2 = count(1), count(2)
-    return max(1, round((target - (2 * c1 - c2)) / (c2 - c1)))
-
-
-def esft_model(stats_path: Path, per_layer: int):
-    """ESFT-style: only the `per_layer` most-used routed experts of each layer train (by routed top-k
-    share in the same router statistics); the other experts' slices get a zero gradient mask."""
-    from nexus.moe import find_moe_blocks
-    from nexus.stats.accumulate import RouterStats
-
-    stats, _ = RouterStats.load(stats_path)
-    model = load_base_model(MODEL, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    chosen, count = {}, 0
-    for b in find_moe_blocks(model):
-        freq = stats.sums[b.layer]["topk_count"].float()  # (E,)
-        top = torch.argsort(freq, descending=True, stable=True)[:per_layer]
-        chosen[b.layer] = top.tolist()
-        experts = b.block.experts
-        for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-            p = getattr(experts, name)
-            mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))  # (E, 1, ...): broadcast over the slice
-            mask[top] = 1.0
-            p.requires_grad_(True)
-            p.register_hook(lambda g, m=mask: g * m)
-            count += p[0].numel() * per_layer
-    return model, chosen, count
-
-
-def run_custom(kind: str, data: dict, ev: Evaluator, steps: int, seed: int, stats_path: Path, rank: int = 1,
-               per_layer: int = 1, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128) -> dict:
-    """LoRA or ESFT on the Trainer's data stream with the same loss, AdamW, warmup and clipping."""
+def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, seed: int, start: dict | None = None,
+               rank: int = 1,
+               chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
+               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
+    """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
+    Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping."""
     from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
 
     torch.manual_seed(seed)
-    tok = load_tokenizer(MODEL)
     extra = {}
-    if kind == "lora":
-        model = lora_model(rank)
-        teacher_ctx = model.disable_adapter
+    if kind.startswith("lora"):
+        model = lora_model(model_dir, rank, experts=kind == "lora-attn-experts")
         extra["rank"] = rank
+    elif kind.startswith("esft"):
+        model, _ = esft_model(model_dir, {int(k): v for k, v in chosen.items()})
+        extra["experts"] = chosen
+        extra["memory_split"] = True
+    elif kind == "full-moe":
+        model, _ = full_moe_model(model_dir)
     else:
-        model, extra["experts"], n = esft_model(stats_path, per_layer)
-        teacher_ctx = lambda: contextlib.nullcontext()  # noqa: E731
-    teacher_model = ev.base if kind == "esft" else model
+        raise ValueError(kind)
     params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "lora":
-        n = sum(p.numel() for p in params)
-    stream = SequenceStream(build_sequences(DataSpec(data["domain_train"], seq_len=seq_len, seed=seed), tok), seed)
+    n = sum(p.numel() for p in params)
+    stream = SequenceStream(build_sequences(DataSpec(data["domain_train"], seq_len=seq_len, seed=seed), ev.tok), seed)
     layout = StepLayout(batch)
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    warmup = max(1, round(0.1 * steps))  # TrainConfig's default: linear warmup over 10 % of the steps
-    start = ev(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, round(0.1 * max_steps))
+    start = start or ev(model)  # step 0 is the base model for every custom method: the caller may pass it
     model.train()
-    times, losses = [], []
-    for step in range(steps):
-        t0 = time.perf_counter()
+
+    def step_fn(step):
         ids, mask = trim_padding(*stream.batch(layout.positions(step, 0, 0)))
-        with torch.no_grad(), teacher_ctx():
-            teacher = teacher_model(input_ids=ids, attention_mask=mask).logits
-        loss = _kd_loss(model(input_ids=ids, attention_mask=mask).logits, teacher, ids, kl_weight)
+        with torch.no_grad():
+            teacher = ev.base(input_ids=ids, attention_mask=mask).logits if kl_weight else None
+        loss = _kd_loss(model(input_ids=ids, attention_mask=mask).logits, teacher, ids, mask, kl_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = LR * min(1.0, (step + 1) / warmup)
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
+        return float(loss.detach())
+
+    rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta)
+    t0 = time.perf_counter()
     end = ev(model)
-    return {"start": start, "end": end, "trainable": n, "step_s": statistics.median(times), "loss": losses,
-            "rss_mib": rss_mib(), **extra}
+    rec["eval_s"] = time.perf_counter() - t0
+    return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec, **extra}
 
 
-def isolated(fn_name: str, kwargs: dict) -> dict:
-    """Run study_lib.FN(**kwargs) in a fresh interpreter so ru_maxrss is that run's own peak."""
+# ------------------------------------------------------------------------------------------ processes
+def isolated(kwargs: dict) -> dict:
+    """run_one(**kwargs) in a fresh interpreter so ru_maxrss is that run's own peak."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_call, (fn_name, kwargs))
+        return pool.apply(run_one, (kwargs,))
 
 
-def _call(fn_name: str, kwargs: dict) -> dict:
+def run_one(kw: dict) -> dict:
+    """One (method, lr, seed) run from plain arguments (picklable): loads its own Evaluator."""
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    data, root = kwargs.pop("data"), Path(kwargs.pop("root"))
-    ev = Evaluator(data, kwargs.pop("eval_num"), kwargs.pop("eval_len"))
+    kw = dict(kw)
+    data, model_dir, method = kw.pop("data"), kw.pop("model"), kw.pop("method")
+    ev = Evaluator(model_dir, data, kw["seq_len"], kw.pop("eval_num"), kw.pop("val_num"))
     rss0 = rss_mib()
-    if fn_name == "nexus":
-        res = run_nexus(kwargs.pop("adapter_dir"), data, ev, root, **kwargs)
+    if method.startswith("nexus"):
+        res = run_nexus(kw.pop("adapter_dir"), data, ev, Path(kw.pop("root")), kw.pop("tag"), **kw)
     else:
-        res = run_custom(fn_name, data, ev, stats_path=Path(kwargs.pop("stats_path")), **kwargs)
+        kw.pop("root"), kw.pop("tag"), kw.pop("adapter_dir", None)
+        res = run_custom(kw.pop("kind"), model_dir, data, ev, **kw)
     res["rss_before_mib"] = rss0
+    res["eval_tokens"] = ev.tokens()
     return res
 
 
-def zero_init_grads(seq_len: int = 64) -> dict[str, float]:
-    """Max |gradient| of each zero-initialized shared-expert tensor (over layers) after one LM backward."""
-    from nexus.shared import attach_shared_experts
+def find_blocks(model):
+    from nexus.moe import find_moe_blocks
 
-    torch.manual_seed(0)
-    model = load_base_model(MODEL, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    attach_shared_experts(model, init="zero")
-    shared = {n: p for n, p in model.named_parameters() if "nexus_shared_expert" in n}
-    for p in shared.values():
-        p.requires_grad_(True)
-    ids = torch.randint(0, model.config.vocab_size, (2, seq_len))
-    model(input_ids=ids, labels=ids).loss.backward()
-    out: dict[str, float] = {}
-    for n, p in shared.items():
-        key = n.rsplit(".", 1)[-1]
-        out[key] = max(out.get(key, 0.0), float(p.grad.abs().max()))
-    return out
+    return find_moe_blocks(model)

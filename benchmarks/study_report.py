@@ -1,191 +1,213 @@
-"""Tables, plots and docs/study.md of benchmarks/study.py, from docs/study/results_qN.json only."""
+"""The report of benchmarks/study.py from its results.jsonl only: per method a Pareto curve (domain gain %
+against general loss change %, one point per learning rate, mean over seeds with min–max bars) as
+pareto.png, and report.md with the best domain gain at a general loss increase under --max-general
+percent per method. Every figure comes from the results file; nothing is typed in.
+
+    PYTHONPATH=src python benchmarks/study_report.py --results docs/study/results.jsonl --out docs/study \
+        --doc docs/study.md
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import statistics
+import sys
+from collections import defaultdict
 from pathlib import Path
 
-TITLES = {1: "Init strategies", 2: "NEXUS against other fine-tuning methods", 3: "Sensitivity"}
+MAX_GENERAL = 5.0  # % general loss increase allowed for the headline figure
 
 
-def _pm(v, digits=2):
-    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+def load(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _pct(new, old):
-    return 100.0 * (new - old) / old
+def gains(row: dict) -> tuple[float, float]:
+    """(domain gain %, general loss change %), both relative to the base model's loss on the same split:
+    gain = 100 (base − after) / base on domain_eval, change = 100 (after − base) / base on general_eval."""
+    s, e = row["start"], row["end"]
+    return (100.0 * (s["base_domain_loss"] - e["domain_loss"]) / s["base_domain_loss"],
+            100.0 * (e["general_loss"] - s["base_general_loss"]) / s["base_general_loss"])
 
 
-def table(q: int, res: dict) -> str:
-    """The markdown table of question q."""
-    if q == 1:
-        lines = ["| init | trainable | KL domain @0 | domain ppl @0 | general ppl @0 | KL domain @end | "
-                 "domain ppl @end | general ppl @end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, r in res.items():
-            s = r["summary"]
-            lines.append(f"| {name} | {int(s['trainable']):,} | {_pm(s['start_domain_kl'], 4)} | "
-                         f"{_pm(s['start_domain_ppl'])} | {_pm(s['start_general_ppl'])} | {_pm(s['end_domain_kl'], 4)} | "
-                         f"{_pm(s['end_domain_ppl'])} | {_pm(s['end_general_ppl'])} |")
-    elif q == 2:
-        lines = ["| method | trainable | domain ppl @0 → @end | domain gained | general ppl @end | general lost | "
-                 "median step (ms) | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # step, RSS: medians
-        for name, r in res.items():
-            s = r["summary"]
-            base_d, base_g = s["start_base_domain_ppl"][0], s["start_base_general_ppl"][0]
-            label = name + (f" (r={r['rank']})" if "rank" in r else "")
-            lines.append(f"| {label} | {int(s['trainable']):,} | {s['start_domain_ppl'][0]:.2f} → "
-                         f"{_pm(s['end_domain_ppl'])} | {-_pct(s['end_domain_ppl'][0], base_d):+.2f} % | "
-                         f"{_pm(s['end_general_ppl'])} | {_pct(s['end_general_ppl'][0], base_g):+.2f} % | "
-                         f"{s['step_s'] * 1e3:.0f} | {s['rss_mib']:.0f} |")
-    else:
-        lines = ["| knob | value | trainable | domain ppl @0 | domain ppl @end | general ppl @end | KL domain @end |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in res.values():
-            s = r["summary"]
-            lines.append(f"| {r['knob']} | {r['value']} | {int(s['trainable']):,} | {s['start_domain_ppl'][0]:.2f} | "
-                         f"{s['end_domain_ppl'][0]:.2f} | {s['end_general_ppl'][0]:.2f} | {s['end_domain_kl'][0]:.4f} |")
+def _stats(vals: list[float]) -> dict:
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def points(rows: list[dict]) -> dict[str, dict[float, dict]]:
+    """{method: {lr: {domain, general (stats over seeds), per_seed {seed: (domain, general)}, rows}}}."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[r["method"]][float(r["lr"])].append(r)
+    out = {}
+    for m, lrs in by.items():
+        out[m] = {}
+        for lr, rs in sorted(lrs.items()):
+            g = {int(r["seed"]): gains(r) for r in rs}
+            out[m][lr] = {"domain": _stats([v[0] for v in g.values()]), "general": _stats([v[1] for v in g.values()]),
+                          "per_seed": g, "rows": rs}
+    return out
+
+
+def best_under(pts: dict[str, dict[float, dict]], max_general: float = MAX_GENERAL) -> dict[str, tuple[float, dict]]:
+    """Per method the learning rate with the highest mean domain gain among those whose mean general loss
+    change is below `max_general` %; methods with no such point are left out."""
+    out = {}
+    for m, lrs in pts.items():
+        ok = [(lr, p) for lr, p in lrs.items() if p["general"]["mean"] < max_general]
+        if ok:
+            out[m] = max(ok, key=lambda t: t[1]["domain"]["mean"])
+    return out
+
+
+def separation(a: dict, b: dict) -> dict:
+    """Point a against point b: paired (same seeds) mean difference of domain gain, and whether the two
+    methods' per-seed ranges (min–max over seeds) do not overlap ("exceeds the seed spread")."""
+    seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]))
+    diffs = [a["per_seed"][s][0] - b["per_seed"][s][0] for s in seeds]
+    da, db = a["domain"], b["domain"]
+    apart = da["min"] > db["max"] or db["min"] > da["max"]
+    return {"paired_diff": statistics.mean(diffs) if diffs else None, "seeds": len(seeds),
+            "exceeds_spread": apart and len(seeds) > 1}
+
+
+def plot(pts: dict, path: Path, max_general: float = MAX_GENERAL) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg canvas via savefig)
+
+    fig = Figure(figsize=(8, 6))
+    ax = fig.add_subplot()
+    for i, (m, lrs) in enumerate(sorted(pts.items())):
+        xs = sorted(lrs.items(), key=lambda t: t[1]["general"]["mean"])
+        x = [p["general"]["mean"] for _, p in xs]
+        y = [p["domain"]["mean"] for _, p in xs]
+        xerr = [[p["general"]["mean"] - p["general"]["min"] for _, p in xs],
+                [p["general"]["max"] - p["general"]["mean"] for _, p in xs]]
+        yerr = [[p["domain"]["mean"] - p["domain"]["min"] for _, p in xs],
+                [p["domain"]["max"] - p["domain"]["mean"] for _, p in xs]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2, label=m, color=f"C{i % 10}",
+                    ls="-" if m.startswith("nexus") else "--")
+        for (lr, _), xi, yi in zip(xs, x, y):
+            ax.annotate(f"{lr:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(max_general, color="k", lw=0.6, ls=":")
+    ax.axvline(0, color="k", lw=0.4)
+    ax.set_xlabel("general loss change (%), general_eval, vs base")
+    ax.set_ylabel("domain loss gain (%), domain_eval, vs base")
+    ax.set_title("one point per learning rate (labels); mean over seeds, bars min–max")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _pm(s: dict, d: int = 2) -> str:
+    return f"{s['mean']:+.{d}f} ± {s['std']:.{d}f}"
+
+
+def _med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None, max_general: float = MAX_GENERAL) -> str:
+    ranked = sorted(best, key=lambda m: best[m][1]["domain"]["mean"], reverse=True)
+    first = rows[0]
+    proto = first.get("protocol", {})
+    tok = first.get("eval_tokens", {})
+    lines = ["# Pareto study: NEXUS against other fine-tuning methods", "",
+             "Written by `benchmarks/study_report.py` from `results.jsonl` (written by `benchmarks/study.py`; "
+             "its docstring has the protocol).", "", "Commands that produced the results:", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)]
+    if report_command:
+        lines += ["", "Report:", "", f"    {report_command}"]
+    lines += ["", f"Model: `{first['model']}`. Held-out tokens scored per run (predicted tokens): domain_eval "
+              f"{tok.get('domain', '?'):,}, general_eval {tok.get('general', '?'):,}; validation slice "
+              f"{tok.get('val', '?'):,}." if tok else "", "",
+              "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + f"; torch {first['torch']}, "
+              f"{first['threads']} thread(s).", "",
+              "Domain gain = 100 × (base − after) / base of the domain_eval loss (nats/token); general change = "
+              "100 × (after − base) / base of the general_eval loss. FLOPs/token = 2 × active parameters (input "
+              "embeddings excluded, routed experts at top_k / num_experts), NEXUS + 2 × its shared experts' "
+              "parameters; merged LoRA, ESFT and full-moe add none.", "",
+              f"## Best domain gain with a general loss increase under {max_general:g} %", "",
+              "| method | lr | domain gain % | general change % | seeds | vs best other (paired diff, beyond seed "
+              "spread?) | trainable | FLOPs/token | steps (best) | step ms | peak RSS MiB |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for m in ranked:
+        lr, p = best[m]
+        other = next((o for o in ranked if o != m), None)
+        if other:
+            sep = separation(p, best[other][1])
+            vs = (f"{other}: {sep['paired_diff']:+.2f} pt, {'yes' if sep['exceeds_spread'] else 'no'}"
+                  if sep["paired_diff"] is not None else f"{other}: no shared seed")
+        else:
+            vs = "–"
+        rs = p["rows"]
+        lines.append(f"| {m} | {lr:g} | {_pm(p['domain'])} | {_pm(p['general'])} | {p['domain']['n']} | {vs} | "
+                     f"{rs[0]['trainable']:,} | {rs[0]['flops_per_token']:,} | "
+                     f"{_med([r['steps'] for r in rs]):.0f} ({_med([r['best_step'] for r in rs]):.0f}) | "
+                     f"{_med([r['step_s'] for r in rs]) * 1e3:.0f} | {_med([r['rss_mib'] for r in rs]):.0f} |")
+    missing = sorted(set(pts) - set(best))
+    if missing:
+        lines += ["", f"No learning rate kept the general loss increase under {max_general:g} % for: "
+                  + ", ".join(missing) + "."]
+    lines += ["", "![Pareto curves](pareto.png)", "", "## Every point (mean over seeds)", "",
+              "| method | lr | domain gain % | general change % | seeds | domain loss base → after | "
+              "general loss base → after | steps (best) | stopped |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m in sorted(pts):
+        for lr, p in pts[m].items():
+            rs = p["rows"]
+            mean = lambda key, when="end": statistics.mean(r[when][key] for r in rs)  # noqa: E731
+            lines.append(f"| {m} | {lr:g} | {_pm(p['domain'])} | {_pm(p['general'])} | {p['domain']['n']} | "
+                         f"{mean('base_domain_loss', 'start'):.4f} → {mean('domain_loss'):.4f} | "
+                         f"{mean('base_general_loss', 'start'):.4f} → {mean('general_loss'):.4f} | "
+                         f"{_med([r['steps'] for r in rs]):.0f} ({_med([r['best_step'] for r in rs]):.0f}) | "
+                         f"{', '.join(sorted(set(r['stopped'] for r in rs)))} |")
+    notes = []
+    if any(r.get("memory_split") for r in rows):
+        notes.append("ESFT rows train their chosen experts split out as their own tensors (deltas on the frozen "
+                     "fused expert tensors): gradients and AdamW state cover those experts only; each forward "
+                     "still composes the full expert tensor.")
+    if any(r.get("memory_split") is False for r in rows):
+        notes.append("ESFT rows train their experts in place under a gradient mask: the trainable count is "
+                     "real, but the optimizer and gradient memory cover the whole expert tensors (not split out "
+                     "as in ESFT), so their peak RSS overstates ESFT's.")
+    notes.append("Peak RSS is each run's own process (`ru_maxrss`), including the frozen base copy used as "
+                 "evaluation reference and teacher; compare rows, not absolute values. Step times depend on the "
+                 "machine's load.")
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
-def plot(q: int, res: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    if q == 1:
-        names = list(res)
-        fig = Figure(figsize=(15, 4.5))
-        axes = fig.subplots(1, 3)
-        for ax, key, label in zip(axes, ("domain_ppl", "general_ppl", "domain_kl"),
-                                  ("domain perplexity", "general perplexity", "KL(base ‖ model), domain")):
-            x = range(len(names))
-            for off, when in ((-0.2, "start"), (0.2, "end")):
-                vals = [res[n]["summary"][f"{when}_{key}"] for n in names]
-                ax.bar([i + off for i in x], [v[0] for v in vals], 0.4, yerr=[v[1] for v in vals],
-                       label="step 0" if when == "start" else "after budget", capsize=3)
-            if key != "domain_kl":
-                base = res[names[0]]["summary"][f"start_base_{key}"][0]
-                ax.axhline(base, color="k", lw=0.8, ls="--", label="base model")
-                lo = min(min(res[n]["summary"][f"{w}_{key}"][0] for n in names) for w in ("start", "end"))
-                hi = max(max(res[n]["summary"][f"{w}_{key}"][0] for n in names) for w in ("start", "end"))
-                ax.set_ylim(lo - 0.15 * (hi - lo) - 0.1, hi + 0.15 * (hi - lo) + 0.1)
-            ax.set_xticks(list(x), names, rotation=45, ha="right")
-            ax.set_title(label)
-        axes[0].legend()
-    elif q == 2:
-        fig = Figure(figsize=(7, 5))
-        ax = fig.add_subplot()
-        for name, r in res.items():
-            s = r["summary"]
-            gain = -_pct(s["end_domain_ppl"][0], s["start_base_domain_ppl"][0])
-            loss = _pct(s["end_general_ppl"][0], s["start_base_general_ppl"][0])
-            ax.scatter(loss, gain, s=30 + s["trainable"] / 2000)
-            ax.annotate(f"{name}\n{int(s['trainable']):,} params", (loss, gain), fontsize=8)
-        ax.axvline(0, color="k", lw=0.5)
-        ax.set_xlabel("general perplexity lost (%)")
-        ax.set_ylabel("domain perplexity gained (%)")
-        ax.set_title("domain gained vs general lost (marker size ∝ trainable params)")
-    else:
-        knobs = []
-        for r in res.values():
-            if r["knob"] not in knobs:
-                knobs.append(r["knob"])
-        fig = Figure(figsize=(5 * len(knobs), 4))
-        axes = fig.subplots(1, len(knobs), squeeze=False)[0]
-        for ax, knob in zip(axes, knobs):
-            pts = [r for r in res.values() if r["knob"] == knob]
-            xs = [r["value"] for r in pts]
-            ax.plot(xs, [r["summary"]["end_domain_ppl"][0] for r in pts], "o-", color="C0", label="domain ppl")
-            ax.axhline(pts[0]["summary"]["start_base_domain_ppl"][0], color="C0", ls="--", lw=0.8, label="base domain")
-            ax.set_ylabel("domain perplexity", color="C0")
-            gx = ax.twinx()  # general perplexity moves far less: its own axis
-            gx.plot(xs, [r["summary"]["end_general_ppl"][0] for r in pts], "s-", color="C1", label="general ppl")
-            gx.axhline(pts[0]["summary"]["start_base_general_ppl"][0], color="C1", ls="--", lw=0.8,
-                       label="base general")
-            gx.set_ylabel("general perplexity", color="C1")
-            ax.set_xticks(xs)
-            ax.set_xlabel(knob)
-            ax.set_title(f"after the budget, vs {knob}")
-            if knob == knobs[0]:
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = gx.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def write_report(results: Path, out: Path, doc: Path | None = None, report_command: str | None = None,
+                 max_general: float = MAX_GENERAL) -> str:
+    rows = load(results)
+    if not rows:
+        return f"{results}: no results yet"
+    pts = points(rows)
+    best = best_under(pts, max_general)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(pts, out / "pareto.png", max_general)
+    text = markdown(rows, pts, best, report_command, max_general)
+    (out / "report.md").write_text(text)
+    if doc is not None:
+        png, where = (out / "pareto.png").resolve(), doc.resolve().parent
+        rel = png.relative_to(where) if png.is_relative_to(where) else png
+        doc.write_text(text.replace("](pareto.png)", f"]({rel})"))
+    return text
 
 
-def _setup_text(meta: dict) -> str:
-    a = meta["args"]
-    return (f"Run: `--questions {meta['question']} --steps {a['steps']} --seeds {' '.join(map(str, a['seeds']))}`; "
-            f"{a['steps']} steps × {a['batch']} sequences × {a['seq_len']} tokens of domain_train; evaluation on "
-            f"{a['eval_num']} packed sequences of {a['seq_len']} tokens per split; {len(a['seeds'])} seed(s); "
-            f"torch {meta['torch']}, {meta['threads']} thread; {meta['seconds'] / 60:.1f} min.")
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="docs/study/results.jsonl")
+    p.add_argument("--out", default="docs/study", help="pareto.png and report.md go here (default docs/study)")
+    p.add_argument("--doc", help="also write the markdown here (e.g. docs/study.md)")
+    p.add_argument("--max-general", type=float, default=MAX_GENERAL)
+    a = p.parse_args()
+    cmd = "python benchmarks/study_report.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    print(write_report(Path(a.results), Path(a.out), Path(a.doc) if a.doc else None, cmd, a.max_general))
 
 
-def findings(q: int, res: dict) -> list[str]:
-    """Sentences computed from the results (the ranking, who beats whom): no hand-typed figures."""
-    out = []
-    if q == 1:
-        end = {n: r["summary"]["end_domain_ppl"] for n, r in res.items()}
-        order = sorted(end, key=lambda n: end[n][0])
-        out.append("Ranked by domain perplexity after the budget (lower is better): " +
-                   ", ".join(f"{n} {end[n][0]:.2f}" for n in order) + ".")
-        start_kl = {n: r["summary"]["start_domain_kl"][0] for n, r in res.items()}
-        out.append("Ranked by KL to the teacher at step 0 (how much the init disturbs the model): " +
-                   ", ".join(f"{n} {start_kl[n]:.4f}" for n in sorted(start_kl, key=start_kl.get)) + ".")
-        low = min(r["summary"]["trainable"] for r in res.values())
-        same = [n for n in order if res[n]["summary"]["trainable"] == low]
-        if len(same) < len(order):
-            out.append(f"At the same parameter count ({int(low):,}, width 1×) only: " +
-                       ", ".join(f"{n} {_pm(end[n])}" for n in same) + ".")
-        best, second = order[0], order[1]
-        gap = end[second][0] - end[best][0]
-        noise = max(end[best][1], end[second][1])
-        out.append(f"The gap between the best two ({best}, {second}) is {gap:.2f} against a seed std of up to "
-                   f"{noise:.2f}: {'within' if gap <= 2 * noise else 'outside'} two standard deviations.")
-    elif q == 2:
-        gain = {n: -_pct(r["summary"]["end_domain_ppl"][0], r["summary"]["start_base_domain_ppl"][0])
-                for n, r in res.items()}
-        loss = {n: _pct(r["summary"]["end_general_ppl"][0], r["summary"]["start_base_general_ppl"][0])
-                for n, r in res.items()}
-        out.append("Most domain perplexity gained: " + ", ".join(
-            f"{n} {gain[n]:+.2f} %" for n in sorted(gain, key=gain.get, reverse=True)) + ".")
-        out.append("Least general perplexity lost: " + ", ".join(
-            f"{n} {loss[n]:+.2f} %" for n in sorted(loss, key=loss.get)) + ".")
-    else:
-        for knob in dict.fromkeys(r["knob"] for r in res.values()):
-            pts = [r for r in res.values() if r["knob"] == knob]
-            best = min(pts, key=lambda r: r["summary"]["end_domain_ppl"][0])
-            out.append(f"{knob}: best domain perplexity at {best['value']} "
-                       f"({best['summary']['end_domain_ppl'][0]:.2f}); general perplexity over the sweep "
-                       f"{min(r['summary']['end_general_ppl'][0] for r in pts):.2f}–"
-                       f"{max(r['summary']['end_general_ppl'][0] for r in pts):.2f}.")
-    return out
-
-
-def write_report(docs: Path, out: Path) -> Path:
-    """docs/study.md and docs/study/qN.png from every results_qN.json present."""
-    from study_notes import DISCUSSION, INTRO, NOTES
-
-    lines = ["# Method study on the demo MoE", "", INTRO, ""]
-    for q in (1, 2, 3):
-        f = docs / f"results_q{q}.json"
-        if not f.is_file():
-            lines += [f"## {q}. {TITLES[q]}", "", "Not run yet.", ""]
-            continue
-        data = json.loads(f.read_text())
-        res = data["results"]
-        plot(q, res, docs / f"q{q}.png")
-        first = next(iter(res.values()))["summary"]
-        lines += [f"## {q}. {TITLES[q]}", "", _setup_text(data["meta"]), "",
-                  f"Base model on the same evaluation: domain perplexity {first['start_base_domain_ppl'][0]:.2f}, "
-                  f"general perplexity {first['start_base_general_ppl'][0]:.2f}.", "", NOTES[q], "",
-                  table(q, res), "", f"![question {q}](study/q{q}.png)", ""]
-        lines += [f"- {s}" for s in findings(q, res)] + [""]
-        if q == 1:  # measured when the report is written: one backward through a zero-initialized model
-            import study_lib
-
-            grads = study_lib.zero_init_grads()
-            lines += ["Zero init, max |gradient| over layers after one LM backward (measured by "
-                      "`study_lib.zero_init_grads`): " + ", ".join(f"`{k}` {v:.3g}" for k, v in grads.items()) + ".", ""]
-    lines += ["## Discussion", "", DISCUSSION, ""]
-    out.write_text("\n".join(lines))
-    return out
+if __name__ == "__main__":
+    main()

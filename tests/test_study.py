@@ -1,0 +1,153 @@
+"""benchmarks/study*.py without training: the plateau stopping rule, the best-validation restore, the
+Pareto / best-under-5 % selection, the FLOPs formula on the demo model, and resumability."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import study  # noqa: E402
+import study_lib as L  # noqa: E402
+import study_report as R  # noqa: E402
+
+
+def test_plateau_rule():
+    rule = L.Plateau(patience=3, min_delta=1e-3)
+    seq = [5.0, 4.0, 3.9995, 3.99, 3.995, 3.991, 3.992, 3.0]
+    stops = [rule.update(v) for v in seq[:7]]
+    assert stops == [False] * 6 + [True]  # 3 evaluations after 3.99 without a > 1e-3 improvement
+    assert rule.best == 3.99
+    rule = L.Plateau(patience=2, min_delta=0.0)
+    assert [rule.update(v) for v in (3.0, 2.0, 1.0, 0.5)] == [False] * 4
+
+
+class _FakeEval:
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def val_loss(self, model):
+        return next(self.losses)
+
+
+def test_loop_restores_best_validation_params():
+    p = torch.nn.Parameter(torch.zeros(2))
+
+    def step_fn(step):
+        with torch.no_grad():
+            p.add_(1.0)
+        return 0.0
+
+    # val at steps 0, 2, 4, 6, 8: best at step 4, then 2 evaluations without improvement -> stop at 8
+    rec = L._loop(step_fn, [p], torch.nn.Linear(1, 1), _FakeEval([3.0, 2.0, 1.0, 1.5, 1.2]), max_steps=100,
+                  eval_every=2, patience=2, min_delta=0.0)
+    assert (rec["steps"], rec["best_step"], rec["stopped"]) == (8, 4, "plateau")
+    assert torch.equal(p.detach(), torch.full((2,), 4.0))
+    rec = L._loop(step_fn, [p], torch.nn.Linear(1, 1), _FakeEval([3.0, 2.0, 1.5, 1.0]), max_steps=5,
+                  eval_every=2, patience=2, min_delta=0.0)
+    assert (rec["steps"], rec["best_step"], rec["stopped"]) == (5, 5, "max_steps")  # evaluated at the last step
+
+
+def _row(method, lr, seed, dom, gen, base_dom=4.0, base_gen=3.0):
+    """A results line whose domain gain is `dom` % and general change `gen` %."""
+    return {"method": method, "lr": lr, "seed": seed, "model": "m", "command": "python benchmarks/study.py",
+            "trainable": 10, "flops_per_token": 100, "steps": 10, "best_step": 5, "step_s": 0.1, "rss_mib": 1.0,
+            "stopped": "plateau", "torch": "x", "threads": 1,
+            "start": {"base_domain_loss": base_dom, "base_general_loss": base_gen},
+            "end": {"domain_loss": base_dom * (1 - dom / 100), "general_loss": base_gen * (1 + gen / 100)}}
+
+
+def test_pareto_best_under_five_percent(tmp_path):
+    rows = []
+    for seed, jitter in ((0, -0.1), (1, 0.0), (2, 0.1)):
+        rows += [_row("a", 1e-3, seed, 2 + jitter, 1), _row("a", 1e-2, seed, 9 + jitter, 7),  # 1e-2 breaks 5 %
+                 _row("a", 3e-3, seed, 4 + jitter, 4.9),
+                 _row("b", 1e-3, seed, 3.9 + 3 * jitter, 0.5), _row("c", 1e-3, seed, 1, 6)]
+    pts = R.points(rows)
+    assert pts["a"][1e-3]["domain"]["mean"] == pytest.approx(2.0)
+    assert pts["a"][3e-3]["general"]["mean"] == pytest.approx(4.9)
+    best = R.best_under(pts)
+    assert best["a"][0] == 3e-3 and best["b"][0] == 1e-3 and "c" not in best
+    sep = R.separation(best["a"][1], best["b"][1])
+    assert sep["paired_diff"] == pytest.approx(0.1) and not sep["exceeds_spread"]  # b's seeds span 3.6–4.2
+    assert R.separation(best["a"][1], pts["a"][1e-3])["exceeds_spread"]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = R.write_report(path, tmp_path / "out", tmp_path / "study.md", "python benchmarks/study_report.py")
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 0 and (tmp_path / "study.md").is_file()
+    assert "| a | 0.003 | +4.00 ± 0.10 | +4.90 ± 0.00 | 3 |" in text
+    assert "No learning rate kept the general loss increase under 5 % for: c." in text
+
+
+def test_flops_formula_on_demo_config():
+    from nexus import demo_data
+
+    model = L.load_base_model(str(demo_data.DEMO_MODEL_DIR), dtype=torch.float32)
+    a = L.active_params(model)
+    c = model.config
+    h, i, e, k, layers = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, 4
+    per_expert = h * 2 * i + 2 * i + i * h + h  # gate_up (H, 2I) + bias, down (I, H) + bias (GPT-OSS)
+    assert a["experts"] == layers * e * per_expert
+    assert a["embedding"] == c.vocab_size * h
+    assert a["active"] == a["total"] - c.vocab_size * h - layers * e * per_expert + layers * k * per_expert
+    nexus = L.nexus_param_count(str(demo_data.DEMO_MODEL_DIR))
+    assert nexus == layers * per_expert  # width 1×: one expert-sized shared expert per MoE layer
+    assert L.flops_per_token(a["active"], nexus) == 2 * a["active"] + 2 * nexus
+    assert L.flops_per_token(a["active"]) == 2 * a["active"]
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    path = tmp_path / "results.jsonl"
+    grid = [(m, lr, s) for s in (0, 1) for m in ("nexus-random", "esft") for lr in (1e-3, 1e-2)]
+    assert study.pending(grid, path) == grid  # no file yet
+    path.write_text(json.dumps(_row("esft", 0.01, 1, 1, 1)) + "\n" + json.dumps(_row("nexus-random", 1e-3, 0, 1, 1)) + "\n")
+    todo = study.pending(grid, path)
+    assert len(todo) == len(grid) - 2
+    assert ("esft", 1e-2, 1) not in todo and ("nexus-random", 1e-3, 0) not in todo and ("esft", 1e-2, 0) in todo
+
+
+def test_esft_split_out_experts_train_alone():
+    from nexus import demo_data
+    from nexus.moe import find_moe_blocks
+
+    model_dir = str(demo_data.DEMO_MODEL_DIR)
+    chosen = {0: [3], 1: [0, 5], 2: [1], 3: [31]}
+    m, n = L.esft_model(model_dir, chosen)
+    base = L.load_base_model(model_dir, dtype=torch.float32)
+    per_expert = sum(p[0].numel() for p in find_moe_blocks(base)[0].experts.parameters())
+    assert n == 5 * per_expert  # only the chosen slices are parameters that train
+    assert all("delta" in name for name, p in m.named_parameters() if p.requires_grad)
+    ids = torch.randint(3, 4000, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+    m(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    plain = L.merged(m)
+    plain2 = L.merged(m)  # scoring leaves the trained model intact (twice, then a forward)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), plain2.parameters()))
+    m(input_ids=ids)
+    for b, bb in zip(find_moe_blocks(plain), find_moe_blocks(base)):
+        for (name, w), w0 in zip(b.experts.named_parameters(), bb.experts.parameters()):
+            moved = (w - w0).flatten(1).abs().amax(1) > 0  # (E,)
+            assert moved.nonzero().flatten().tolist() == chosen[b.layer], name
+
+
+def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
+    path = tmp_path / "results.jsonl"
+    proto = {"seq_len": 128, "eval_num": None, "model": "m"}
+    rows = [{**_row("nexus-random", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}},
+            {**_row("lora-attn", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}}]
+    rows[0]["start"]["tag"], rows[1]["start"]["tag"] = "nexus-random-s0", "base"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.cached_start(path, "nexus-random-router", 0, proto)["tag"] == "nexus-random-s0"
+    assert study.cached_start(path, "nexus-random", 1, proto) is None  # another seed: another random init
+    assert study.cached_start(path, "nexus-pca_top8", 0, proto) is None
+    assert study.cached_start(path, "esft", 2, proto)["tag"] == "base"  # every non-NEXUS method starts at the base
+    assert study.cached_start(path, "esft", 2, {**proto, "eval_num": 8}) is None
