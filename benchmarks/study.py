@@ -3,7 +3,7 @@ trained until the domain loss plateaus, scored on the full held-out splits.
 
 Smoke test of the machinery (bundled demo model, tiny budgets; writes under /tmp only):
 
-    cd /work/wt-study && PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --smoke \
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --smoke \
         --work /tmp/nexus-study-smoke --out /tmp/nexus-study-smoke/report
 
 Full study on the specializing testbed (TESTBED = the model directory of scripts/pretrain_testbed.py,
