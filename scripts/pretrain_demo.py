@@ -131,18 +131,20 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lm_and_aux(model, input_ids: torch.Tensor):
-    """Next-token LM loss and the raw load-balancing aux loss (not yet times its coefficient)."""
+def lm_and_aux(model, input_ids: torch.Tensor, balance=None):
+    """Next-token LM loss and the raw load-balancing aux loss (not yet times its coefficient): the model's
+    own, or `balance(model output)`."""
     out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
     logits = out.logits[:, :-1]  # (B, T-1, V)
     lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
-    return lm, out.aux_loss
+    return lm, out.aux_loss if balance is None else balance(out)
 
 
-def train(model, texts, tokenizer, args) -> tuple[list[dict], float]:
+def train(model, texts, tokenizer, args, balance=None) -> tuple[list[dict], float]:
     """AdamW on packed general_train blocks; a fresh shuffle and packing offset every epoch.
 
-    Returns the periodic log and the final train LM loss (mean over the last FINAL_LOSS_WINDOW steps).
+    The loss is LM + router_aux_loss_coef × the balancing loss (`lm_and_aux`'s `balance`). Returns the
+    periodic log and the final train LM loss (mean over the last FINAL_LOSS_WINDOW steps).
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases, norms, sinks
@@ -164,7 +166,7 @@ def train(model, texts, tokenizer, args) -> tuple[list[dict], float]:
         cursor += args.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.learning_rate)
-        lm, aux = lm_and_aux(model, batch)
+        lm, aux = lm_and_aux(model, batch, balance)
         (lm + coef * aux).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -41,7 +41,7 @@ sys.path[:0] = [str(REPO / "src"), str(SCRIPTS)]
 import testbed_data  # noqa: E402
 import testbed_routing  # noqa: E402
 from nexus.fsutil import atomic_dir  # noqa: E402
-from pretrain_demo import END, FINAL_LOSS_WINDOW, hardware, lr_at, pack, train_tokenizer  # noqa: E402
+from pretrain_demo import END, FINAL_LOSS_WINDOW, hardware, pack, train, train_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,54 +104,6 @@ def per_layer_balance(router_logits, top_k: int) -> torch.Tensor:
         f = f / idx.numel()
         total = total + E * (f * probs.mean(0)).sum()
     return total / len(router_logits)
-
-
-def train(model, texts, tokenizer, args) -> tuple[list[dict], float]:
-    """pretrain_demo.train with the balancing loss chosen by --balance: AdamW on packed blocks,
-    reshuffled and re-packed at a random offset every epoch. Returns the log and the final LM loss."""
-    import torch.nn.functional as F
-    from collections import deque
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.learning_rate, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(args.seed)
-    k = model.config.num_experts_per_tok
-    order, blocks, epoch, cursor = None, None, 0, 0
-    log, window, last, t0 = [], [], deque(maxlen=FINAL_LOSS_WINDOW), time.time()
-    model.train()
-    for step in range(args.steps):
-        if order is None or cursor + args.batch_size > len(order):
-            offset = 0 if epoch == 0 else int(torch.randint(args.seq_len, (1,), generator=gen))
-            blocks = pack(texts, tokenizer, args.seq_len, offset)
-            order, cursor, epoch = torch.randperm(len(blocks), generator=gen), 0, epoch + 1
-        batch = blocks[order[cursor: cursor + args.batch_size]]
-        cursor += args.batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.learning_rate)
-        out = model(input_ids=batch, output_router_logits=True, use_cache=False)
-        logits = out.logits[:, :-1]
-        lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        aux = per_layer_balance(out.router_logits, k) if args.balance == "per-layer" else out.aux_loss
-        (lm + args.aux_coef * aux).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        window.append((lm.item(), aux.item(), grad_norm.item()))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            elapsed = time.time() - t0
-            tok_s = (step + 1) * batch.numel() / elapsed
-            lm_m, aux_m, gn = (sum(v) / len(window) for v in zip(*window))
-            log.append({"step": step + 1, "epoch": epoch, "lm_loss": round(lm_m, 4), "aux_loss": round(aux_m, 4),
-                        "grad_norm": round(gn, 3), "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tok_s, 1)})
-            eta = (args.steps - step - 1) * batch.numel() / tok_s
-            print(f"step {step + 1}/{args.steps} epoch {epoch} lm {lm_m:.4f} aux {aux_m:.4f} "
-                  f"| {tok_s:.0f} tok/s, eta {eta / 60:.1f} min", flush=True)
-            window = []
-        last.append(lm.item())
-    return log, sum(last) / len(last)
 
 
 def _mb(n: int) -> str:
@@ -266,7 +218,9 @@ def main(argv=None) -> int:
     print(f"model: {n_params / 1e6:.2f}M parameters; training {args.steps} steps x {args.batch_size} x {args.seq_len}")
 
     t, cpu = time.time(), time.process_time()
-    log, final_loss = train(model, texts, tokenizer, args)
+    k = model.config.num_experts_per_tok
+    balance = (lambda out: per_layer_balance(out.router_logits, k)) if args.balance == "per-layer" else None
+    log, final_loss = train(model, texts, tokenizer, args, balance)  # loss: LM + --aux-coef × balance
     train_s, train_cpu_s = time.time() - t, time.process_time() - cpu
 
     t = time.time()
