@@ -232,3 +232,31 @@ def test_down_lr_ratio_gives_the_down_projections_their_own_learning_rate():
     opt.step()  # Adam's first step moves each weight by lr · g / |g| (eps aside)
     for n, p in named.items():
         torch.testing.assert_close((before[n] - p.detach()).abs().max().item(), lrs[n], rtol=1e-4, atol=0)
+
+
+def test_gate_flag_puts_a_learnable_scalar_of_that_value_on_every_shared_expert(files, tmp_path):
+    from nexus.shared import GATE_NAME, run_shared_expert, shared_expert_modules
+
+    plain = _trainer(files, tmp_path / "plain", seed=3)
+    gated = _trainer(files, tmp_path / "gated", seed=3, gate=0.1)
+    assert gated.model.nexus_config.gate and not plain.model.nexus_config.gate
+    gates = {path: getattr(m, GATE_NAME) for path, m in shared_expert_modules(gated.model).items()}
+    assert gates and all(g.detach().item() == pytest.approx(0.1) and g.requires_grad for g in gates.values())
+    assert all(any(p is g for p in gated.params.params) for g in gates.values())  # in the optimizer
+    x = torch.randn(5, gated.model.config.hidden_size)
+    for path, m in shared_expert_modules(gated.model).items():
+        ref = shared_expert_modules(plain.model)[path]  # same seed: same weights, no gate
+        torch.testing.assert_close(run_shared_expert(m, x), 0.1 * run_shared_expert(ref, x))
+
+
+def test_gate_flag_is_refused_for_an_adapter_and_when_not_finite(files, tmp_path):
+    from nexus.convert.core import convert
+    from nexus.errors import NexusError
+
+    with pytest.raises(NexusError, match="--gate must be a finite number"):
+        TrainConfig(student_model="x", dataset="y", output_dir="z", init_strategy="random", gate=float("nan")).check()
+    model_dir, data = files
+    adapter = tmp_path / "adapter"
+    convert(str(model_dir), str(adapter), "random", check=False, log=lambda *a, **k: None)
+    with pytest.raises(NexusError, match="--gate applies to a base model"):
+        _trainer((adapter, data), tmp_path, init_strategy=None, gate=0.5)

@@ -16,6 +16,8 @@ form.
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 from collections.abc import Iterator, Mapping
 
@@ -151,7 +153,7 @@ def init_shared_expert(shared: nn.Module, strategy: str = "zero", std: float = 0
 
 
 def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier: float = 1,
-                          gate: bool = False, trainable_router: bool = False,
+                          gate: bool | float = False, trainable_router: bool = False,
                           dtype: torch.dtype = torch.float32, seed: int | None = None,
                           tensors: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
                           scale: float = 1.0, intermediate_size: int | None = None) -> nn.Module:
@@ -162,7 +164,8 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
         width_multiplier: shared intermediate size = width_multiplier × the routed expert's; a fraction
             (0.25) is rounded to the family's alignment (`nexus.moe.shared_intermediate_size`).
         intermediate_size: the shared intermediate size itself (overrides width_multiplier's rounding).
-        gate: add a learnable scalar gate on the shared output, initialized to 1.
+        gate: add a learnable scalar gate on the shared output, initialized to 1 (True) or to this value
+            (e.g. 0.1: the shared expert's contribution starts small).
         trainable_router: leave the routers trainable (everything else original stays frozen).
         dtype: dtype of the trainable weights (fp32 by default, even over a bf16 base).
         tensors: {layer index: {param name: [1, ...] tensor}} to copy in instead of `init`.
@@ -172,6 +175,9 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
     """
     if getattr(model, "nexus_config", None) is not None:
         raise NexusError("this model already has NEXUS shared experts attached")
+    gate_init = None if gate is False or gate is None else 1.0 if gate is True else float(gate)
+    if gate_init is not None and not math.isfinite(gate_init):
+        raise NexusError(f"gate must be a finite number, got {gate}")
     blocks = find_moe_blocks(model)
     std = float(getattr(model.config, "initializer_range", 0.02))
     generator = None
@@ -182,8 +188,9 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
     inter = None
     for b in blocks:
         shared = build_shared_expert(b, model, width_multiplier, dtype=dtype, intermediate_size=intermediate_size)
-        if gate:
-            setattr(shared, GATE_NAME, nn.Parameter(torch.ones((), dtype=dtype, device=shared.down_proj.device)))
+        if gate_init is not None:
+            setattr(shared, GATE_NAME, nn.Parameter(torch.full((), gate_init, dtype=dtype,
+                                                               device=shared.down_proj.device)))
         layer_tensors = None if tensors is None else tensors.get(b.layer)
         if tensors is not None and layer_tensors is None:
             raise NexusError(f"no shared-expert tensors given for MoE layer {b.layer}")
@@ -206,7 +213,7 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
         model_type=getattr(model.config, "model_type", None), moe_layers=tuple(b.layer for b in blocks),
         num_experts=blocks[0].layout.num_experts, intermediate_size=int(inter),
         width_multiplier=check_width(width_multiplier), init_strategy=init if tensors is None else "tensors",
-        gate=bool(gate), trainable_router=bool(trainable_router), scale=float(scale))
+        gate=gate_init is not None, trainable_router=bool(trainable_router), scale=float(scale))
     return model
 
 

@@ -48,6 +48,9 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
     if adapter and cfg.init_strategy:
         raise NexusError(f"--init-strategy applies to a base model; --student-model {cfg.student_model} is an "
                          f"adapter (its weights are the initialization)")
+    if adapter and cfg.gate is not None:
+        raise NexusError(f"--gate applies to a base model; --student-model {cfg.student_model} is an adapter (its "
+                         f"nexus_config.json says whether it has a gate: `nexus convert --gate G` adds one)")
     if not adapter and not cfg.init_strategy:
         raise NexusError(f"--student-model {cfg.student_model} is a base model: pass --init-strategy zero|random, "
                          f"or an adapter directory made by `nexus convert`")
@@ -71,7 +74,8 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
 
 
 def _attach_new(model: nn.Module, cfg: TrainConfig) -> None:
-    attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed)
+    attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed,
+                          gate=False if cfg.gate is None else cfg.gate)
     if cfg.init_strategy == "zero":
         log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
                     "gradient (only an output bias, where the family has one, can learn); use random or a "

@@ -44,6 +44,8 @@ class TrainConfig:
     init_strategy: str | None = flag(None, "initialize shared experts on a base model", choices=("zero", "random"))
     width_multiplier: float = flag(
         1.0, "shared expert width × a routed expert's, e.g. 2 or 0.25 (base model only)", metavar="M")
+    gate: float | None = flag(None, "add a learnable scalar on each shared expert's output, initialized to G, e.g. 0.1 "
+                                    "(base model only; `nexus convert --gate` for an adapter)", metavar="G")
     dtype: str = flag("auto", "dtype of the frozen base (trainable weights are always fp32)", type=dtype_name,
                       metavar="{" + ",".join(DTYPES) + "}")
     dequantize: bool = flag(False, DEQUANTIZE_HELP)
@@ -154,6 +156,8 @@ class TrainConfig:
             raise NexusError(f"--sfa-alpha must be in (0, 1), got {self.sfa_alpha}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise NexusError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
+        if self.gate is not None and not math.isfinite(self.gate):
+            raise NexusError(f"--gate must be a finite number, got {self.gate}")
         if self.init_strategy not in (None, "zero", "random"):
             raise NexusError(f"--init-strategy must be zero or random, got {self.init_strategy}")
         if self.precomputed_teacher and self.teacher_model:

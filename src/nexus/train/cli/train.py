@@ -28,7 +28,7 @@ from ...rerun import command
 from ..config import TrainConfig
 
 GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
-    "model and data": ["student_model", "init_strategy", "width_multiplier", "teacher_model", "teacher_device",
+    "model and data": ["student_model", "init_strategy", "width_multiplier", "gate", "teacher_model", "teacher_device",
                        "precomputed_teacher", "dataset", "text_field", "split", "eval_dataset", "eval_every",
                        "seq_len", "pack", "dtype", "dequantize", "device"],
     "loss": ["ce_weight", "kl_weight", "router_kl_weight", "temperature", "final_temperature",
