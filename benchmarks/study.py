@@ -33,11 +33,13 @@ batches for every method at a given seed), with CE + 1 × T² × KL(base ‖ mod
 decay), linear warmup over 10 % of --max-steps then constant lr, clipping at 1.0. The validation loss is
 measured every --eval-every steps; a run stops when it has not improved by more than --min-delta for
 --patience evaluations, or at --max-steps, and its trainable parameters go back to their best-validation
-values, which are scored on every packed --seq-len sequence of domain_eval and general_eval
-(nexus.validate.metrics.evaluate against a frozen base). Router statistics: `nexus collect` once on the
+values, which are scored on every packed --seq-len sequence of domain_eval and general_eval (the
+model's own next-token cross-entropy; at step 0 nexus.validate.metrics.evaluate against a frozen base,
+which also gives the base's losses, the same in every run). Router statistics: `nexus collect` once on the
 training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits.
 
-Methods: nexus-INIT (frozen router) for each of --nexus-inits; nexus-INIT-router (trainable router) for
+Methods: nexus-INIT (frozen router) for each of --nexus-inits (a topK init takes its experts from `nexus
+analyze`'s PCA ranking, frequency_topK from its routing-frequency ranking); nexus-INIT-router (trainable router) for
 --router-init; esft (ESFT token share: per layer the most-routed experts until their cumulative share
 reaches --esft-threshold); esft-matched (per layer as many experts as NEXUS's shared expert is wide, the
 same trainable count); lora-attn-experts and lora-attn (PEFT LoRA, rank matched to NEXUS's trainable
@@ -151,7 +153,8 @@ def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int)
     if method.startswith("nexus"):
         init = method[len("nexus-"):].removesuffix("-router")
         k = L.init_top_k(init)
-        sel = L.selection(Path(setup["stats"]), work, k) if k else None
+        ranking = "frequency" if init.startswith("frequency_") else "pca"  # frequency_topK: analyze's frequency ranking
+        sel = L.selection(Path(setup["stats"]), work, k, ranking) if k else None
         kw.update(adapter_dir=L.adapter(args.model, work, init, sel, seed), train_router=method.endswith("-router"))
     elif method.startswith("lora"):
         kw.update(kind=method, rank=setup["lora_rank"][method])

@@ -60,16 +60,17 @@ def router_stats(model: str, dataset: str, out: Path, tokens: int, seq_len: int)
     return out
 
 
-def selection(stats_path: Path, root: Path, top_k: int) -> Path:
-    """A pca_stats.json from `nexus.stats.analyze` (PCA ranking, importance weights), as `nexus analyze`."""
+def selection(stats_path: Path, root: Path, top_k: int, importance: str = "pca") -> Path:
+    """A pca_stats.json from `nexus.stats.analyze` (`importance` ranking: "pca" or "frequency"; importance
+    weights), as `nexus analyze --importance IMPORTANCE`."""
     from nexus.stats.accumulate import RouterStats
     from nexus.stats.analyze import analyze_stats
 
-    out = root / "stats" / f"top{top_k}.json"
+    out = root / "stats" / (f"top{top_k}.json" if importance == "pca" else f"{importance}-top{top_k}.json")
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         stats, _ = RouterStats.load(stats_path)
-        out.write_text(json.dumps(analyze_stats(stats, top_k, "pca", merge_weights="importance"), indent=1))
+        out.write_text(json.dumps(analyze_stats(stats, top_k, importance, merge_weights="importance"), indent=1))
     return out
 
 
@@ -283,24 +284,36 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def val_loss(self, model) -> float:
-        """Mean next-token cross-entropy (nats) of `model` on the validation slice."""
+    def loss(self, model, seqs) -> tuple[float, int]:
+        """(mean next-token cross-entropy in nats, predicted tokens) of `model` on packed `seqs`."""
         was = model.training
         model.eval()
         nll, n = 0.0, 0
-        for ids, mask in batches(self.val, self.batch_size, self.tok.pad_token_id):
+        for ids, mask in batches(seqs, self.batch_size, self.tok.pad_token_id):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
             n += int((tgt != -100).sum())
         model.train(was)
-        return nll / n
+        return nll / n, n
 
-    def __call__(self, model) -> dict:
-        """{domain_loss, general_loss, base_domain_loss, base_general_loss (nats/token), *_ppl, *_kl, tokens}."""
+    def val_loss(self, model) -> float:
+        """Mean next-token cross-entropy (nats) of `model` on the validation slice."""
+        return self.loss(model, self.val)[0]
+
+    def __call__(self, model, baseline: bool = True) -> dict:
+        """{domain_loss, general_loss, base_domain_loss, base_general_loss (nats/token), *_ppl, *_kl, tokens};
+        without `baseline` only the model's own {domain,general}_{loss,ppl,tokens} (half the forwards: the
+        frozen base's figures are the same in every run, taken once at step 0)."""
         from nexus.validate.metrics import evaluate
 
         model = merged(model)  # PEFT and ESFT: a plain copy (the MoE hooks need plain modules)
+        if not baseline:
+            out = {}
+            for name, seqs in self.seqs.items():
+                loss, n = self.loss(model, seqs)
+                out.update({f"{name}_loss": loss, f"{name}_ppl": math.exp(loss), f"{name}_tokens": n})
+            return out
         was = model.training
         model.eval()
         out = {}
@@ -374,7 +387,7 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
 
     rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta)
     t0 = time.perf_counter()
-    end = ev(trainer.model)
+    end = ev(trainer.model, baseline=False)
     rec["eval_s"] = time.perf_counter() - t0
     n = trainer.params.numel()
     trainer.cleanup()
@@ -440,7 +453,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
 
     rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta)
     t0 = time.perf_counter()
-    end = ev(model)
+    end = ev(model, baseline=False)
     rec["eval_s"] = time.perf_counter() - t0
     return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec, **extra}
 

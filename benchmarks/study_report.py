@@ -1,7 +1,9 @@
 """The report of benchmarks/study.py from its results.jsonl only: per method a Pareto curve (domain gain %
 against general loss change %, one point per learning rate, mean over seeds with min–max bars) as
 pareto.png, and report.md with the best domain gain at a general loss increase under --max-general
-percent per method. Every figure comes from the results file; nothing is typed in.
+percent per method and the study's questions answered from those points. Every figure comes from the
+results file; nothing is typed in. A hand-written `preface.md` in --out (context: the model, what was
+left out) goes under the title, as written.
 
     PYTHONPATH=src python benchmarks/study_report.py --results docs/study/results.jsonl --out docs/study \
         --doc docs/study.md
@@ -18,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MAX_GENERAL = 5.0  # % general loss increase allowed for the headline figure
+PREFACE = "preface.md"  # in --out: hand-written text placed under the report's title, if present
 
 
 def load(path: Path) -> list[dict]:
@@ -72,6 +75,48 @@ def separation(a: dict, b: dict) -> dict:
     apart = da["min"] > db["max"] or db["min"] > da["max"]
     return {"paired_diff": statistics.mean(diffs) if diffs else None, "seeds": len(seeds),
             "exceeds_spread": apart and len(seeds) > 1}
+
+
+def verdict(a: dict, b: dict) -> str:
+    """How point a compares with point b on domain gain: ahead / behind beyond seed noise, or within it."""
+    sep = separation(a, b)
+    if sep["paired_diff"] is None:
+        return "no shared seed"
+    per_seed = ", ".join(f"{a['per_seed'][s][0] - b['per_seed'][s][0]:+.2f}"
+                         for s in sorted(set(a["per_seed"]) & set(b["per_seed"])))
+    if sep["exceeds_spread"]:
+        word = "ahead, beyond seed noise" if sep["paired_diff"] > 0 else "behind, beyond seed noise"
+    else:
+        word = "within seed noise (the seeds' min–max ranges overlap)"
+    return f"{sep['paired_diff']:+.2f} pt paired over {sep['seeds']} seeds ({per_seed}): {word}"
+
+
+def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL) -> list[str]:
+    """The study's questions answered from the best points under `max_general` (one sentence each)."""
+    def point(m):
+        lr, p = best[m]
+        return f"**{m}** (lr {lr:g}: domain {_pm(p['domain'])} %, general {_pm(p['general'])} %)"
+
+    nexus = sorted((m for m in best if m.startswith("nexus")), key=lambda m: best[m][1]["domain"]["mean"],
+                   reverse=True)
+    out = []
+    if not nexus:
+        return [f"No NEXUS setting kept the general loss increase under {max_general:g} %."]
+    top = nexus[0]
+    out.append(f"Best NEXUS setting: {point(top)}; then " + ", ".join(
+        f"{m} {best[m][1]['domain']['mean']:+.2f}" for m in nexus[1:]) + " (best domain gain %, each at its own lr)."
+        if len(nexus) > 1 else f"Best NEXUS setting: {point(top)}.")
+    for other in ("esft", "esft-matched", "lora-attn-experts", "lora-attn", "full-moe"):
+        if other in best:
+            out.append(f"{top} against {point(other)}: {verdict(best[top][1], best[other][1])}.")
+        elif other in pts:
+            out.append(f"{other}: no learning rate kept the general loss increase under {max_general:g} %.")
+    for pca in (m for m in nexus if m.startswith("nexus-pca_top")):
+        k = pca.removeprefix("nexus-pca_top")
+        for ref in ("nexus-random", f"nexus-frequency_top{k}"):
+            if ref in best:
+                out.append(f"PCA-selected merge {pca} against {ref}: {verdict(best[pca][1], best[ref][1])}.")
+    return out
 
 
 def plot(pts: dict, path: Path, max_general: float = MAX_GENERAL) -> None:
@@ -130,7 +175,12 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
               "100 × (after − base) / base of the general_eval loss. FLOPs/token = 2 × active parameters (input "
               "embeddings excluded, routed experts at top_k / num_experts), NEXUS + 2 × its shared experts' "
               "parameters; merged LoRA, ESFT and full-moe add none.", "",
-              f"## Best domain gain with a general loss increase under {max_general:g} %", "",
+              "## Answers", "",
+              f"From the best point of each method with a general loss increase under {max_general:g} % (mean "
+              "over seeds ± std; paired differences in percentage points of domain gain, seed by seed; "
+              "\"beyond seed noise\" = the two methods' per-seed min–max ranges do not overlap):", ""]
+    lines += [f"- {a}" for a in answers(pts, best, max_general)]
+    lines += ["", f"## Best domain gain with a general loss increase under {max_general:g} %", "",
               "| method | lr | domain gain % | general change % | seeds | vs best other (paired diff, beyond seed "
               "spread?) | trainable | FLOPs/token | steps (best) | step ms | peak RSS MiB |",
               "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -182,7 +232,7 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
 
 def write_report(results: Path, out: Path, doc: Path | None = None, report_command: str | None = None,
                  max_general: float = MAX_GENERAL) -> str:
-    rows = load(results)
+    rows = load(results) if results.is_file() else []
     if not rows:
         return f"{results}: no results yet"
     pts = points(rows)
@@ -190,6 +240,10 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     out.mkdir(parents=True, exist_ok=True)
     plot(pts, out / "pareto.png", max_general)
     text = markdown(rows, pts, best, report_command, max_general)
+    preface = out / PREFACE
+    if preface.is_file():  # hand-written context (what the study ran on, what it left out), kept on every rewrite
+        title, rest = text.split("\n", 1)
+        text = f"{title}\n\n{preface.read_text().strip()}\n{rest}"
     (out / "report.md").write_text(text)
     if doc is not None:
         png, where = (out / "pareto.png").resolve(), doc.resolve().parent

@@ -83,6 +83,25 @@ def test_pareto_best_under_five_percent(tmp_path):
     assert "No learning rate kept the general loss increase under 5 % for: c." in text
 
 
+def test_answers_name_the_best_nexus_setting_and_compare_it_seed_by_seed():
+    rows = []
+    for seed, j in ((0, -0.2), (1, 0.0), (2, 0.2)):
+        rows += [_row("nexus-pca_top8", 1e-3, seed, 5 + j, 2), _row("nexus-pca_top8", 1e-2, seed, 9, 6),
+                 _row("nexus-random", 1e-3, seed, 4.9 - j, 2),   # overlaps pca's seeds: within noise
+                 _row("nexus-frequency_top8", 1e-3, seed, 2 + j, 1),  # clearly behind
+                 _row("esft", 3e-3, seed, 7 + j, 3),  # clearly ahead of every NEXUS setting
+                 _row("lora-attn", 1e-3, seed, 3, 8)]  # never under 5 %
+    pts = R.points(rows)
+    text = "\n".join(R.answers(pts, R.best_under(pts)))
+    assert "Best NEXUS setting: **nexus-pca_top8** (lr 0.001: domain +5.00 ± 0.20 %" in text
+    assert "nexus-pca_top8 against **esft** (lr 0.003: domain +7.00 ± 0.20 %, general +3.00 ± 0.00 %): -2.00 pt " \
+           "paired over 3 seeds (-2.00, -2.00, -2.00): behind, beyond seed noise." in text
+    assert "lora-attn: no learning rate kept the general loss increase under 5 %." in text
+    assert "against nexus-random: +0.10 pt paired over 3 seeds (-0.30, +0.10, +0.50): within seed noise" in text
+    assert "against nexus-frequency_top8: +3.00 pt paired over 3 seeds (+3.00, +3.00, +3.00): ahead, beyond " \
+           "seed noise." in text
+
+
 def test_flops_formula_on_demo_config():
     from nexus import demo_data
 
