@@ -91,7 +91,7 @@ def part1(sizes: list[int], old_max: int, repeats: int) -> None:
                 old = "– | –"
             print(f"| {n:,} | {layout} | {t_new:.4f} | {n / t_new:,.0f} | {t_chunk:.3f} | {n / t_chunk:,.0f} | {old} |",
                   flush=True)
-            del tokens, lengths
+            tokens = lengths = None  # free before the next size is generated
 
 
 def part2(n_tokens: int, repeats: int) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from nexus.convert.checkpoint import ExpertReader, FusedSource, Mxfp4Source, PerExpertSource
 from nexus.errors import NexusError
 
-REFERENCE = Path("/work/shared/reference/gpt-oss-20b")
+REFERENCE = Path(__file__).parent / "data" / "gpt-oss-20b"  # the released files, kept in the repository
 
 
 def experts_module(model, reader, layer):

@@ -156,7 +156,7 @@ def experts_class_for(module: nn.Module, model: nn.Module) -> type[nn.Module]:
                      f"unified experts class found in {type(model).__module__}")
 
 
-def layout_of(module: nn.Module, config=None) -> ExpertsLayout:
+def layout_of(module: nn.Module) -> ExpertsLayout:
     """Read the layout of an experts module from its flags and parameter shapes."""
     projections = getattr(module, "nexus_projections", None)
     if projections is not None:  # NEXUS's quantized experts: logical [out, in] per projection
@@ -170,9 +170,9 @@ def layout_of(module: nn.Module, config=None) -> ExpertsLayout:
     is_transposed = getattr(module, "is_transposed", False)
     is_concatenated = getattr(module, "is_concatenated", True)
     if not hasattr(module, "is_transposed"):
-        # Quantized stand-in: take the layout flags from the unified class's decorator defaults,
-        # sizes from the config (its packed parameters do not have the logical shapes).
-        cfg = config if config is not None else getattr(module, "config", None)
+        # Quantized stand-in (transformers' Mxfp4GptOssExperts): layout flags from the unified class's
+        # decorator defaults, sizes from the module's own attributes (its packed parameters do not have
+        # the logical shapes).
         return ExpertsLayout(num_experts=module.num_experts, hidden_size=module.hidden_size,
                              intermediate_size=module.intermediate_size, has_gate=True, has_bias=has_bias,
                              is_transposed=type(module).__name__.startswith("Mxfp4GptOss") or is_transposed,
@@ -270,7 +270,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         for child_name, child in module.named_children():
             if child_name.startswith("nexus_") or not is_experts_module(child):
                 continue
-            layout = layout_of(child, config)
+            layout = layout_of(child)
             m = _LAYER_RE.search(path)
             if m is None:
                 raise NexusError(f"{path}: MoE block outside a `layers.N` list; cannot tell its layer index")
