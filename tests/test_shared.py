@@ -246,3 +246,15 @@ def test_fractional_width_round_trips_through_an_adapter(tmp_path, width, expect
         torch.testing.assert_close(loaded(ids).logits, base(ids).logits, rtol=0, atol=0)
     with pytest.raises(NexusError, match="--width-multiplier must be a positive number"):
         attach_shared_experts(tiny_model("qwen3_moe"), width_multiplier=-0.5)
+
+
+def test_an_all_zero_gated_expert_learns_only_its_output_bias():
+    """docs/train.md: with init zero, gate/up and down weights get exactly zero gradient; the down bias does not."""
+    model = nexus.attach_shared_experts(tiny_model("gpt_oss"), init="zero")
+    ids = torch.randint(model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: g for n, g in grads.items() if n.endswith("_proj")}
+    biases = {n: g for n, g in grads.items() if n.endswith("down_proj_bias")}
+    assert weights and all(g is not None and not g.any() for g in weights.values())
+    assert biases and all(g.abs().sum() > 0 for g in biases.values())
