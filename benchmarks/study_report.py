@@ -1,7 +1,8 @@
 """The report of benchmarks/study.py from its results.jsonl only: per method a Pareto curve (domain gain %
 against general loss change %, one point per learning rate, mean over seeds with min–max bars) as
 pareto.png, and report.md with the best domain gain at a general loss increase under --max-general
-percent per method and the study's questions answered from those points. Every figure comes from the
+percent per method and the study's questions answered from those points and at equal cost (each
+method's domain gain at a general loss increase of 2 %, interpolated on each seed's Pareto front). Every figure comes from the
 results file; nothing is typed in. A hand-written `preface.md` in --out (context: the model, what was
 left out) goes under the title, as written.
 
@@ -20,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MAX_GENERAL = 5.0  # % general loss increase allowed for the headline figure
+EQUAL_GENERAL = 2.0  # % general loss increase at which methods are compared at equal cost
 PREFACE = "preface.md"  # in --out: hand-written text placed under the report's title, if present
 
 
@@ -84,15 +86,48 @@ def verdict(a: dict, b: dict) -> str:
         return "no shared seed"
     per_seed = ", ".join(f"{a['per_seed'][s][0] - b['per_seed'][s][0]:+.2f}"
                          for s in sorted(set(a["per_seed"]) & set(b["per_seed"])))
-    if sep["exceeds_spread"]:
+    if sep["seeds"] < 2:
+        word = "one seed, no estimate of seed noise"
+    elif sep["exceeds_spread"]:
         word = "ahead, beyond seed noise" if sep["paired_diff"] > 0 else "behind, beyond seed noise"
     else:
         word = "within seed noise (the seeds' min–max ranges overlap)"
-    return f"{sep['paired_diff']:+.2f} pt paired over {sep['seeds']} seeds ({per_seed}): {word}"
+    n = sep["seeds"]
+    return f"{sep['paired_diff']:+.2f} pt paired over {n} seed{'s' if n != 1 else ''} ({per_seed}): {word}"
 
 
-def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL) -> list[str]:
-    """The study's questions answered from the best points under `max_general` (one sentence each)."""
+def front_at(points: list[tuple[float, float]], x: float) -> float:
+    """Domain gain at general change `x` on the Pareto front of (general, domain) `points` plus the base
+    model (0, 0): the front's points in order of general change, linearly interpolated between them; past
+    the front's last point, its gain (a method that stays under `x` does not have to spend it)."""
+    front = []
+    for g, d in sorted([(0.0, 0.0)] + list(points)):
+        if not front or d > front[-1][1]:
+            front.append((g, d))
+    if x < 0:
+        raise ValueError(f"general change {x} %: the comparison is at a non-negative cost")
+    for (g0, d0), (g1, d1) in zip(front, front[1:]):
+        if g0 <= x <= g1:
+            return d0 + (d1 - d0) * (x - g0) / (g1 - g0)
+    return front[-1][1]
+
+
+def equal_cost(pts: dict, x: float = EQUAL_GENERAL) -> dict[str, dict]:
+    """Per method, each seed's domain gain at general change `x` (front_at over that seed's learning
+    rates), as a point: {domain (stats over seeds), per_seed {seed: (gain, x)}}."""
+    out = {}
+    for m, lrs in pts.items():
+        seeds = sorted({s for p in lrs.values() for s in p["per_seed"]})
+        per_seed = {s: (front_at([(p["per_seed"][s][1], p["per_seed"][s][0]) for p in lrs.values()
+                                  if s in p["per_seed"]], x), x) for s in seeds}
+        out[m] = {"domain": _stats([v[0] for v in per_seed.values()]), "per_seed": per_seed}
+    return out
+
+
+def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
+            equal_general: float = EQUAL_GENERAL) -> list[str]:
+    """The study's questions answered from the best points under `max_general` and at equal cost
+    (`equal_general`), one sentence each."""
     def point(m):
         lr, p = best[m]
         return f"**{m}** (lr {lr:g}: domain {_pm(p['domain'])} %, general {_pm(p['general'])} %)"
@@ -116,6 +151,19 @@ def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL) -> list[str
         for ref in ("nexus-random", f"nexus-frequency_top{k}"):
             if ref in best:
                 out.append(f"PCA-selected merge {pca} against {ref}: {verdict(best[pca][1], best[ref][1])}.")
+    eq = equal_cost(pts, equal_general)
+    ranked = sorted(eq, key=lambda m: eq[m]["domain"]["mean"], reverse=True)
+    out.append(f"At equal cost, a general loss increase of {equal_general:g} % (each seed's Pareto front over its "
+               f"learning rates and the base model, interpolated linearly): " + ", ".join(
+                   f"{m} {_pm(eq[m]['domain'])}" for m in ranked) + " % domain gain.")
+    top_eq = next((m for m in ranked if m.startswith("nexus")), None)
+    if top_eq:
+        for other in (m for m in ranked if not m.startswith("nexus")):
+            out.append(f"At equal cost, {top_eq} against {other}: {verdict(eq[top_eq], eq[other])}.")
+        for pca in (m for m in ranked if m.startswith("nexus-pca_top")):
+            for ref in ("nexus-random", f"nexus-frequency_top{pca.removeprefix('nexus-pca_top')}"):
+                if ref in eq:
+                    out.append(f"At equal cost, {pca} against {ref}: {verdict(eq[pca], eq[ref])}.")
     return out
 
 

@@ -102,6 +102,18 @@ def test_answers_name_the_best_nexus_setting_and_compare_it_seed_by_seed():
            "seed noise." in text
 
 
+def test_equal_cost_interpolates_each_seeds_pareto_front():
+    # front: base (0, 0), (1, 3), (4, 6); (3, 2) is dominated, (9, 5) is past the front's best
+    assert R.front_at([(1, 3), (3, 2), (4, 6), (9, 5)], 2.0) == pytest.approx(4.0)
+    assert R.front_at([(1, 3), (4, 6)], 0.5) == pytest.approx(1.5)  # between the base and the first point
+    assert R.front_at([(1, 3), (4, 6)], 7.0) == pytest.approx(6.0)  # past the front: its best gain
+    assert R.front_at([(-0.5, 1.0), (2, 2)], 0.0) == pytest.approx(1.2)  # a point cheaper than the base
+    rows = [_row("a", lr, seed, d + seed, g) for seed in (0, 1) for lr, d, g in ((1e-3, 3, 1), (1e-2, 6, 4))]
+    eq = R.equal_cost(R.points(rows), 2.0)
+    assert eq["a"]["per_seed"][0][0] == pytest.approx(4.0) and eq["a"]["per_seed"][1][0] == pytest.approx(5.0)
+    assert eq["a"]["domain"]["mean"] == pytest.approx(4.5)
+
+
 def test_flops_formula_on_demo_config():
     from nexus import demo_data
 
