@@ -180,3 +180,20 @@ def test_existing_output_needs_overwrite(base, stats, tmp_path, capsys):
               "--init-strategy", "pca_top2", "--overwrite", "--skip-check"])
     assert exc.value.code == 0
     assert sorted(p.name for p in out.iterdir()) == ["nexus_adapter.safetensors", "nexus_config.json"]
+
+
+def test_default_init_is_random_and_needs_no_router_statistics(base, tmp_path):
+    from nexus.convert.strategy import DEFAULT_INIT
+
+    out = tmp_path / "adapter"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "--input", str(base), "--output", str(out), "--skip-check", "--seed", "5"])
+    assert exc.value.code == 0 and DEFAULT_INIT == "random"
+    config = json.loads((out / "nexus_config.json").read_text())
+    assert config["init_strategy"] == "random"
+    explicit = tmp_path / "explicit"
+    with pytest.raises(SystemExit):
+        main(["convert", "--input", str(base), "--output", str(explicit), "--skip-check", "--seed", "5",
+              "--init-strategy", "random"])
+    a, b = load_file(str(out / "nexus_adapter.safetensors")), load_file(str(explicit / "nexus_adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

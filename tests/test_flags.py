@@ -105,7 +105,7 @@ def test_verb_flags_default_to_their_functions_signature():
     parse = build_parser().parse_args
     cases = [(sample, SAMPLE, ["sample", "--dataset", "d", "--tokenizer", "t"]),
              (analyze, ANALYZE, ["analyze", "--input", "s"]),
-             (convert, CONVERT, ["convert", "--input", "m", "--output", "a", "--init-strategy", "zero"])]
+             (convert, CONVERT, ["convert", "--input", "m", "--output", "a"])]
     for func, flags, argv in cases:
         args = parse(argv)
         for name, p in inspect.signature(func).parameters.items():

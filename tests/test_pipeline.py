@@ -136,6 +136,8 @@ def _demo_like(tmp_path, **stages) -> Path:
     ({"validate": {"num_samples": 0}}, "stage 'validate': --num-samples must be >= 1, got 0"),
     ({"convert": None}, "stage 'train' needs --student-model: add a 'convert' stage, or set stages.train.student_model"),
     ({"sample": None}, "stage 'collect' needs --dataset: add a 'sample' stage"),
+    ({"analyze": None}, "stage 'convert' needs --pca-stats: add a 'analyze' stage"),  # pca_top2 merges experts
+    ({"convert": {"init_strategy": "pca24"}}, "stage 'convert': --init-strategy 'pca24': unknown init strategy"),
 ])
 def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, stages, message):
     from tiny import run_main
@@ -169,6 +171,19 @@ def test_a_stage_whose_input_is_not_made_is_refused_with_from(tmp_path):
     r = run_main("pipeline", _demo_like(tmp_path), "--from", "train")
     assert r.returncode == 2 and "stage 'train' needs --student-model" in r.stderr and "--from convert" in r.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_a_random_init_needs_no_router_statistics(tmp_path):
+    from tiny import run_main
+
+    config = _demo_like(tmp_path, sample=None, collect=None, analyze=None, convert={"init_strategy": "random"})
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["stages"]["convert"]["init_strategy"]  # convert's default
+    config.write_text(yaml.safe_dump(cfg))
+    r = run_main("pipeline", config, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    convert_line = next(ln for ln in r.stdout.splitlines() if "nexus convert" in ln)
+    assert "--pca-stats" not in convert_line and "--output" in convert_line
 
 
 def test_dry_run_writes_nothing(tmp_path):

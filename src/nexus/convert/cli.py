@@ -1,5 +1,7 @@
-r"""Turn a base model and pca_stats.json into an adapter directory (shared experts initialized from routed experts).
+r"""Turn a base model into an adapter directory: shared experts initialized at random (the default) or from
+its routed experts (those pca_stats.json selects).
 
+    nexus convert --input path/to/gpt-oss-120b --output adapter/       # random init, the default
     nexus convert --input path/to/gpt-oss-120b --output adapter/ \
         --pca-stats pca_stats.json --init-strategy pca_top24
     nexus convert --input path/to/model --output adapter/ --init-strategy zero
@@ -26,6 +28,7 @@ from ..base.loader import DEQUANTIZE_HELP
 from ..flags import add_function_flags, function_args
 from ..rerun import nothing_written
 from .core import convert
+from .strategy import parse_strategy
 
 
 FLAGS = {  # convert()'s parameters: their defaults and types are its signature's
@@ -37,7 +40,8 @@ FLAGS = {  # convert()'s parameters: their defaults and types are its signature'
                   "help": "pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies"},
     "init_strategy": {"metavar": "NAME",
                       "help": "zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK | feature_topK | "
-                              "pruned_topK (e.g. pca_top24)"},
+                              "pruned_topK (e.g. pca_top24); default random, the best or tied-best init in "
+                              "docs/study.md, which needs no --pca-stats"},
     "width_multiplier": {"metavar": "M",
                          "help": "shared intermediate size = M × the routed expert's, e.g. 2 or 0.25 (default 1; "
                                  "concat_topK: K). Units beyond the merged expert start with random gate/up and "
@@ -54,6 +58,11 @@ FLAGS = {  # convert()'s parameters: their defaults and types are its signature'
     "overwrite": {"help": "replace an existing output directory"},
 }
 ALIASES = {"--input": "--model", "--output": "--output-dir", "--pca-stats": "--router-stats"}
+
+
+def check_options(args) -> None:
+    """Flag values alone (no file access); `nexus pipeline` checks these before any stage runs."""
+    parse_strategy(args.init_strategy)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from ..version import __version__
 from .checkpoint import ExpertReader
 from .merge import from_units, keep_units, make_merger, silence_outputs, strongest_units, to_units, widen
 from ..base.files import StreamingWriter
-from .strategy import LayerSelection, Strategy, load_selection, parse_strategy
+from .strategy import DEFAULT_INIT, LayerSelection, Strategy, load_selection, parse_strategy
 
 CHECK_TOKENS = 8  # tokens in the sanity forward of the converted model
 PROBE_TOKENS = 4  # random hidden states each shared expert is run on before it is written
@@ -252,7 +252,7 @@ def sanity_forward(adapter_dir: Path, dequantize: bool = False) -> float:
     return float((logits - base).abs().max())
 
 
-def convert(input_dir: str, output_dir: str, init_strategy: str,
+def convert(input_dir: str, output_dir: str, init_strategy: str = DEFAULT_INIT,
             pca_stats: str | None = None, width_multiplier: float | None = None, scale: float = 1.0,
             seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print,
             dequantize: bool = False, gate: float | None = None) -> dict:

@@ -32,6 +32,9 @@ PCA_VERSION = 1
 MERGES = ("pca", "frequency", "aligned", "concat", "feature", "pruned")
 _TOPK = re.compile(r"^(pca|frequency|aligned|concat|feature|pruned)_top(\d+)$")
 WEIGHT_SUM_TOLERANCE = 1e-3  # hand-written files round their weights
+# `nexus convert`'s default: the study (docs/study.md) found no expert-based init that beats it on a testbed
+# whose experts specialize, and it needs no router statistics.
+DEFAULT_INIT = "random"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,14 @@ class Stage:
     resume: tuple = ()  # extra args that continue an unfinished run
     resume_if_exists: bool = True  # pass `resume` only when the output already exists (partial)
     needs: dict = field(default_factory=dict)  # flag -> the stage whose output it is wired to
+    needed_if: dict = field(default_factory=dict)  # flag -> callable(ctx): that input is needed at all
+
+
+def _merges(ctx) -> bool:
+    """Whether the config's convert init reads experts (and so needs analyze's pca_stats.json)."""
+    from ..convert.strategy import DEFAULT_INIT, parse_strategy
+
+    return parse_strategy(str(ctx.stage_opt("convert", "init_strategy", DEFAULT_INIT))).reads_experts
 
 
 def _stage_table():
@@ -47,8 +55,9 @@ def _stage_table():
         "analyze": Stage("analyze", "--output", "pca_stats.json",
                          {"--input": lambda c: c.out("collect")}, needs={"--input": "collect"}),
         "convert": Stage("convert", "--output", "adapter",
-                         {"--input": lambda c: c.model, "--pca-stats": lambda c: c.out("analyze")},
-                         needs={"--pca-stats": "analyze"}),
+                         {"--input": lambda c: c.model,
+                          "--pca-stats": lambda c: c.out("analyze") if c.enabled("analyze") or _merges(c) else None},
+                         needs={"--pca-stats": "analyze"}, needed_if={"--pca-stats": _merges}),
         "precompute-teacher": Stage("precompute-teacher", "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
                                      "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},
@@ -243,7 +252,7 @@ def check_config(ctx: Context, names: list[str], source: str = "pipeline config"
                 raise NexusError(f"{source}: stage '{name}': {e}") from None
         given = {"--" + str(k).replace("_", "-") for k in ctx.cfg["stages"].get(name) or {}}
         for flag, producer in stage.needs.items():
-            if flag in given or is_complete(ctx, producer):
+            if flag in given or is_complete(ctx, producer) or not stage.needed_if.get(flag, lambda _: True)(ctx):
                 continue
             if producer in names and names.index(producer) < names.index(name):
                 continue
