@@ -77,3 +77,12 @@ def test_report_states_the_python_version_and_corpus_it_measured(demo_out):
     assert f"CPython {platform.python_version()}" in line
     rows = len((demo_out / "data" / "domain_eval.jsonl").read_text().splitlines())
     assert f"domain_eval {rows} files / " in line
+
+
+def test_the_report_describes_every_init_strategy():
+    from nexus.convert.strategy import MERGES
+    from nexus.demo.report import init_description
+
+    for name in ["zero", "random", *(f"{kind}_top4" for kind in MERGES), "tensors"]:
+        assert init_description(name)
+    assert "random weights" in init_description("random") and "average" in init_description("pca_top8")

@@ -5,8 +5,8 @@
 
 The bundled model is a small GPT-OSS-architecture MoE pretrained by this project on the Python
 standard library, with the `email` and `http` packages held out as a domain. The demo samples
-general text, collects router statistics, analyzes them, converts (PCA-selected experts merged into
-the shared experts), trains the shared experts on the held-out domain (distillation from the
+general text, collects router statistics, analyzes them, attaches shared experts (the config's init:
+random, the default), trains the shared experts on the held-out domain (distillation from the
 bundled model plus LM loss), validates on general and domain text, and writes REPORT.md.
 Stages that already finished are skipped, so an interrupted demo continues where it stopped.
 """

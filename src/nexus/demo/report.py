@@ -55,6 +55,33 @@ def corpus_line(data_dir: Path) -> str:
             + ", ".join(parts) + ".")
 
 
+_INITS = {
+    "zero": "every shared expert starts at zero (the model's outputs are unchanged at step 0)",
+    "random": "every shared expert starts from random weights (normal, the config's initializer_range) and zero "
+              "biases; the router analysis above is for reference: no init built from these experts did better in "
+              "docs/study.md",
+    "pca": "each layer's shared expert is the weighted average of the experts selected above",
+    "frequency": "each layer's shared expert is the weighted average of the experts selected above",
+    "aligned": "each layer's shared expert is the weighted average of the experts selected above, their hidden "
+               "units aligned first",
+    "concat": "each layer's shared expert is the experts selected above side by side, weighted",
+    "feature": "each layer's shared expert has the hidden units of the experts selected above with a zero down "
+               "projection (outputs unchanged at step 0)",
+    "pruned": "each layer's shared expert keeps the strongest hidden units of the experts selected above, weighted",
+}
+
+
+def init_description(init_strategy: str) -> str:
+    """What an adapter's `init_strategy` put in the shared experts, in words (the demo report's sentence)."""
+    from ..convert.strategy import parse_strategy
+
+    try:
+        kind = parse_strategy(init_strategy).kind
+    except NexusError:  # "tensors" (Python API) or another writer's name
+        return f"shared experts initialized by `{init_strategy}`"
+    return _INITS[kind]
+
+
 def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
     """Compose REPORT.md from the stages' own outputs; returns its path and a two-line summary."""
     work = Path(ctx.work_dir)
@@ -86,8 +113,7 @@ def write_report(ctx: Context, seconds: dict[str, float]) -> tuple[Path, str]:
 
     lines += ["", "## Initialization", "",
               f"Strategy `{adapter_cfg.init_strategy}`, width x{adapter_cfg.width_multiplier}, "
-              f"scale {adapter_cfg.scale}: each layer's shared expert is the weighted average of the "
-              f"experts selected above (the config fixes k; the category's recommendation is for reference)."]
+              f"scale {adapter_cfg.scale}: {init_description(adapter_cfg.init_strategy)}."]
 
     n = max(1, min(10, len(rows) // 2))  # single steps are noisy: compare the means of the first and last n
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
