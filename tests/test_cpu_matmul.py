@@ -92,6 +92,8 @@ def test_a_loaded_base_computes_its_frozen_linears_in_fp32(tmp_path):
     exact.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     with torch.no_grad():
         best = exact(ids).logits.double()
-    # fp32 products land closer to the fp32 evaluation of the same weights than bf16 products do
-    assert (got - best).abs().mean() <= (want - best).abs().mean()
+    # fp32 products land at least as close to the fp32 evaluation of the same weights as bf16 products do
+    # (on AVX2 much closer; where the CPU has native bf16 dot products, AVX512-BF16 or AMX, torch's bf16
+    # GEMM accumulates in fp32 too and the two differ only by rounding noise, hence the 5 % slack)
+    assert (got - best).abs().mean() <= 1.05 * (want - best).abs().mean()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

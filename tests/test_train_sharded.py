@@ -138,7 +138,9 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
         for key in ("loss", "eval_ce", "eval_kl"):
             assert (ra.get(key) is None) == (rb.get(key) is None), key
             if ra.get(key) is not None:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5 if dtype == "float32" else 1e-3, abs=1e-7), key
+                # bf16: a KL of ~3e-5 nats differs by ~1e-7 between summation orders, so an absolute floor
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5 if dtype == "float32" else 1e-3,
+                                                abs=1e-7 if dtype == "float32" else 1e-6), key
     ckpt = tmp_path / "sharded" / "checkpoint-2"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["router"]["frozen"] is True
