@@ -16,9 +16,8 @@ form.
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
