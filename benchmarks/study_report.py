@@ -100,12 +100,12 @@ def front_at(points: list[tuple[float, float]], x: float) -> float:
     """Domain gain at general change `x` on the Pareto front of (general, domain) `points` plus the base
     model (0, 0): the front's points in order of general change, linearly interpolated between them; past
     the front's last point, its gain (a method that stays under `x` does not have to spend it)."""
+    if x < 0:
+        raise ValueError(f"general change {x} %: the comparison is at a non-negative cost")
     front = []
     for g, d in sorted([(0.0, 0.0)] + list(points)):
         if not front or d > front[-1][1]:
             front.append((g, d))
-    if x < 0:
-        raise ValueError(f"general change {x} %: the comparison is at a non-negative cost")
     for (g0, d0), (g1, d1) in zip(front, front[1:]):
         if g0 <= x <= g1:
             return d0 + (d1 - d0) * (x - g0) / (g1 - g0)
@@ -122,6 +122,13 @@ def equal_cost(pts: dict, x: float = EQUAL_GENERAL) -> dict[str, dict]:
                                   if s in p["per_seed"]], x), x) for s in seeds}
         out[m] = {"domain": _stats([v[0] for v in per_seed.values()]), "per_seed": per_seed}
     return out
+
+
+def _pca_pairs(methods) -> list[tuple[str, str]]:
+    """(nexus-pca_topK, reference) for each PCA-selected merge among `methods` and each of its references
+    present: random init, and the same merge of the K most-routed experts (frequency_topK)."""
+    return [(m, ref) for m in methods if m.startswith("nexus-pca_top")
+            for ref in ("nexus-random", "nexus-frequency_top" + m.removeprefix("nexus-pca_top")) if ref in methods]
 
 
 def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
@@ -146,11 +153,8 @@ def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
             out.append(f"{top} against {point(other)}: {verdict(best[top][1], best[other][1])}.")
         elif other in pts:
             out.append(f"{other}: no learning rate kept the general loss increase under {max_general:g} %.")
-    for pca in (m for m in nexus if m.startswith("nexus-pca_top")):
-        k = pca.removeprefix("nexus-pca_top")
-        for ref in ("nexus-random", f"nexus-frequency_top{k}"):
-            if ref in best:
-                out.append(f"PCA-selected merge {pca} against {ref}: {verdict(best[pca][1], best[ref][1])}.")
+    for pca, ref in _pca_pairs(best):
+        out.append(f"PCA-selected merge {pca} against {ref}: {verdict(best[pca][1], best[ref][1])}.")
     eq = equal_cost(pts, equal_general)
     ranked = sorted(eq, key=lambda m: eq[m]["domain"]["mean"], reverse=True)
     out.append(f"At equal cost, a general loss increase of {equal_general:g} % (each seed's Pareto front over its "
@@ -160,10 +164,8 @@ def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
     if top_eq:
         for other in (m for m in ranked if not m.startswith("nexus")):
             out.append(f"At equal cost, {top_eq} against {other}: {verdict(eq[top_eq], eq[other])}.")
-        for pca in (m for m in ranked if m.startswith("nexus-pca_top")):
-            for ref in ("nexus-random", f"nexus-frequency_top{pca.removeprefix('nexus-pca_top')}"):
-                if ref in eq:
-                    out.append(f"At equal cost, {pca} against {ref}: {verdict(eq[pca], eq[ref])}.")
+        for pca, ref in _pca_pairs(eq):
+            out.append(f"At equal cost, {pca} against {ref}: {verdict(eq[pca], eq[ref])}.")
     return out
 
 

@@ -152,7 +152,7 @@ def init_shared_expert(shared: nn.Module, strategy: str = "zero", std: float = 0
 
 
 def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier: float = 1,
-                          gate: bool | float = False, trainable_router: bool = False,
+                          gate: bool | float | None = False, trainable_router: bool = False,
                           dtype: torch.dtype = torch.float32, seed: int | None = None,
                           tensors: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
                           scale: float = 1.0, intermediate_size: int | None = None) -> nn.Module:
@@ -164,7 +164,7 @@ def attach_shared_experts(model: nn.Module, init: str = "zero", width_multiplier
             (0.25) is rounded to the family's alignment (`nexus.moe.shared_intermediate_size`).
         intermediate_size: the shared intermediate size itself (overrides width_multiplier's rounding).
         gate: add a learnable scalar gate on the shared output, initialized to 1 (True) or to this value
-            (e.g. 0.1: the shared expert's contribution starts small).
+            (e.g. 0.1: the shared expert's contribution starts small); False or None: no gate.
         trainable_router: leave the routers trainable (everything else original stays frozen).
         dtype: dtype of the trainable weights (fp32 by default, even over a bf16 base).
         tensors: {layer index: {param name: [1, ...] tensor}} to copy in instead of `init`.

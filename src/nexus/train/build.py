@@ -75,7 +75,7 @@ def load_student(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dic
 
 def _attach_new(model: nn.Module, cfg: TrainConfig) -> None:
     attach_shared_experts(model, init=cfg.init_strategy, width_multiplier=cfg.width_multiplier, seed=cfg.seed,
-                          gate=False if cfg.gate is None else cfg.gate)
+                          gate=cfg.gate)
     if cfg.init_strategy == "zero":
         log.warning("warning: --init-strategy zero: an all-zero gated expert's weight matrices get exactly zero "
                     "gradient (only an output bias, where the family has one, can learn); use random or a "
