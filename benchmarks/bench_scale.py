@@ -12,7 +12,8 @@
    base). The base stays MXFP4 (NEXUS's loader); nothing is dequantized beyond one chunk of experts.
 3. Loads the same checkpoint with transformers' dequantizing `from_pretrained` (bf16) for comparison,
    stopped once it passes --dequantized-cap GiB resident (a 24 GiB machine cannot hold its 42 GB).
-4. Measures MXFP4 decode throughput against a plain memory copy, side by side on one core.
+4. Measures MXFP4 decode throughput against a plain memory copy, side by side on one core
+   (`--decode-only`: just this, no checkpoint).
 
 Prints a markdown section for docs/benchmarks.md and writes results.json in --workdir.
 """
@@ -116,32 +117,106 @@ def nexus(*args) -> list[str]:
     return [sys.executable, "-m", "nexus", *map(str, args)]
 
 
-def decode_throughput(repeats: int = 5) -> dict:
-    """GB/s of one core: a plain copy of bf16 weights vs MXFP4 decode to bf16, medians side by side."""
+def decode_throughput(repeats: int = 7) -> dict:
+    """GB/s of one core, medians of interleaved runs: a plain copy into an existing tensor against MXFP4
+    decode (bf16 and fp32 out) into an existing buffer, as QuantizedGroupedLinear decodes chunk after chunk,
+    into a fresh tensor, and with the numpy table lookup used when no C compiler is present."""
     import torch
 
-    from nexus.base import mxfp4
+    from nexus.base import mxfp4, native
 
     torch.set_num_threads(1)
     e, out, groups = 4, 2880, 90  # four gpt-oss experts' gate_up rows
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (e, out, groups, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(118, 124, (e, out, groups), dtype=torch.uint8, generator=g)
-    src = torch.empty(e, out, groups * 32, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    mxfp4.decode(blocks, scales, torch.bfloat16)
-    copy, decode = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        t = time.perf_counter()
-        dst.copy_(src)
-        copy.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        mxfp4.decode(blocks, scales, torch.bfloat16)
-        decode.append(time.perf_counter() - t)
-    out_bytes, packed = src.numel() * 2, blocks.numel() + scales.numel()
-    c, d = statistics.median(copy), statistics.median(decode)
-    return {"copy_gb_s": out_bytes / c / 1e9, "decode_out_gb_s": out_bytes / d / 1e9,
-            "decode_packed_gb_s": packed / d / 1e9, "ratio": c / d}
+    packed = blocks.numel() + scales.numel()
+    kernel = native.library()
+    if kernel is None:
+        print("no native MXFP4 kernel (no C compiler?): the decode figures are numpy's", file=sys.stderr)
+
+    def numpy_decode(dtype):
+        saved = native._STATE.get("lib")
+        native._STATE["lib"] = None
+        try:
+            return mxfp4.decode(blocks, scales, dtype)
+        finally:
+            native._STATE["lib"] = saved
+
+    cases = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        src = torch.ones(e, out, groups * 32, dtype=dtype)
+        dst, buf = torch.empty_like(src), torch.empty_like(src)
+        cases[str(dtype).removeprefix("torch.")] = (src.numel() * dtype.itemsize, {
+            "copy": lambda dst=dst, src=src: dst.copy_(src),
+            "decode_buffer": lambda dtype=dtype, buf=buf: mxfp4.decode(blocks, scales, dtype, out=buf),
+            "decode_fresh": lambda dtype=dtype: mxfp4.decode(blocks, scales, dtype),
+            "numpy_fresh": lambda dtype=dtype: numpy_decode(dtype)})
+    result = {"native": kernel is not None}
+    for name, (out_bytes, fns) in cases.items():
+        times = {k: [] for k in fns}
+        for f in fns.values():
+            f()  # warm up (and build the kernel)
+        for _ in range(repeats):  # interleaved, so every variant sees the same machine load
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[name] = {"copy_gb_s": out_bytes / med["copy"] / 1e9,
+                        **{f"{k}_out_gb_s": out_bytes / med[k] / 1e9 for k in fns if k != "copy"},
+                        **{f"{k}_packed_gb_s": packed / med[k] / 1e9 for k in fns if k != "copy"},
+                        **{f"{k}_ratio": med["copy"] / med[k] for k in fns if k != "copy"}}
+    return result
+
+
+def layer_step(repeats: int = 3) -> dict:
+    """Seconds for forward + backward of one gpt-oss-20b MoE experts module kept MXFP4 (32 experts, 2880 x
+    2880, 128 tokens x top-4: every expert decoded twice), on one core: the decode as it was (numpy table
+    lookup, a fresh tensor per chunk) against the native kernel into the reused chunk buffer, interleaved."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from nexus.base import native, quantized
+
+    torch.set_num_threads(1)
+    config = AutoConfig.from_pretrained(REFERENCE)
+    with torch.device("meta"):
+        experts = GptOssExperts(config)
+    experts = quantized.quantize_experts(experts, quantized.MXFP4).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    for name, p in experts.named_parameters():
+        if name.endswith("_blocks"):
+            p.data.copy_(torch.randint(0, 256, p.shape, dtype=torch.uint8, generator=g))
+        elif name.endswith("_scales"):
+            p.data.copy_(torch.randint(118, 124, p.shape, dtype=torch.uint8, generator=g))
+        else:
+            p.data.zero_()
+    tokens, k = 128, config.num_experts_per_tok
+    x = torch.randn(tokens, config.hidden_size, generator=g).requires_grad_(True)
+    index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.full((tokens, k), 1.0 / k)
+    kernel, workspace = native.library(), quantized._workspace
+
+    def step(new: bool):
+        native._STATE["lib"] = kernel if new else None
+        quantized._workspace = workspace if new else (lambda *a: None)
+        try:
+            t = time.perf_counter()
+            experts(x, index, weights).square().mean().backward()
+            return time.perf_counter() - t
+        finally:
+            native._STATE["lib"], quantized._workspace = kernel, workspace
+
+    step(True), step(False)  # warm up
+    times = {"before": [], "after": []}
+    for _ in range(repeats):
+        times["before"].append(step(False))
+        times["after"].append(step(True))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {**{f"{k}_s": v for k, v in med.items()}, "speedup": med["before"] / med["after"],
+            "native": kernel is not None}
 
 
 def main() -> None:
@@ -149,7 +224,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--dequantized-cap", type=float, default=20.0, help="GiB at which the dequantized load is stopped")
     p.add_argument("--skip", nargs="*", default=[], help="steps to skip (collect convert train validate dequantized)")
+    p.add_argument("--decode-only", action="store_true", help="only the decode measurement (no checkpoint written)")
     args = p.parse_args()
+    if args.decode_only:
+        d = decode_throughput()
+        d["layer"] = layer_step()
+        print(json.dumps(d, indent=2), file=sys.stderr)
+        print(decode_report(d))
+        return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "gpt-oss-20b"
@@ -160,6 +242,7 @@ def main() -> None:
     data = write_data(work, ckpt)
     results = {"checkpoint_gb": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9}
     results["decode"] = decode_throughput()
+    results["decode"]["layer"] = layer_step()
     print(f"decode: {results['decode']}", file=sys.stderr)
     steps = results["steps"] = []
     if "collect" not in args.skip:
@@ -209,9 +292,24 @@ def report(results: dict, args) -> str:
     for s in results["steps"]:
         rss = f"> {args.dequantized_cap:g} (stopped)" if s["capped"] else f"{s['peak_rss_gib']}"
         lines.append(f"| {s['name']} | {s['exit']} | {s['seconds']} | {rss} | {s.get('tokens_per_s_wall', '')} |")
-    lines += ["", f"MXFP4 decode on one core, medians side by side: copy {d['copy_gb_s']:.2f} GB/s; decode "
-              f"{d['decode_out_gb_s']:.2f} GB/s of bf16 out ({d['decode_packed_gb_s']:.3f} GB/s packed in), "
-              f"{100 * d['ratio']:.0f} % of the copy."]
+    lines += ["", decode_report(d)]
+    return "\n".join(lines)
+
+
+def decode_report(d: dict) -> str:
+    lines = [f"MXFP4 decode on one core, medians of interleaved runs (native kernel: {'yes' if d['native'] else 'no'}):",
+             "", "| out | copy GB/s | decode into a buffer: out GB/s (packed in) | of the copy | fresh tensor: out GB/s "
+             "| numpy, fresh: out GB/s |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ("bfloat16", "float32"):
+        r = d[name]
+        lines.append(f"| {name} | {r['copy_gb_s']:.2f} | {r['decode_buffer_out_gb_s']:.2f} "
+                     f"({r['decode_buffer_packed_gb_s']:.2f}) | {100 * r['decode_buffer_ratio']:.0f} % | "
+                     f"{r['decode_fresh_out_gb_s']:.2f} | {r['numpy_fresh_out_gb_s']:.2f} |")
+    if "layer" in d:
+        r = d["layer"]
+        lines += ["", f"One gpt-oss-20b experts module kept MXFP4, forward + backward of 128 tokens (top-4, all 32 "
+                  f"experts decoded twice), one core: {r['before_s']:.2f} s with the numpy decode into fresh tensors, "
+                  f"{r['after_s']:.2f} s with the native kernel into the reused chunk buffer ({r['speedup']:.1f} x)."]
     return "\n".join(lines)
 
 

@@ -4,9 +4,46 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from nexus.base import mxfp4
+from nexus.base import mxfp4, native
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+@pytest.fixture(params=["native", "numpy", "embedding"])
+def decode_path(request, monkeypatch):
+    """Each CPU decode path: the compiled kernel, numpy's table lookup (no compiler), torch's embedding
+    lookups (the path other devices take)."""
+    if request.param == "native":
+        if native.library() is None:
+            pytest.skip("no C compiler: the native MXFP4 kernel is not built here")
+    else:
+        monkeypatch.setitem(native._STATE, "lib", None)
+    if request.param == "embedding":
+        monkeypatch.setattr(mxfp4, "_CPU_VIEWS", {})
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_byte_at_every_scale_equals_transformers(decode_path, dtype):
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16).expand(256, 16, 1, 16).contiguous()
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1, 1).expand(256, 16, 1).contiguous()  # scale s in row s
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out]
+    ours = mxfp4.decode(blocks, scales, dtype=dtype).transpose(1, 2)
+    assert torch.equal(ours.contiguous().view(_INT_VIEW[dtype]), ref.view(_INT_VIEW[dtype]))
+
+
+def test_decode_into_a_buffer(decode_path):
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (2, 8, 3, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 140, (2, 8, 3), dtype=torch.uint8, generator=g)
+    buf = torch.full((2 * 8 * 96,), float("nan"))
+    got = mxfp4.decode(blocks, scales, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and got.shape == (2, 8, 96)
+    assert torch.equal(got, mxfp4.decode(blocks, scales))
+    with pytest.raises(ValueError, match="out= must be a contiguous torch.float32 tensor of 1536 elements"):
+        mxfp4.decode(blocks, scales, out=torch.empty(1535))
+    with pytest.raises(ValueError, match="out= must be"):
+        mxfp4.decode(blocks, scales, dtype=torch.bfloat16, out=buf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,10 +10,13 @@ bit), two values per byte, the low nibble first. On disk, for a weight whose par
 
 Decoding gives [.., out, in]; transformers' dequantizer (`integrations.mxfp4.convert_moe_packed_tensors`)
 then transposes to the parameter's [E, in, out]. `decode` mirrors its arithmetic exactly (a table
-lookup, then `ldexp`), so the values are bit-for-bit the same.
+lookup, then `ldexp`), so the values are bit-for-bit the same. On CPU the decode is the C kernel of
+`mxfp4.c` (`nexus.base.native`; numpy's table lookup when no compiler is found), elsewhere torch ops.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,18 +32,41 @@ _MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _MIDPOINTS = tuple((a + b) / 2 for a, b in zip(_MAGNITUDES[:-1], _MAGNITUDES[1:]))
 
 
-def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize MXFP4. blocks uint8 [..., G, 16], scales uint8 [..., G] -> [..., G*32] in `dtype`.
 
     The result keeps the stored orientation (for GPT-OSS experts [.., out, in]); the caller transposes.
     Each byte is looked up as its (low, high) value pair and multiplied by 2^(scale - 127): the same
-    products transformers' `ldexp` computes, so the same bits.
+    products transformers' `ldexp` computes, so the same bits. `out` (contiguous, `dtype`, as many
+    elements as the result) receives the values when given: a caller decoding chunk after chunk reuses
+    one buffer instead of faulting in fresh pages for each (on CPU that costs more than the decode).
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != BYTES_PER_BLOCK or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)} "
                          f"(expected blocks [..., G, {BYTES_PER_BLOCK}] and scales [..., G])")
+    shape = (*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE)
+    if out is not None and (out.dtype != dtype or out.device != blocks.device or not out.is_contiguous()
+                            or out.numel() != math.prod(shape)):
+        raise ValueError(f"decode out= must be a contiguous {dtype} tensor of {math.prod(shape)} elements on "
+                         f"{blocks.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if blocks.device.type == "cpu" and dtype in _NATIVE:
+        from . import native
+
+        lib = native.library()
+        if lib is not None:
+            blocks, scales = blocks.contiguous(), scales.contiguous()
+            result = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
+            getattr(lib, _NATIVE[dtype])(blocks.data_ptr(), scales.data_ptr(), result.data_ptr(), scales.numel())
+            return result
+    result = _decode_torch(blocks, scales, dtype)
+    return result if out is None else out.view(shape).copy_(result)
+
+
+def _decode_torch(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The decode without the native kernel: numpy's table lookup on CPU, embedding lookups elsewhere."""
     if blocks.device.type == "cpu" and dtype in _CPU_VIEWS:
         return _decode_cpu(blocks, scales, dtype)
     pairs, powers = _tables(blocks.device)
@@ -56,6 +82,7 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
 
 
 _TABLES: dict = {}
+_NATIVE = {torch.bfloat16: "nexus_mxfp4_bf16", torch.float32: "nexus_mxfp4_f32"}  # nexus.base.native kernels
 _CPU_VIEWS = {torch.bfloat16: "int16", torch.float32: "float32"}  # numpy has no bf16: its bits as int16
 _QUADS: dict = {}
 

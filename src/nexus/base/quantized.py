@@ -25,6 +25,7 @@ time and their forward has no backward.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,15 @@ class Codec:
             return {"_blocks": torch.uint8, "_scales": torch.uint8}
         return {"": torch.float8_e4m3fn, "_scale_inv": torch.float32}
 
-    def decode(self, packed: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Packed tensors of n experts (in `suffixes` order) -> weight [n, out, in] in `dtype`."""
+    def decode(self, packed: tuple[torch.Tensor, ...], dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tensors of n experts (in `suffixes` order) -> weight [n, out, in] in `dtype`.
+
+        `out`, a contiguous buffer of exactly that many elements, may receive the values (MXFP4 writes into
+        it; FP8 allocates its result): use the returned tensor either way."""
         if self.name == "mxfp4":
             blocks, scales = packed
-            return mxfp4.decode(blocks, scales, dtype)
+            return mxfp4.decode(blocks, scales, dtype, out=out)
         from . import fp8
 
         weight, scale_inv = packed
@@ -120,8 +125,13 @@ def _grouped(x: torch.Tensor, codec: Codec, packed: tuple[torch.Tensor, ...], co
     w_out, w_in = (x.shape[1], out_features) if transpose else (out_features, x.shape[1])
     per_expert = w_out * w_in * dtype.itemsize
     for experts, start, _ in _chunks(counts, per_expert):
-        index = torch.tensor(experts, device=packed[0].device)
-        weight = codec.decode(tuple(p.index_select(0, index) for p in packed), dtype)  # (n, out, in)
+        if experts[-1] - experts[0] == len(experts) - 1:  # consecutive experts: a view of the packed bytes
+            chunk = tuple(p[experts[0]:experts[-1] + 1] for p in packed)
+        else:
+            index = torch.tensor(experts, device=packed[0].device)
+            chunk = tuple(p.index_select(0, index) for p in packed)
+        buffer = _workspace(len(experts) * w_out * w_in, dtype, x.device)
+        weight = codec.decode(chunk, dtype, out=buffer).view(len(experts), w_out, w_in)  # (n, out, in)
         row = start
         for j, expert in enumerate(experts):
             end = row + counts[expert]
@@ -130,6 +140,22 @@ def _grouped(x: torch.Tensor, codec: Codec, packed: tuple[torch.Tensor, ...], co
             row = end
         del weight
     return y.to(in_dtype)
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """This thread's reusable CPU buffer for decoded chunks (at most one chunk: `CHUNK_BYTES`, or one expert
+    if larger), grown as needed and kept. A fresh buffer per chunk costs more than the decode on CPU: every
+    page of it faults in. None on other devices, whose caching allocators already reuse memory."""
+    if device.type != "cpu":
+        return None
+    buf = getattr(_WORKSPACE, "buffer", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        _WORKSPACE.buffer = None  # let the old one go before allocating the new one
+        buf = _WORKSPACE.buffer = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class QuantizedGroupedLinear(torch.autograd.Function):
