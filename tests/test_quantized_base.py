@@ -97,6 +97,32 @@ def test_input_gradient_equals_autograd_through_transformers_experts(quant_dir):
     assert outs[0][1].abs().sum() > 0
 
 
+def test_small_chunks_and_gaps_in_routing_reuse_one_buffer(mxfp4_dir, monkeypatch):
+    """Chunks of two experts, some experts never routed (so a chunk is gathered, not sliced), and the same
+    decode buffer for every chunk, forward and backward: still transformers' outputs and gradients."""
+    from nexus.base import quantized
+
+    model, ref = load_base_model(str(mxfp4_dir), dtype=torch.float32), reference_model(mxfp4_dir)
+    experts, ref_experts = find_moe_blocks(model)[0].experts, find_moe_blocks(ref)[0].experts
+    out_f, in_f = experts.nexus_projections["gate_up_proj"]
+    monkeypatch.setattr(quantized, "CHUNK_BYTES", 2 * out_f * in_f * 4)  # two gate_up experts in fp32
+    buffers = []
+    real = quantized._workspace
+    monkeypatch.setattr(quantized, "_workspace", lambda *a: buffers.append(real(*a)) or buffers[-1])
+    index = torch.tensor([[0, 3], [5, 3], [7, 0], [3, 5], [6, 0]])  # experts 1, 2 and 4 unused: gaps
+    weights = torch.rand(5, 2, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for module in (experts, ref_experts):
+        x = torch.randn(5, 32, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        y = module(x, index, weights)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), x.grad))
+    for got, want in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(buffers) >= 8  # 3 chunks for each of 2 projections, forward and backward
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1  # one buffer, reused
+
+
 def test_shared_expert_gradients_equal_the_dequantized_models(quant_dir):
     models = [load_base_model(str(quant_dir), dtype=torch.float32), reference_model(quant_dir)]
     ids = tokens(2)
