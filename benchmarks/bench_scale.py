@@ -118,55 +118,58 @@ def nexus(*args) -> list[str]:
 
 
 def decode_throughput(repeats: int = 7) -> dict:
-    """GB/s of one core, medians of interleaved runs: a plain copy into an existing tensor against MXFP4
-    decode (bf16 and fp32 out) into an existing buffer, as QuantizedGroupedLinear decodes chunk after chunk,
-    into a fresh tensor, and with the numpy table lookup used when no C compiler is present."""
+    """GB/s of one core, medians of interleaved runs: a plain copy into an existing tensor against the decode
+    (bf16 and fp32 out) into an existing buffer, as QuantizedGroupedLinear decodes chunk after chunk, into a
+    fresh tensor, and without the native kernel (no C compiler: numpy for MXFP4, torch ops for FP8).
+    MXFP4: four gpt-oss experts' gate_up rows; FP8: four DeepSeek-V3 experts' gate_proj (2048 x 7168)."""
     import torch
 
-    from nexus.base import mxfp4, native
+    from nexus.base import fp8, mxfp4, native
 
     torch.set_num_threads(1)
-    e, out, groups = 4, 2880, 90  # four gpt-oss experts' gate_up rows
     g = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, 256, (e, out, groups, 16), dtype=torch.uint8, generator=g)
-    scales = torch.randint(118, 124, (e, out, groups), dtype=torch.uint8, generator=g)
-    packed = blocks.numel() + scales.numel()
+    blocks = torch.randint(0, 256, (4, 2880, 90, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 124, (4, 2880, 90), dtype=torch.uint8, generator=g)  # as in the release
+    weight, scale_inv = fp8.encode(torch.randn(4, 2048, 7168, generator=g) * 0.02)
+    codecs = {"mxfp4": (lambda dtype, out=None: mxfp4.decode(blocks, scales, dtype, out=out),
+                        blocks.numel() + scales.numel(), blocks.numel() * 2),
+              "fp8": (lambda dtype, out=None: fp8.decode(weight, scale_inv, fp8.BLOCK_SIZE, dtype, out=out),
+                      weight.numel() + scale_inv.numel() * 4, weight.numel())}
     kernel = native.library()
     if kernel is None:
-        print("no native MXFP4 kernel (no C compiler?): the decode figures are numpy's", file=sys.stderr)
+        print("no native decode kernels (no C compiler?): both decode columns are the fallback", file=sys.stderr)
 
-    def numpy_decode(dtype):
-        saved = native._STATE.get("lib")
+    def fallback(decode, dtype):
         native._STATE["lib"] = None
         try:
-            return mxfp4.decode(blocks, scales, dtype)
+            return decode(dtype)
         finally:
-            native._STATE["lib"] = saved
+            native._STATE["lib"] = kernel
 
-    cases = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        src = torch.ones(e, out, groups * 32, dtype=dtype)
-        dst, buf = torch.empty_like(src), torch.empty_like(src)
-        cases[str(dtype).removeprefix("torch.")] = (src.numel() * dtype.itemsize, {
-            "copy": lambda dst=dst, src=src: dst.copy_(src),
-            "decode_buffer": lambda dtype=dtype, buf=buf: mxfp4.decode(blocks, scales, dtype, out=buf),
-            "decode_fresh": lambda dtype=dtype: mxfp4.decode(blocks, scales, dtype),
-            "numpy_fresh": lambda dtype=dtype: numpy_decode(dtype)})
     result = {"native": kernel is not None}
-    for name, (out_bytes, fns) in cases.items():
-        times = {k: [] for k in fns}
-        for f in fns.values():
-            f()  # warm up (and build the kernel)
-        for _ in range(repeats):  # interleaved, so every variant sees the same machine load
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        result[name] = {"copy_gb_s": out_bytes / med["copy"] / 1e9,
-                        **{f"{k}_out_gb_s": out_bytes / med[k] / 1e9 for k in fns if k != "copy"},
-                        **{f"{k}_packed_gb_s": packed / med[k] / 1e9 for k in fns if k != "copy"},
-                        **{f"{k}_ratio": med["copy"] / med[k] for k in fns if k != "copy"}}
+    for codec, (decode, packed, values) in codecs.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            src = torch.ones(values, dtype=dtype)
+            dst, buf = torch.empty_like(src), torch.empty_like(src)
+            fns = {"copy": lambda dst=dst, src=src: dst.copy_(src),
+                   "decode_buffer": lambda dtype=dtype, buf=buf: decode(dtype, out=buf),
+                   "decode_fresh": lambda dtype=dtype: decode(dtype),
+                   "fallback_fresh": lambda dtype=dtype: fallback(decode, dtype)}
+            times = {k: [] for k in fns}
+            for f in fns.values():
+                f()  # warm up (and build the kernels)
+            for _ in range(repeats):  # interleaved, so every variant sees the same machine load
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            out_bytes = values * dtype.itemsize
+            result[f"{codec} {str(dtype).removeprefix('torch.')}"] = {
+                "copy_gb_s": out_bytes / med["copy"] / 1e9,
+                **{f"{k}_out_gb_s": out_bytes / med[k] / 1e9 for k in fns if k != "copy"},
+                **{f"{k}_packed_gb_s": packed / med[k] / 1e9 for k in fns if k != "copy"},
+                **{f"{k}_ratio": med["copy"] / med[k] for k in fns if k != "copy"}}
     return result
 
 
@@ -297,14 +300,14 @@ def report(results: dict, args) -> str:
 
 
 def decode_report(d: dict) -> str:
-    lines = [f"MXFP4 decode on one core, medians of interleaved runs (native kernel: {'yes' if d['native'] else 'no'}):",
-             "", "| out | copy GB/s | decode into a buffer: out GB/s (packed in) | of the copy | fresh tensor: out GB/s "
-             "| numpy, fresh: out GB/s |", "|---|---:|---:|---:|---:|---:|"]
-    for name in ("bfloat16", "float32"):
-        r = d[name]
-        lines.append(f"| {name} | {r['copy_gb_s']:.2f} | {r['decode_buffer_out_gb_s']:.2f} "
-                     f"({r['decode_buffer_packed_gb_s']:.2f}) | {100 * r['decode_buffer_ratio']:.0f} % | "
-                     f"{r['decode_fresh_out_gb_s']:.2f} | {r['numpy_fresh_out_gb_s']:.2f} |")
+    lines = [f"Decode on one core, medians of interleaved runs (native kernels: {'yes' if d['native'] else 'no'}):",
+             "", "| codec, out | copy GB/s | decode into a buffer: out GB/s (packed in) | of the copy | fresh tensor: "
+             "out GB/s | no compiler, fresh: out GB/s |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in d.items():
+        if isinstance(r, dict) and "copy_gb_s" in r:
+            lines.append(f"| {name} | {r['copy_gb_s']:.2f} | {r['decode_buffer_out_gb_s']:.2f} "
+                         f"({r['decode_buffer_packed_gb_s']:.2f}) | {100 * r['decode_buffer_ratio']:.0f} % | "
+                         f"{r['decode_fresh_out_gb_s']:.2f} | {r['fallback_fresh_out_gb_s']:.2f} |")
     if "layer" in d:
         r = d["layer"]
         lines += ["", f"One gpt-oss-20b experts module kept MXFP4, forward + backward of 128 tokens (top-4, all 32 "

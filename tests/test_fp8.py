@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers.integrations.finegrained_fp8 import (FP8Experts, Fp8Dequantize, Fp8Quantize,
                                                       _dequantize_fp8_weight)
 
-from nexus.base import fp8
+from nexus.base import fp8, native
 from nexus.convert.fp8_writer import FP8_QUANTIZATION_CONFIG, fp8_tensors
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -34,9 +34,34 @@ def bits(t):
     return t.view(_INT_VIEW[t.dtype])
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Each CPU decode path: the compiled kernel, and torch's ops (no C compiler)."""
+    if request.param == "native" and native.library() is None:
+        pytest.skip("no C compiler: the native decode kernels are not built here")
+    if request.param == "torch":
+        monkeypatch.setitem(native._STATE, "lib", None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_code_and_a_partial_tile_into_a_buffer(decode_path, dtype):
+    codes = torch.arange(256, dtype=torch.uint8).repeat(3, 1)  # NaN (0x7F, 0xFF) and subnormals too
+    w = torch.cat([codes, codes.flip(1)[:, :40]], dim=1).view(fp8.FP8_DTYPE)  # 296 columns: a partial 3rd tile
+    s = torch.tensor([[0.37, 1e-30, 2.0**120]], dtype=torch.float32)  # a tiny and a huge scale: sub/overflow
+    buf = torch.empty(3 * 296, dtype=dtype)
+    ours = fp8.decode(w, s, (128, 128), dtype, out=buf)
+    assert ours.data_ptr() == buf.data_ptr() and ours.shape == (3, 296)
+    want = (w.float() * s.repeat_interleave(128, dim=1)[:, :296]).to(dtype)  # torch's own conversion and product
+    assert torch.equal(ours.isnan(), want.isnan()) and ours.isnan().sum() == 3 * 3  # 0x7F, 0xFF, 0xFF again
+    assert torch.equal(bits(ours.nan_to_num(0.0)), bits(want.nan_to_num(0.0)))
+    with pytest.raises(ValueError, match="out= must be a contiguous"):
+        fp8.decode(w, s, (128, 128), dtype, out=torch.empty(5, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [(128, 128), (16, 32)])
-def test_decode_equals_transformers_load_dequantizer_bit_for_bit(dtype, block):
+def test_decode_equals_transformers_load_dequantizer_bit_for_bit(decode_path, dtype, block):
     shape = (3, 256, 256) if block == (128, 128) else (3, 48, 96)
     w, s = random_fp8(shape, block)
     ref = Fp8Dequantize(None)._dequantize_one(w, s, output_dtype=dtype)  # what from_pretrained(dequantize=True) runs
@@ -47,7 +72,7 @@ def test_decode_equals_transformers_load_dequantizer_bit_for_bit(dtype, block):
         assert torch.equal(bits(ours), bits(_dequantize_fp8_weight(w, s, list(block), dtype)))
 
 
-def test_partial_blocks_use_the_ceil_grid():
+def test_partial_blocks_use_the_ceil_grid(decode_path):
     """DeepSeek-V3's kv_a_proj_with_mqa is 576 x 7168: 4.5 row tiles of 128, scale grid [5, 56]."""
     w, s = random_fp8((576, 256), (128, 128), seed=1)
     assert s.shape == (5, 2)

@@ -1,4 +1,4 @@
-"""The CPU MXFP4 kernel's build: cached by source, compiler and CPU; written atomically; refused cleanly."""
+"""The CPU decode kernels' build: cached by source, compiler and CPU; written atomically; refused cleanly."""
 
 import logging
 import os
@@ -26,7 +26,7 @@ def test_builds_once_into_the_cache_and_keeps_the_umask(fresh, monkeypatch):
         os.umask(old)
     assert lib is not None
     (so,) = fresh.iterdir()  # one file, no temporary left behind
-    assert so.name.startswith("mxfp4-") and so.suffix == ".so"
+    assert so.name.startswith("decode-") and so.suffix == ".so"
     assert so.stat().st_mode & 0o777 == 0o750
     monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt a cached kernel"))
@@ -37,7 +37,7 @@ def test_a_failing_compiler_falls_back_to_numpy(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/bin/false")
     with caplog.at_level(logging.WARNING, logger="nexus.base.native"):
         assert native.library() is None
-    assert "could not compile the CPU MXFP4 kernel" in caplog.text and "decoding with numpy" in caplog.text
+    assert "could not compile the CPU decode kernels" in caplog.text and "decoding with numpy" in caplog.text
     assert not fresh.exists() or not any(fresh.iterdir())  # nothing half-written
     blocks = torch.randint(0, 256, (3, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     scales = torch.tensor([120, 127, 255], dtype=torch.uint8)

@@ -22,8 +22,12 @@ the scale first and may differ by an ulp).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -37,11 +41,13 @@ def grid(shape, block_size=BLOCK_SIZE) -> tuple[int, ...]:
 
 
 def decode(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=BLOCK_SIZE,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize block FP8. weight e4m3 [..., out, in], scale_inv fp32 [..., ceil(out/bo), ceil(in/bi)]
     -> [..., out, in] in `dtype`.
 
-    value = float32(weight) × scale_inv of its tile, computed in float32, then cast to `dtype`.
+    value = float32(weight) × scale_inv of its tile, computed in float32, then cast to `dtype`. `out`
+    (contiguous, `dtype`, as many elements) receives the values when given. On CPU the decode is the C
+    kernel of `decode.c` (`nexus.base.native`), the same arithmetic; torch ops without a compiler.
     """
     if weight.dtype != FP8_DTYPE or scale_inv.dtype != torch.float32:
         raise ValueError(f"block FP8 needs float8_e4m3fn weights and float32 scales, got {weight.dtype} and "
@@ -52,7 +58,23 @@ def decode(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=BLOCK_SIZE,
         raise ValueError(f"FP8 weight {tuple(weight.shape)} with blocks {tuple(block_size)} needs scales "
                          f"{expected}, got {tuple(scale_inv.shape)}")
     *prefix, rows, cols = weight.shape
-    *_, grid_rows, grid_cols = expected
+    native.check_out(out, weight.shape, dtype, weight.device)
+    if weight.device.type == "cpu" and dtype in _NATIVE:
+        result = native.decode(_NATIVE[dtype], (weight, scale_inv), weight.shape, dtype, out, math.prod(prefix),
+                               rows, cols, bo, bi)
+        if result is not None:
+            return result
+    result = _decode_torch(weight, scale_inv, block_size, dtype)
+    return result if out is None else out.view(weight.shape).copy_(result)
+
+
+_NATIVE = {torch.bfloat16: "nexus_fp8_bf16", torch.float32: "nexus_fp8_f32"}  # nexus.base.native kernels
+
+
+def _decode_torch(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
+    bo, bi = block_size
+    *prefix, rows, cols = weight.shape
+    *_, grid_rows, grid_cols = grid(weight.shape, block_size)
     out = weight.to(torch.float32)
     pad_rows, pad_cols = grid_rows * bo - rows, grid_cols * bi - cols
     if pad_rows or pad_cols:  # partial tiles: pad to whole tiles, cut back below

@@ -11,14 +11,14 @@ bit), two values per byte, the low nibble first. On disk, for a weight whose par
 Decoding gives [.., out, in]; transformers' dequantizer (`integrations.mxfp4.convert_moe_packed_tensors`)
 then transposes to the parameter's [E, in, out]. `decode` mirrors its arithmetic exactly (a table
 lookup, then `ldexp`), so the values are bit-for-bit the same. On CPU the decode is the C kernel of
-`mxfp4.c` (`nexus.base.native`; numpy's table lookup when no compiler is found), elsewhere torch ops.
+`decode.c` (`nexus.base.native`; numpy's table lookup when no compiler is found), elsewhere torch ops.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from . import native
 
 BLOCK_SIZE = 32  # values sharing one scale
 BYTES_PER_BLOCK = BLOCK_SIZE // 2  # two E2M1 values per byte
@@ -48,18 +48,10 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)} "
                          f"(expected blocks [..., G, {BYTES_PER_BLOCK}] and scales [..., G])")
     shape = (*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE)
-    if out is not None and (out.dtype != dtype or out.device != blocks.device or not out.is_contiguous()
-                            or out.numel() != math.prod(shape)):
-        raise ValueError(f"decode out= must be a contiguous {dtype} tensor of {math.prod(shape)} elements on "
-                         f"{blocks.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    native.check_out(out, shape, dtype, blocks.device)
     if blocks.device.type == "cpu" and dtype in _NATIVE:
-        from . import native
-
-        lib = native.library()
-        if lib is not None:
-            blocks, scales = blocks.contiguous(), scales.contiguous()
-            result = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
-            getattr(lib, _NATIVE[dtype])(blocks.data_ptr(), scales.data_ptr(), result.data_ptr(), scales.numel())
+        result = native.decode(_NATIVE[dtype], (blocks, scales), shape, dtype, out, scales.numel())
+        if result is not None:
             return result
     result = _decode_torch(blocks, scales, dtype)
     return result if out is None else out.view(shape).copy_(result)

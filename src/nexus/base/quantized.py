@@ -68,15 +68,14 @@ class Codec:
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Packed tensors of n experts (in `suffixes` order) -> weight [n, out, in] in `dtype`.
 
-        `out`, a contiguous buffer of exactly that many elements, may receive the values (MXFP4 writes into
-        it; FP8 allocates its result): use the returned tensor either way."""
+        `out`, a contiguous buffer of exactly that many elements, receives the values when given."""
         if self.name == "mxfp4":
             blocks, scales = packed
             return mxfp4.decode(blocks, scales, dtype, out=out)
         from . import fp8
 
         weight, scale_inv = packed
-        return fp8.decode(weight, scale_inv, self.block, dtype)
+        return fp8.decode(weight, scale_inv, self.block, dtype, out=out)
 
 
 MXFP4 = Codec("mxfp4", ("_blocks", "_scales"))
