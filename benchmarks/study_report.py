@@ -280,8 +280,34 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
     return "\n".join(lines)
 
 
+def budget_check(rows: list[dict], longer: list[dict]) -> str:
+    """A markdown section setting runs of a longer --max-steps beside the same (method, lr, seed) runs of the
+    main results: did the budget cap the main runs, and does the ranking change with more steps?"""
+    main = {(r["method"], float(r["lr"]), int(r["seed"])): r for r in rows}
+    pairs = [(main.get((r["method"], float(r["lr"]), int(r["seed"]))), r) for r in longer]
+    pairs = sorted(((a, b) for a, b in pairs if a is not None), key=lambda p: (p[1]["method"], p[1]["lr"]))
+    if not pairs:
+        return ""
+    caps = sorted({str(b.get("protocol", {}).get("max_steps", "?")) for _, b in pairs})
+    base = sorted({str(a.get("protocol", {}).get("max_steps", "?")) for a, _ in pairs})
+    lines = [f"## A longer budget: --max-steps {', '.join(caps)} against {', '.join(base)}", "",
+             "The same runs (method, lr, seed) with only --max-steps raised (warmup stays 10 % of it, so it is "
+             "longer too), from the second results file; domain gain % / general change % at the best "
+             "validation step, as above.", "",
+             f"    {longer[0]['command']}", "",
+             f"| method | lr | seed | at --max-steps {', '.join(base)}: domain / general | steps (best), stopped | "
+             f"at --max-steps {', '.join(caps)}: domain / general | steps (best), stopped |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    for a, b in pairs:
+        (da, ga), (db, gb) = gains(a), gains(b)
+        lines.append(f"| {b['method']} | {float(b['lr']):g} | {b['seed']} | {da:+.2f} / {ga:+.2f} | {a['steps']} "
+                     f"({a['best_step']}), {a['stopped']} | {db:+.2f} / {gb:+.2f} | {b['steps']} ({b['best_step']}), "
+                     f"{b['stopped']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: Path, out: Path, doc: Path | None = None, report_command: str | None = None,
-                 max_general: float = MAX_GENERAL) -> str:
+                 max_general: float = MAX_GENERAL, longer: Path | None = None) -> str:
     rows = load(results) if results.is_file() else []
     if not rows:
         return f"{results}: no results yet"
@@ -290,6 +316,10 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     out.mkdir(parents=True, exist_ok=True)
     plot(pts, out / "pareto.png", max_general)
     text = markdown(rows, pts, best, report_command, max_general)
+    if longer is not None and longer.is_file():
+        extra = budget_check(rows, load(longer))
+        if extra:
+            text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
     preface = out / PREFACE
     if preface.is_file():  # hand-written context (what the study ran on, what it left out), kept on every rewrite
         title, rest = text.split("\n", 1)
@@ -308,9 +338,11 @@ def main() -> None:
     p.add_argument("--out", default="docs/study", help="pareto.png and report.md go here (default docs/study)")
     p.add_argument("--doc", help="also write the markdown here (e.g. docs/study.md)")
     p.add_argument("--max-general", type=float, default=MAX_GENERAL)
+    p.add_argument("--longer", help="results.jsonl of the same runs at a larger --max-steps (a budget check section)")
     a = p.parse_args()
     cmd = "python benchmarks/study_report.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    print(write_report(Path(a.results), Path(a.out), Path(a.doc) if a.doc else None, cmd, a.max_general))
+    print(write_report(Path(a.results), Path(a.out), Path(a.doc) if a.doc else None, cmd, a.max_general,
+                       Path(a.longer) if a.longer else None))
 
 
 if __name__ == "__main__":

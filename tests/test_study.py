@@ -83,6 +83,25 @@ def test_pareto_best_under_five_percent(tmp_path):
     assert "No learning rate kept the general loss increase under 5 % for: c." in text
 
 
+def test_budget_check_sets_longer_runs_beside_the_same_runs(tmp_path):
+    short = [_row("a", 1e-3, 0, 2.0, 1.0), _row("b", 1e-3, 0, 3.0, 1.0)]
+    for r in short:
+        r["protocol"] = {"max_steps": 300}
+    longer = [dict(_row("a", 1e-3, 0, 2.5, 1.5), protocol={"max_steps": 1000}, steps=700, best_step=625,
+                   stopped="plateau"),
+              dict(_row("z", 1e-3, 0, 9.0, 0.0), protocol={"max_steps": 1000})]  # no partner: left out
+    section = R.budget_check(short, longer)
+    assert "## A longer budget: --max-steps 1000 against 300" in section
+    assert "| a | 0.001 | 0 | +2.00 / +1.00 | 10 (5), plateau | +2.50 / +1.50 | 700 (625), plateau |" in section
+    assert "| z |" not in section and "| b |" not in section
+    main, extra = tmp_path / "results.jsonl", tmp_path / "long.jsonl"
+    main.write_text("".join(json.dumps(r) + "\n" for r in short))
+    extra.write_text("".join(json.dumps(r) + "\n" for r in longer))
+    text = R.write_report(main, tmp_path / "out", longer=extra)
+    assert text.index("## A longer budget") < text.index("## Every point")
+    assert R.budget_check(short, longer[1:]) == ""
+
+
 def test_answers_name_the_best_nexus_setting_and_compare_it_seed_by_seed():
     rows = []
     for seed, j in ((0, -0.2), (1, 0.0), (2, 0.2)):
