@@ -175,13 +175,15 @@ def decode_throughput(repeats: int = 7) -> dict:
 
 def layer_step(repeats: int = 3) -> dict:
     """Seconds for forward + backward of one gpt-oss-20b MoE experts module kept MXFP4 (32 experts, 2880 x
-    2880, 128 tokens x top-4: every expert decoded twice), on one core: the decode as it was (numpy table
-    lookup, a fresh tensor per chunk) against the native kernel into the reused chunk buffer, interleaved."""
+    2880, 128 tokens x top-4: every expert decoded twice), on one core, interleaved: fp32 activations with
+    the decode as it was (numpy table lookup, a fresh tensor per chunk) and as it is (native kernel into
+    the reused chunk buffer); bf16 activations with fp32 products and with bf16 products (the default
+    where the CPU has a fast bf16 GEMM, `nexus.base.cpu_matmul.fp32_products`)."""
     import torch
     from transformers import AutoConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    from nexus.base import native, quantized
+    from nexus.base import cpu_matmul, native, quantized
 
     torch.set_num_threads(1)
     config = AutoConfig.from_pretrained(REFERENCE)
@@ -197,29 +199,34 @@ def layer_step(repeats: int = 3) -> dict:
         else:
             p.data.zero_()
     tokens, k = 128, config.num_experts_per_tok
-    x = torch.randn(tokens, config.hidden_size, generator=g).requires_grad_(True)
+    x = torch.randn(tokens, config.hidden_size, generator=g)
     index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)])
     weights = torch.full((tokens, k), 1.0 / k)
-    kernel, workspace = native.library(), quantized._workspace
+    kernel, workspace, fast = native.library(), quantized._workspace, cpu_matmul._fast_cpu_gemm
+    variants = {"fp32_before": (torch.float32, False, None), "fp32_after": (torch.float32, True, None),
+                "bf16_fp32_products": (torch.bfloat16, True, False), "bf16_after": (torch.bfloat16, True, None)}
 
-    def step(new: bool):
+    def step(dtype, new, fast_gemm):
         native._STATE["lib"] = kernel if new else None
         quantized._workspace = workspace if new else (lambda *a: None)
+        cpu_matmul._fast_cpu_gemm = fast if fast_gemm is None else (lambda d: fast_gemm)
         try:
+            xi = x.to(dtype).requires_grad_(True)
             t = time.perf_counter()
-            experts(x, index, weights).square().mean().backward()
+            experts(xi, index, weights.to(dtype)).float().square().mean().backward()
             return time.perf_counter() - t
         finally:
-            native._STATE["lib"], quantized._workspace = kernel, workspace
+            native._STATE["lib"], quantized._workspace, cpu_matmul._fast_cpu_gemm = kernel, workspace, fast
 
-    step(True), step(False)  # warm up
-    times = {"before": [], "after": []}
+    for v in variants.values():
+        step(*v)  # warm up
+    times = {name: [] for name in variants}
     for _ in range(repeats):
-        times["before"].append(step(False))
-        times["after"].append(step(True))
+        for name, v in variants.items():
+            times[name].append(step(*v))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {**{f"{k}_s": v for k, v in med.items()}, "speedup": med["before"] / med["after"],
-            "native": kernel is not None}
+    return {**{f"{k}_s": v for k, v in med.items()}, "native": kernel is not None,
+            "bf16_products": not cpu_matmul.fp32_products(torch.bfloat16, "cpu")}
 
 
 def main() -> None:
@@ -310,9 +317,12 @@ def decode_report(d: dict) -> str:
                          f"{r['decode_fresh_out_gb_s']:.2f} | {r['fallback_fresh_out_gb_s']:.2f} |")
     if "layer" in d:
         r = d["layer"]
-        lines += ["", f"One gpt-oss-20b experts module kept MXFP4, forward + backward of 128 tokens (top-4, all 32 "
-                  f"experts decoded twice), one core: {r['before_s']:.2f} s with the numpy decode into fresh tensors, "
-                  f"{r['after_s']:.2f} s with the native kernel into the reused chunk buffer ({r['speedup']:.1f} x)."]
+        lines += ["", "One gpt-oss-20b experts module kept MXFP4, forward + backward of 128 tokens (top-4, all 32 "
+                  f"experts decoded twice), one core, medians: fp32 activations {r['fp32_before_s']:.2f} s with the "
+                  f"numpy decode into fresh tensors, {r['fp32_after_s']:.2f} s with the native kernel into the reused "
+                  f"chunk buffer; bf16 activations {r['bf16_fp32_products_s']:.2f} s with fp32 products, "
+                  f"{r['bf16_after_s']:.2f} s as NEXUS now runs them on this CPU (bf16 products: "
+                  f"{'yes' if r['bf16_products'] else 'no'})."]
     return "\n".join(lines)
 
 

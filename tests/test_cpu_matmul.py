@@ -1,12 +1,47 @@
-"""Frozen bf16 linears multiplied in fp32 on CPU: the values and input gradients of fp64 references."""
+"""Frozen bf16 linears multiplied in fp32 on CPUs without a fast bf16 GEMM: the values and input gradients
+of fp64 references; nn.Linear's own path where the GEMM is fast."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from nexus.base import cpu_matmul
 from nexus.base.cpu_matmul import CpuFp32Linear, compute_frozen_linears_in_fp32
+
+
+@pytest.fixture(autouse=True)
+def slow_bf16_gemm(monkeypatch):
+    """These tests are about the fp32 path: take it whatever this machine's CPU has."""
+    monkeypatch.setattr(cpu_matmul, "_fast_cpu_gemm", lambda dtype: False)
+
+
+def test_a_fast_bf16_gemm_keeps_nn_linears_path(monkeypatch):
+    lin = _frozen_bf16_linear()
+    compute_frozen_linears_in_fp32(lin)
+    x = torch.randn(4, 48).bfloat16().requires_grad_(True)
+    monkeypatch.setattr(cpu_matmul, "_fast_cpu_gemm", lambda dtype: dtype == torch.bfloat16)
+    assert not cpu_matmul.fp32_products(torch.bfloat16, "cpu") and cpu_matmul.fp32_products(torch.float16, "cpu")
+    y = lin(x)
+    assert torch.equal(y, nn.functional.linear(x, lin.weight, lin.bias))  # the bf16 product, as torch computes it
+    assert "_FrozenLinear" not in type(y.grad_fn).__name__
+    monkeypatch.setattr(cpu_matmul, "_fast_cpu_gemm", lambda dtype: False)
+    assert "_FrozenLinear" in type(lin(x).grad_fn).__name__
+
+
+@pytest.mark.parametrize("forced, fast", [("1", False), ("0", True)])
+def test_environment_forces_the_choice(monkeypatch, forced, fast):
+    monkeypatch.undo()  # the real _fast_cpu_gemm
+    monkeypatch.setenv("NEXUS_CPU_FP32_PRODUCTS", forced)
+    cpu_matmul._fast_cpu_gemm.cache_clear()
+    try:
+        assert cpu_matmul._fast_cpu_gemm(torch.bfloat16) is fast
+        assert cpu_matmul.fp32_products(torch.bfloat16, "cpu") is not fast
+        assert not cpu_matmul.fp32_products(torch.float32, "cpu") and not cpu_matmul.fp32_products(torch.bfloat16, "meta")
+    finally:
+        monkeypatch.delenv("NEXUS_CPU_FP32_PRODUCTS")
+        cpu_matmul._fast_cpu_gemm.cache_clear()
 
 
 def _frozen_bf16_linear(n_in=48, n_out=40, bias=True, seed=0):

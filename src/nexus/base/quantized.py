@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import NexusError
 from . import mxfp4
+from .cpu_matmul import fp32_products
 
 # Largest dequantized weight chunk a projection holds at once (bytes of the compute dtype). Bounds
 # the working set: gpt-oss-120b's gate_up expert is 33 MB in bf16, so a chunk is ~8 experts.
@@ -114,11 +115,12 @@ def _grouped(x: torch.Tensor, codec: Codec, packed: tuple[torch.Tensor, ...], co
     """Rows of `x` (sorted by expert, `counts` per expert) times each expert's weight.
 
     transpose=False: y = x @ W.T (forward, x (S, in) -> (S, out)); True: y = x @ W (backward, (S, out) -> (S, in)).
-    On CPU the weights decode to fp32 and the product is computed in fp32 (torch's CPU bf16 matmul runs
-    several times slower than fp32), then cast back to the input's dtype; on GPU in the input's dtype.
+    The weights decode to the input's dtype and multiply in it, except for bf16/fp16 on a CPU without a
+    fast GEMM for it (`cpu_matmul.fp32_products`): there they decode to fp32, multiply in fp32, and
+    the product is cast back to the input's dtype.
     """
     in_dtype = x.dtype
-    dtype = torch.float32 if x.device.type == "cpu" else in_dtype
+    dtype = torch.float32 if fp32_products(in_dtype, x.device) else in_dtype
     x = x.to(dtype)
     y = x.new_zeros(x.shape[0], out_features)
     w_out, w_in = (x.shape[1], out_features) if transpose else (out_features, x.shape[1])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..base.cpu_matmul import linear_fp32, linear_fp32_input_grad
+from ..base.cpu_matmul import fp32_products, linear_fp32, linear_fp32_input_grad
 
 
 def next_token_positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,18 +130,18 @@ TermsFn = Callable[[torch.Tensor, slice], dict[str, torch.Tensor]]
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(n, H) hidden states -> (n, V) fp32 logits of a frozen head.
 
-    On CPU a bf16/fp16 head is multiplied in fp32, a slice of its rows at a time
-    (`nexus.base.cpu_matmul`): torch's CPU bf16 matmul runs at a small fraction of its fp32 speed,
-    and a 200k-row head makes it the slowest step of a training step.
+    On a CPU without a fast bf16/fp16 GEMM a low-precision head is multiplied in fp32, a slice of its
+    rows at a time (`nexus.base.cpu_matmul`): there torch's bf16 matmul runs at a small fraction of
+    its fp32 speed, and a 200k-row head makes it the slowest step of a training step.
     """
-    if weight.device.type != "cpu" or weight.dtype == torch.float32:
+    if not fp32_products(weight.dtype, weight.device):
         return F.linear(h, weight, bias).float()
     return linear_fp32(h, weight, bias)
 
 
 def head_input_grad(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(n, V) fp32 gradient of the logits -> (n, H) gradient of the hidden states, as `head_logits` computes."""
-    if weight.device.type != "cpu" or weight.dtype == torch.float32:
+    if not fp32_products(weight.dtype, weight.device):
         return dz.to(weight.dtype) @ weight
     return linear_fp32_input_grad(dz, weight)
 
