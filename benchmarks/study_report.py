@@ -294,7 +294,7 @@ def budget_check(rows: list[dict], longer: list[dict]) -> str:
              "The same runs (method, lr, seed) with only --max-steps raised (warmup stays 10 % of it, so it is "
              "longer too), from the second results file; domain gain % / general change % at the best "
              "validation step, as above.", "",
-             f"    {longer[0]['command']}", "",
+             *[f"    {c}" for c in dict.fromkeys(r["command"] for r in longer)], "",
              f"| method | lr | seed | at --max-steps {', '.join(base)}: domain / general | steps (best), stopped | "
              f"at --max-steps {', '.join(caps)}: domain / general | steps (best), stopped |",
              "|---|---:|---:|---:|---|---:|---|"]
