@@ -12,8 +12,9 @@
    base). The base stays MXFP4 (NEXUS's loader); nothing is dequantized beyond one chunk of experts.
 3. Loads the same checkpoint with transformers' dequantizing `from_pretrained` (bf16) for comparison,
    stopped once it passes --dequantized-cap GiB resident (a 24 GiB machine cannot hold its 42 GB).
-4. Measures MXFP4 decode throughput against a plain memory copy, side by side on one core
-   (`--decode-only`: just this, no checkpoint).
+4. Measures MXFP4 and FP8 decode throughput against a plain memory copy, side by side on one core, and
+   one gpt-oss-20b experts module's forward + backward with the decode and products as they were and
+   are (`--decode-only`: just this, no checkpoint).
 
 Prints a markdown section for docs/benchmarks.md and writes results.json in --workdir.
 """

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..fsutil import umask
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -68,7 +70,7 @@ def _build(cc: str, target: Path) -> Path | None:
             proc = None
             errors.append(f"{' '.join(cmd)}: {e}")
         if proc is not None and proc.returncode == 0:
-            os.chmod(tmp, 0o755 & ~_umask())
+            os.chmod(tmp, 0o755 & ~umask())  # mkstemp made it 0600
             os.replace(tmp, target)
             return target
         if proc is not None:
@@ -76,12 +78,6 @@ def _build(cc: str, target: Path) -> Path | None:
         Path(tmp).unlink(missing_ok=True)
     log.warning("could not compile the CPU decode kernels (%s); decoding with numpy / torch instead (slower)", "; ".join(errors))
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def library() -> ctypes.CDLL | None:
