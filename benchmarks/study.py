@@ -36,7 +36,9 @@ measured every --eval-every steps; a run stops when it has not improved by more 
 values, which are scored on every packed --seq-len sequence of domain_eval and general_eval (the
 model's own next-token cross-entropy; at step 0 nexus.validate.metrics.evaluate against a frozen base,
 which also gives the base's losses, the same in every run). Router statistics: `nexus collect` once on the
-training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits.
+training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits; with
+--hidden-tokens N (default 2048) collect also keeps N tokens' hidden states, on which convert ranks the hidden
+units that feature_topK and pruned_topK keep (mean |activation| × weighted down-row norm; 0: by weights).
 
 Methods: nexus-INIT (frozen router) for each of --nexus-inits (a topK init takes its experts from `nexus
 analyze`'s PCA ranking, frequency_topK from its routing-frequency ranking); nexus-INIT-router (trainable router) for
@@ -69,7 +71,7 @@ import study_lib as L  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = dict(lrs=[1e-3, 1e-2], seeds=[0], max_steps=3, eval_every=1, patience=2, eval_num=6, val_num=4,
-             nexus_inits=["random", "pca_top8"], stats_tokens=8000, batch=4)
+             nexus_inits=["random", "pca_top8", "pruned_top8"], stats_tokens=8000, hidden_tokens=256, batch=4)
 
 
 def methods(args) -> list[str]:
@@ -101,7 +103,7 @@ def prepare(args, work: Path) -> dict:
     """Data split, router statistics, selections, LoRA ranks, ESFT choices, FLOPs (cached in setup.json)."""
     cache = work / "setup.json"
     inputs = {k: getattr(args, k) for k in ("model", "domain_train", "domain_eval", "general_eval", "val_frac",
-                                            "stats_tokens", "esft_threshold", "seq_len")}
+                                            "stats_tokens", "esft_threshold", "seq_len", "hidden_tokens")}
     if cache.is_file():
         setup = json.loads(cache.read_text())
         if setup.get("inputs") != inputs:
@@ -109,7 +111,8 @@ def prepare(args, work: Path) -> dict:
         return setup
     fit, val = L.split_train_val(args.domain_train, work, args.val_frac)
     data = {"domain_train": fit, "domain_val": val, "domain_eval": args.domain_eval, "general_eval": args.general_eval}
-    stats = L.router_stats(args.model, fit, work / "router_stats.safetensors", args.stats_tokens, args.seq_len)
+    stats = L.router_stats(args.model, fit, work / "router_stats.safetensors", args.stats_tokens, args.seq_len,
+                           args.hidden_tokens)
     base = L.load_base_model(args.model, dtype=torch.float32)
     act = L.active_params(base)
     n_nexus = L.nexus_param_count(args.model)
@@ -140,7 +143,8 @@ def cached_start(path: Path, method: str, seed: int, protocol: dict) -> dict | N
     for line in path.read_text().splitlines():
         r = json.loads(line) if line.strip() else None
         if r and start_key(r["method"], int(r["seed"])) == start_key(method, seed) and \
-                all(r.get("protocol", {}).get(k) == protocol[k] for k in ("seq_len", "eval_num")) and r["model"] == protocol["model"]:
+                all(r.get("protocol", {}).get(k) == protocol.get(k) for k in ("seq_len", "eval_num", "hidden_tokens")) \
+                and r["model"] == protocol["model"]:
             return r["start"]
     return None
 
@@ -155,7 +159,8 @@ def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int)
         k = L.init_top_k(init)
         ranking = "frequency" if init.startswith("frequency_") else "pca"  # frequency_topK: analyze's frequency ranking
         sel = L.selection(Path(setup["stats"]), work, k, ranking) if k else None
-        kw.update(adapter_dir=L.adapter(args.model, work, init, sel, seed), train_router=method.endswith("-router"))
+        sample = work / "router_stats.raw.safetensors" if args.hidden_tokens else None
+        kw.update(adapter_dir=L.adapter(args.model, work, init, sel, seed, sample), train_router=method.endswith("-router"))
     elif method.startswith("lora"):
         kw.update(kind=method, rank=setup["lora_rank"][method])
     elif method.startswith("esft"):
@@ -189,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--stats-tokens", type=int, default=100000)
+    p.add_argument("--hidden-tokens", type=int, default=2048,
+                   help="tokens whose hidden states rank feature/pruned units (0: rank by weights; default 2048)")
     p.add_argument("--work", default="/tmp/nexus-study", help="adapters, data split, statistics")
     p.add_argument("--out", default=str(ROOT / "docs" / "study"), help="results.jsonl and the report")
     p.add_argument("--doc", help="also write the report as this markdown file (e.g. docs/study.md)")
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             kw = run_kwargs(args, setup, work, method, lr, seed)
             kw["start"] = cached_start(results, method, seed, {"seq_len": args.seq_len, "eval_num": args.eval_num,
-                                                               "model": args.model})
+                                                               "hidden_tokens": args.hidden_tokens, "model": args.model})
             res = L.run_one(kw) if args.no_isolate else L.isolated(kw)
             added = setup["nexus_params"] if method.startswith("nexus") else 0
             row = {"method": method, "lr": lr, "seed": seed, "model": args.model, "command": command,
@@ -235,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                    "start_scores": "reused" if kw["start"] else "measured",
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
-                                                              "val_frac", "batch", "seq_len", "eval_num", "val_num")},
+                                                              "val_frac", "batch", "seq_len", "eval_num", "val_num",
+                                                              "hidden_tokens")},
                    **res}
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

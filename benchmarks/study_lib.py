@@ -50,14 +50,24 @@ def split_train_val(domain_train: str, root: Path, val_frac: float) -> tuple[str
     return str(train), str(val)
 
 
-def router_stats(model: str, dataset: str, out: Path, tokens: int, seq_len: int) -> Path:
-    """`nexus collect` on the domain training part, run once (skipped when the file exists)."""
+def router_stats(model: str, dataset: str, out: Path, tokens: int, seq_len: int, hidden_tokens: int = 0) -> Path:
+    """`nexus collect` on the domain training part, run once (skipped when the file exists); with
+    `hidden_tokens`, also a sample of that many tokens' hidden states (`--keep-raw N --keep-hidden`)."""
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
+        sample = ["--keep-raw", str(hidden_tokens), "--keep-hidden"] if hidden_tokens else []
         subprocess.run([sys.executable, "-m", "nexus", "collect", "--model", model, "--dataset", dataset,
                         "--output", str(out), "--target-tokens", str(tokens), "--seq-len", str(seq_len),
-                        "--batch-size", "16", "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
+                        "--batch-size", "16", "--device", "cpu", *sample], check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def ranks_units(init: str) -> bool:
+    """Whether convert keeps a subset of the merged experts' hidden units at width 1 (feature_topK /
+    pruned_topK, K > 1): the inits a --hidden-sample changes."""
+    from nexus.convert.strategy import parse_strategy, ranks_units as keeps_some
+
+    return keeps_some(parse_strategy(init), 1) if init_top_k(init) else False
 
 
 def selection(stats_path: Path, root: Path, top_k: int, importance: str = "pca") -> Path:
@@ -80,15 +90,17 @@ def init_top_k(init: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def adapter(model: str, root: Path, init: str, stats: Path | None, seed: int) -> str:
-    """`nexus convert --init-strategy INIT` of the model into root/adapters/INIT-sSEED (reused when present)."""
+def adapter(model: str, root: Path, init: str, stats: Path | None, seed: int, hidden_sample: Path | None = None) -> str:
+    """`nexus convert --init-strategy INIT` of the model into root/adapters/INIT-sSEED (reused when present);
+    `hidden_sample` (--hidden-sample) for the inits that rank hidden units (then INIT-act-sSEED)."""
     from nexus.convert.core import convert
 
-    out = root / "adapters" / f"{init}-s{seed}"
+    sample = hidden_sample if hidden_sample is not None and ranks_units(init) else None
+    out = root / "adapters" / (f"{init}-act-s{seed}" if sample else f"{init}-s{seed}")
     if not (out / "nexus_config.json").is_file():
         with contextlib.redirect_stdout(io.StringIO()):
             convert(model, str(out), init, pca_stats=str(stats) if stats else None, seed=seed, overwrite=True,
-                    log=lambda *a, **k: None)
+                    log=lambda *a, **k: None, hidden_sample=str(sample) if sample else None)
     return str(out)
 
 

@@ -122,6 +122,48 @@ def test_collect_equals_statistics_of_transformers_router_logits(family, models,
         assert (s["gate_sum"] >= 0).all() and s["gate_sum"].sum() > 0
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_keep_hidden_keeps_what_the_experts_read_beside_the_same_tokens_probabilities(family, models, dataset, tmp_path):
+    """Every kept (probabilities, hidden state) pair is one token's: transformers' router_logits and the
+    input of the experts module, for the same token, from an unpadded forward of each sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from nexus.data import load_documents, load_tokenizer
+
+    collect(models[family], dataset, tmp_path / "rs.safetensors", "--keep-raw", 40, "--keep-hidden")
+    raw = RawReservoir.load(raw_path(tmp_path / "rs.safetensors"))
+    tok = load_tokenizer(models[family])
+    docs = [tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in load_documents(dataset)]
+    seqs = [ids[i:i + 16] for ids in docs for i in range(0, len(ids), 16) if ids[i:] != [tok.eos_token_id]]
+    model = AutoModelForCausalLM.from_pretrained(models[family]).eval()
+    blocks = find_moe_blocks(model)
+    seen = {b.layer: [] for b in blocks}
+
+    def record(module, args, kwargs, layer):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen[layer].append(x.reshape(-1, x.shape[-1]))
+
+    hooks = [b.experts.register_forward_pre_hook(lambda m, a, k, layer=b.layer: record(m, a, k, layer),
+                                                 with_kwargs=True) for b in blocks]
+    probs = {b.layer: [] for b in blocks}
+    with torch.no_grad():
+        for seq in seqs:
+            out = model(input_ids=torch.tensor([seq]), output_router_logits=True)
+            for b, logits in zip(blocks, out.router_logits):
+                probs[b.layer].append(torch.softmax(logits.float(), -1))
+    for h in hooks:
+        h.remove()
+    assert raw.hidden_size == model.config.hidden_size
+    for b in blocks:
+        ref_h, ref_p = torch.cat(seen[b.layer]), torch.cat(probs[b.layer])  # (T, H), (T, E)
+        kept_h, kept_p = raw.filled_hidden(b.layer), raw.filled(b.layer)
+        assert kept_h.shape == (40, model.config.hidden_size) and kept_h.dtype == torch.float32
+        token = torch.cdist(kept_h, ref_h).argmin(1)  # the reference token each kept row is
+        assert len(set(token.tolist())) > 30  # different tokens (two tokens at a sequence start can be equal)
+        torch.testing.assert_close(kept_h, ref_h[token], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kept_p, ref_p[token], rtol=1e-4, atol=1e-6)
+
+
 def test_padding_does_not_change_statistics():
     model = tiny_model("gpt_oss")
     seqs = [[5, 9, 13, 40, 41], [7, 8], [60, 61, 62]]
@@ -172,7 +214,7 @@ def test_merge_of_two_halves_equals_one_run(models, dataset, tmp_path):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
-    args = ("--flush-every", 2, "--keep-raw", 30)
+    args = ("--flush-every", 2, "--keep-raw", 30, "--keep-hidden")
     full = collect(models["qwen3_moe"], dataset, tmp_path / "full.safetensors", *args)
     out = tmp_path / "rs.safetensors"
     calls = {"n": 0}
@@ -195,20 +237,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(models, dataset, tmp_path,
     r = run_main("collect", "--model", models["qwen3_moe"], "--dataset", dataset, "--output", out,
                  "--seq-len", 8, "--batch-size", 3, "--target-tokens", 0, "--resume", *args)
     assert r.returncode == 2 and "seq_len: 16 then, 8 now" in r.stderr
+    r = run_main("collect", "--model", models["qwen3_moe"], "--dataset", dataset, "--output", out,
+                 "--seq-len", 16, "--batch-size", 3, "--target-tokens", 0, "--resume", *args[:-1])
+    assert r.returncode == 2 and "keep_hidden: True then, None now" in r.stderr
     resumed = collect(models["qwen3_moe"], dataset, out, "--resume", *args)
     assert_same_stats(resumed, full, exact=True)
     assert not collect_mod.partial_path(out).exists() and not raw_path(collect_mod.partial_path(out)).exists()
     a, b = RawReservoir.load(raw_path(out)), RawReservoir.load(raw_path(tmp_path / "full.safetensors"))
-    assert all(torch.equal(a.keys[i], b.keys[i]) and torch.equal(a.probs[i], b.probs[i]) for i in a.moe_layers)
+    assert all(torch.equal(a.keys[i], b.keys[i]) and torch.equal(a.probs[i], b.probs[i]) and
+               torch.equal(a.hidden[i], b.hidden[i]) for i in a.moe_layers)
 
 
 def test_torchrun_two_processes_equal_one(models, dataset, tmp_path):
-    single = collect(models["gpt_oss"], dataset, tmp_path / "one.safetensors", "--keep-raw", 25)
+    single = collect(models["gpt_oss"], dataset, tmp_path / "one.safetensors", "--keep-raw", 25, "--keep-hidden")
     env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "nexus", "collect", "--model", str(models["gpt_oss"]), "--dataset", str(dataset),
            "--output", str(tmp_path / "two.safetensors"), "--seq-len", "16", "--batch-size", "3",
-           "--target-tokens", "0", "--keep-raw", "25", "--flush-every", "1", "--device", "cpu"]
+           "--target-tokens", "0", "--keep-raw", "25", "--keep-hidden", "--flush-every", "1", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "over 2 processes" in r.stdout
@@ -218,6 +264,7 @@ def test_torchrun_two_processes_equal_one(models, dataset, tmp_path):
     for i in a.moe_layers:
         assert torch.equal(a.keys[i], b.keys[i])
         torch.testing.assert_close(a.probs[i], b.probs[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.hidden[i], b.hidden[i], rtol=1e-5, atol=1e-6)
     assert not collect_mod.partial_path(tmp_path / "two.safetensors").exists()
 
 
@@ -239,7 +286,8 @@ def _outputs(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors")
 
 
-@pytest.mark.parametrize("case", ["empty", "missing_field", "expert_mismatch", "corrupted", "merge_mismatch"])
+@pytest.mark.parametrize("case", ["empty", "missing_field", "expert_mismatch", "corrupted", "merge_mismatch",
+                                  "hidden_without_raw"])
 def test_collect_bad_inputs(case, models, dataset, tmp_path):
     out = tmp_path / "out.safetensors"
     data, extra = dataset, []
@@ -248,6 +296,8 @@ def test_collect_bad_inputs(case, models, dataset, tmp_path):
         data.write_text("\n\n")
     elif case == "missing_field":
         extra = ["--text-field", "body"]
+    elif case == "hidden_without_raw":
+        extra = ["--keep-hidden"]
     elif case == "expert_mismatch":  # a partial run of a model with another expert count
         RouterStats([0, 1], 4, 2, "gpt_oss").save(collect_mod.partial_path(out), {"batches_done": 1, "plan": "{}"})
         extra = ["--resume"]
@@ -267,7 +317,8 @@ def test_collect_bad_inputs(case, models, dataset, tmp_path):
         r = run_main("collect", "--model", models["gpt_oss"], "--dataset", data, "--output", out, "--seq-len", 16,
                      *extra)
         expected = {"empty": "no non-empty documents", "missing_field": "has no field 'body'",
-                    "expert_mismatch": "num_experts differs (8 vs 4)"}[case]
+                    "expert_mismatch": "num_experts differs (8 vs 4)",
+                    "hidden_without_raw": "pass --keep-raw N too"}[case]
     assert r.returncode == 2 and expected in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and _outputs(tmp_path) == before
 

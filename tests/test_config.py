@@ -45,7 +45,9 @@ def config(**changes) -> NexusConfig:
 
 
 @pytest.mark.parametrize("cfg", [config(), config(init=None, gate=True, trainable_router=True, scale=2.5),
-                                 config(init=InitProvenance(seed=0), width_multiplier=3)])
+                                 config(init=InitProvenance(seed=0), width_multiplier=3),
+                                 config(init=InitProvenance(seed=1, pca_stats="p.json", hidden_sample="rs.raw.safetensors",
+                                                            layers=(LayerInit(0, (7, 3), (0.6, 0.4), (1, 5)),)))])
 def test_round_trip_through_a_file(cfg, tmp_path):
     path = tmp_path / CONFIG_NAME
     cfg.to_json_file(path)

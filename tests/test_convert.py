@@ -1,6 +1,7 @@
 """`convert` end to end (Python API): each strategy's adapter against tensors computed here from the model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -170,6 +171,122 @@ def test_pruned_concat_is_concat_at_full_width_and_keeps_its_strongest_units_bel
         for key, v in half.items():
             want = units[key] if key == "down_bias" else units[key][rows]
             torch.testing.assert_close(v, want, rtol=0, atol=0)
+
+
+def read_hidden_sample(path, layer):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(f"layers.{layer}.hidden")
+
+
+def write_hidden_sample(path, model, tokens=48, layers=None, hidden_size=None, seed=0):
+    """A raw sample as `nexus collect --keep-raw N --keep-hidden` writes it, with random hidden states."""
+    from nexus.stats.reservoir import RawReservoir
+
+    blocks = find_moe_blocks(model)
+    layers = [b.layer for b in blocks] if layers is None else layers
+    h = hidden_size or model.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    res = RawReservoir(layers, blocks[0].layout.num_experts, tokens, hidden_size=h)
+    for i in layers:
+        probs = torch.softmax(torch.randn(tokens, blocks[0].layout.num_experts, generator=gen), -1)
+        res.offer(i, probs, batch_index=0, hidden=torch.randn(tokens, h, generator=gen))
+    return res.save(path)
+
+
+def unit_output_sizes(block, experts, weights, x):
+    """Per hidden unit of the concatenated experts (k·I + j): w_k × mean over x of ‖E_k(x) − E_k(x) without unit
+    j‖, through transformers' experts module with unit j's down projection zeroed: mean |a_j| × ‖w_k down_j‖."""
+    import copy
+
+    scores = []
+    for e, w in zip(experts, weights):
+        full = run_expert(block, e, x)
+        for j in range(block.layout.intermediate_size):
+            pruned = copy.deepcopy(block.experts)
+            with torch.no_grad():
+                if block.layout.is_transposed:  # down_proj [E, I, H]
+                    pruned.down_proj[e, j, :] = 0
+                else:  # down_proj [E, H, I]
+                    pruned.down_proj[e, :, j] = 0
+                idx = torch.full((x.shape[0], 1), e, dtype=torch.long)
+                diff = full - pruned(x, idx, torch.ones(x.shape[0], 1))
+            scores.append(w * diff.norm(dim=1).mean())
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("base", ["gpt_oss_mxfp4", "qwen3_moe"])
+def test_hidden_sample_keeps_the_units_that_add_the_most_output_on_it(bases, stats, tmp_path, base):
+    from nexus.convert.core import mean_abs_activations
+    from nexus.convert.merge import Concat, to_units
+    src, ref = bases[base]
+    sample = write_hidden_sample(tmp_path / "rs.raw.safetensors", ref)
+    for kind in ("pruned", "feature"):
+        convert(src, tmp_path / kind, f"{kind}_top2", pca_stats=stats, check=False, log=quiet, hidden_sample=sample)
+    cfg = json.loads((tmp_path / "pruned" / CONFIG_NAME).read_text())
+    assert cfg["init"]["hidden_sample"] == str(sample.resolve())
+    feature = json.loads((tmp_path / "feature" / CONFIG_NAME).read_text())["init"]["layers"]
+    for block in find_moe_blocks(ref):
+        experts, weights = selection(block.layer, 2)
+        x = read_hidden_sample(sample, block.layer)
+        want = unit_output_sizes(block, experts, weights, x)  # (2 I,)
+        kept = cfg["init"]["layers"][str(block.layer)]["kept_units"]
+        assert kept == sorted(torch.topk(want, block.layout.intermediate_size).indices.tolist())
+        assert feature[str(block.layer)]["kept_units"] == kept  # feature keeps the same units, down zero
+        concat = Concat(2)
+        for e, w in zip(experts, weights):
+            concat.add(to_units({n: p[e].detach() for n, p in block.experts.named_parameters()}, block.layout), w)
+        units = concat.result()
+        got = mean_abs_activations(block, ref, units, block.layout, x) * units["down"].norm(dim=1)
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-7)
+        half = adapter_tensors(tmp_path / "pruned", block)
+        torch.testing.assert_close(half["down_proj"][0], units["down"][kept].T if not block.layout.is_transposed
+                                   else units["down"][kept], rtol=0, atol=0)
+
+
+def test_hidden_sample_ranks_an_averaged_experts_units_below_width_one(bases, stats, tmp_path):
+    import copy
+
+    src, ref = bases["qwen3_moe"]
+    sample = write_hidden_sample(tmp_path / "rs.raw.safetensors", ref)
+    convert(src, tmp_path / "out", "pca_top2", pca_stats=stats, width_multiplier=0.5, check=False, log=quiet,
+            hidden_sample=sample)
+    kept = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["init"]["layers"]
+    for block in find_moe_blocks(ref):
+        experts, weights = selection(block.layer, 2)
+        average = copy.copy(block)  # expert 0 of a copy of the experts module holds the weighted average
+        average.experts = copy.deepcopy(block.experts)
+        with torch.no_grad():
+            for name, p in average.experts.named_parameters():
+                p[0] = sum(w * p[e] for e, w in zip(experts, weights))
+        want = unit_output_sizes(average, [0], [1.0], read_hidden_sample(sample, block.layer))
+        assert kept[str(block.layer)]["kept_units"] == sorted(torch.topk(want, block.layout.intermediate_size // 2)
+                                                              .indices.tolist())
+
+
+@pytest.mark.parametrize("case", ["no_hidden", "width", "layer", "strategy", "full_width"])
+def test_hidden_sample_refusals(bases, stats, tmp_path, case):
+    from nexus.stats.reservoir import RawReservoir
+
+    src, ref = bases["qwen3_moe"]
+    path, strategy, width = tmp_path / "rs.raw.safetensors", "pruned_top2", None
+    expected = {"no_hidden": "holds no hidden states (collect it with --keep-raw N --keep-hidden)",
+                "width": f"hidden states of width 5, the experts of {src} read {ref.config.hidden_size}",
+                "layer": "no hidden states for MoE layers [1]",
+                "strategy": "pca_top2 at width 1 keeps all of them",
+                "full_width": "pruned_top2 at width 2 keeps all of them"}[case]
+    if case == "no_hidden":
+        RawReservoir([0, 1], 8, 4).save(path)
+    else:
+        write_hidden_sample(path, ref, hidden_size=5 if case == "width" else None,
+                            layers=[0] if case == "layer" else None)
+    strategy = "pca_top2" if case == "strategy" else strategy
+    width = 2 if case == "full_width" else width
+    with pytest.raises(NexusError, match=re.escape(expected)):
+        convert(src, tmp_path / "out", strategy, pca_stats=stats, width_multiplier=width, check=False, log=quiet,
+                hidden_sample=path)
+    assert not (tmp_path / "out").exists()
 
 
 def test_gate_scales_the_shared_output_and_is_trainable(bases, stats, tmp_path):

@@ -42,6 +42,7 @@ LAYERS = (
 # Stages are independent of one another except where one is built on the other, in one direction.
 STAGES = ("stats", "convert", "teacher", "train", "validate", "plan", "chat")
 STAGE_EDGES = {("train", "teacher"),  # train reads the teacher cache format (teacher.cache)
+               ("convert", "stats"),  # convert --hidden-sample reads collect's raw sample (stats.reservoir)
                ("validate", "chat")}  # `validate --chat` opens a chat session on the validated model
 
 

@@ -192,3 +192,20 @@ def test_dry_run_writes_nothing(tmp_path):
     r = run_main("pipeline", _demo_like(tmp_path), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "train: nexus train" in r.stdout and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("convert, wired", [({"init_strategy": "pruned_top2"}, True),
+                                            ({"init_strategy": "feature_top4", "width_multiplier": 2}, True),
+                                            ({"init_strategy": "pruned_top2", "width_multiplier": 2}, False),
+                                            ({"init_strategy": "pca_top2"}, False),
+                                            ({"init_strategy": "pca_top2", "width_multiplier": 0.5}, True),
+                                            ({"init_strategy": "concat_top2"}, False)])
+def test_collect_keep_hidden_feeds_convert_hidden_sample_where_it_ranks_units(tmp_path, convert, wired):
+    from tiny import run_main
+
+    config = _demo_like(tmp_path, collect={"keep_raw": 64, "keep_hidden": True}, convert=convert)
+    r = run_main("pipeline", config, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    convert_line = next(ln for ln in r.stdout.splitlines() if "nexus convert" in ln)
+    sample = str(tmp_path / "work" / "router_stats.raw.safetensors")
+    assert (f"--hidden-sample {sample}" in convert_line) == wired, convert_line

@@ -201,3 +201,5 @@ def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
     assert study.cached_start(path, "nexus-pca_top8", 0, proto) is None
     assert study.cached_start(path, "esft", 2, proto)["tag"] == "base"  # every non-NEXUS method starts at the base
     assert study.cached_start(path, "esft", 2, {**proto, "eval_num": 8}) is None
+    # another --hidden-tokens: pruned/feature adapters rank their units on another sample
+    assert study.cached_start(path, "nexus-random", 0, {**proto, "hidden_tokens": 2048}) is None

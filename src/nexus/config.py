@@ -143,11 +143,14 @@ class InitProvenance:
     seed: int  # of the random parts (extra hidden units, random strategy)
     pca_stats: str | None = None  # the selection file, for strategies that merge experts
     layers: tuple[LayerInit, ...] = ()  # per MoE layer, for strategies that merge experts
+    hidden_sample: str | None = None  # collect's raw sample whose hidden states ranked the kept units
 
     def __post_init__(self):
         object.__setattr__(self, "seed", _int("init.seed", self.seed))
         if self.pca_stats is not None:
             _str("init.pca_stats", self.pca_stats)
+        if self.hidden_sample is not None:
+            _str("init.hidden_sample", self.hidden_sample)
         object.__setattr__(self, "layers", tuple(self.layers))
         for lp in self.layers:
             if not isinstance(lp, LayerInit):
@@ -159,11 +162,13 @@ class InitProvenance:
             out["pca_stats"] = self.pca_stats
         if self.layers:
             out["layers"] = {str(lp.layer): lp.to_dict() for lp in self.layers}
+        if self.hidden_sample is not None:
+            out["hidden_sample"] = self.hidden_sample
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> InitProvenance:
-        data = _object("init", data, {"seed", "pca_stats", "layers"}, {"seed"}, LEGACY_INIT_KEYS)
+        data = _object("init", data, {"seed", "pca_stats", "layers", "hidden_sample"}, {"seed"}, LEGACY_INIT_KEYS)
         layers = []
         raw = data.get("layers", {})
         if not isinstance(raw, Mapping):
@@ -173,7 +178,8 @@ class InitProvenance:
                 raise ConfigError(f"init.layers.{key}", "is not a decoder-layer index")
             entry = _object(f"init.layers.{key}", entry, {"experts", "weights", "kept_units"}, {"experts", "weights"})
             layers.append(LayerInit(layer=int(key), **entry))
-        return cls(seed=data["seed"], pca_stats=data.get("pca_stats"), layers=tuple(layers))
+        return cls(seed=data["seed"], pca_stats=data.get("pca_stats"), layers=tuple(layers),
+                   hidden_sample=data.get("hidden_sample"))
 
 
 @dataclass(frozen=True, kw_only=True)

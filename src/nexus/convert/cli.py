@@ -15,7 +15,8 @@ matching each expert's hidden units to the most important one's), concat_topK (t
 by side: exactly Σ w_k E_k(x); the shared expert is K times wider), feature_topK (function-preserving:
 the K experts' gate/up rows with the down projection zero, so outputs are unchanged at step 0; the
 M × I units carrying the most weighted output at --width-multiplier M), pruned_topK (those units with
-their down rows: concat_topK at any width). A sanity forward of the
+their down rows: concat_topK at any width). Which units carry the most output is measured on sampled
+hidden states with --hidden-sample (mean |activation| × ‖weighted down row‖), else read off the weights. A sanity forward of the
 converted model on a few tokens runs before the output directory appears (--skip-check when the
 base does not fit in memory; every shared expert is still probed on random inputs).
 """
@@ -38,6 +39,12 @@ FLAGS = {  # convert()'s parameters: their defaults and types are its signature'
                    "help": "adapter directory to write (must not exist unless --overwrite)"},
     "pca_stats": {"metavar": "FILE",
                   "help": "pca_stats.json from `nexus analyze` (or hand-written); needed by the merge strategies"},
+    "hidden_sample": {"metavar": "FILE",
+                      "help": "where convert keeps only some merged hidden units (feature_topK / pruned_topK below "
+                              "width K, a merge below width 1): rank them by mean |activation| × ‖down row‖ over "
+                              "the hidden states in FILE (the "
+                              "<stats>.raw.safetensors of `nexus collect --keep-raw N --keep-hidden`); without it "
+                              "units are ranked by their weights"},
     "init_strategy": {"metavar": "NAME",
                       "help": "zero | random | pca_topK | frequency_topK | aligned_topK | concat_topK | feature_topK | "
                               "pruned_topK (e.g. pca_top24); default random, the best or tied-best init in "

@@ -27,18 +27,20 @@ from ..errors import NexusError
 from ..fsutil import atomic_dir
 from ..moe import check_width, shared_intermediate_size
 from ..progress import bar, format_bytes
+from ..stats.reservoir import hidden_sample_layers, read_hidden
 from ..shared import GATE_NAME, SHARED_NAME, build_shared_expert, init_shared_expert, run_shared_expert
 from ..version import __version__
 from .checkpoint import ExpertReader
 from .merge import from_units, keep_units, make_merger, silence_outputs, strongest_units, to_units, widen
 from ..base.files import StreamingWriter
-from .strategy import DEFAULT_INIT, LayerSelection, Strategy, load_selection, parse_strategy
+from .strategy import DEFAULT_INIT, LayerSelection, Strategy, load_selection, parse_strategy, ranks_units
 
 CHECK_TOKENS = 8  # tokens in the sanity forward of the converted model
 PROBE_TOKENS = 4  # random hidden states each shared expert is run on before it is written
 # from_pretrained's peak over the loaded weights' size, for the "does the base fit" estimate; MXFP4
 # dequantization measured 1.8× its bf16 output (docs/benchmarks.md, "convert")
 LOAD_OVERHEAD = 1.2
+SCORE_TOKENS = 1024  # sampled tokens per forward when ranking hidden units by their activations
 MXFP4_LOAD_OVERHEAD = 1.8
 
 
@@ -67,6 +69,8 @@ class ConvertPlan:
     adapter_bytes: int
     base_load_bytes: int  # estimated memory to load the base with from_pretrained (sanity check)
     pca_stats: Path | None = None
+    hidden_sample: Path | None = None  # collect's raw sample with hidden states: units ranked by activations
+    sample_tokens: dict[int, int] = field(default_factory=dict)  # per layer, tokens in hidden_sample
     gate: float | None = None  # initial value of a learnable scalar on each shared expert's output, if any
     selection: dict[int, LayerSelection] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know before the run
@@ -78,6 +82,19 @@ class ConvertPlan:
     @property
     def read_bytes(self) -> int:
         return sum(lp.read_bytes for lp in self.layers)
+
+    @property
+    def ranks_units(self) -> bool:
+        """Whether the merged experts hold more hidden units than the shared expert keeps."""
+        return ranks_units(self.strategy, self.width_multiplier)
+
+    @property
+    def unit_ranking(self) -> str:
+        if self.hidden_sample is None:
+            return "the strongest by weights, ‖gate row‖·‖up row‖·‖weighted down row‖ (no --hidden-sample)"
+        n = min(self.sample_tokens.values(), default=0)
+        return (f"the strongest by mean |activation| × ‖weighted down row‖ over the {n:,}+ sampled tokens of "
+                f"{self.hidden_sample}")
 
     def describe(self, check: bool, available: int | None) -> str:
         s = self.strategy
@@ -92,6 +109,8 @@ class ConvertPlan:
             for lp in self.layers:
                 pairs = " ".join(f"{e}:{w:.3f}" for e, w in zip(lp.experts, lp.weights))
                 lines.append(f"  {lp.layer:<5d}  {format_bytes(lp.read_bytes):>10s}  {pairs}")
+        if self.ranks_units:
+            lines.append("  hidden units kept: " + self.unit_ranking)
         lines.append(f"  expert bytes to read: {format_bytes(self.read_bytes)} "
                      f"of {format_bytes(self.checkpoint_bytes)} in the checkpoint")
         lines.append(f"  estimated memory: {format_bytes(self.working_bytes)} working set (largest layer) "
@@ -154,7 +173,8 @@ def peak_rss_bytes() -> int:
 
 
 def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float,
-              pca_stats: str | os.PathLike | None, dequantize: bool = False) -> ConvertPlan:
+              pca_stats: str | os.PathLike | None, dequantize: bool = False,
+              hidden_sample: str | os.PathLike | None = None) -> ConvertPlan:
     """What convert will do: per-layer experts and weights, bytes to read, memory and output size."""
     blocks = [reader.blocks[layer] for layer in reader.layers]
     layout = blocks[0].layout
@@ -165,6 +185,19 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         if strategy.kind in ("pca", "frequency") and ranked_by not in (None, strategy.kind):
             notes.append(f"{pca_stats} ranked experts by '{ranked_by}', the strategy is named {strategy.name}; "
                          f"the merge uses the file's selection either way")
+    sample_tokens, sample_width = {}, 0
+    if hidden_sample is not None:
+        if not ranks_units(strategy, width):
+            raise NexusError(f"--hidden-sample ranks the merged experts' hidden units that convert keeps (feature_topK "
+                             f"/ pruned_topK below width K, an averaging merge below width 1); {strategy.name} at "
+                             f"width {width:g} keeps all of them")
+        sample_tokens, sample_width = hidden_sample_layers(hidden_sample)
+        missing = [i for i in reader.layers if not sample_tokens.get(i)]
+        if missing:
+            raise NexusError(f"--hidden-sample {hidden_sample}: no hidden states for MoE layers {missing}")
+        if sample_width != layout.hidden_size:
+            raise NexusError(f"--hidden-sample {hidden_sample}: hidden states of width {sample_width}, the experts of "
+                             f"{reader.model_dir} read {layout.hidden_size} (another model's sample?)")
     layers, working = [], 0
     for b in blocks:
         expert = b.layout.expert_numel() * 4  # one expert in fp32
@@ -178,6 +211,10 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
             work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
         elif strategy.kind in ("concat", "feature", "pruned"):
             work = (strategy.top_k + 2) * expert + raw
+            if sample_tokens:  # the layer's sample in fp32, the scoring module (<= H units), one token chunk
+                h = b.layout.hidden_size
+                work += sample_tokens[b.layer] * h * 4 + 3 * h * min(h, strategy.top_k * b.layout.intermediate_size) \
+                    * 4 + 3 * SCORE_TOKENS * h * 4
         else:
             work = 0
         working = max(working, work + 2 * shared)  # the built module and the tensors copied into it
@@ -190,7 +227,34 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         adapter_bytes=sum(b.layout.expert_numel(shared_intermediate_size(b.layout.intermediate_size, width)) * 4
                           for b in blocks),
         base_load_bytes=_base_load_bytes(reader, dequantize), pca_stats=Path(pca_stats).resolve() if pca_stats else None,
+        hidden_sample=Path(hidden_sample).resolve() if hidden_sample else None, sample_tokens=sample_tokens,
         selection=selection, notes=notes)
+
+
+def mean_abs_activations(block, model: torch.nn.Module, units: dict[str, torch.Tensor], layout,
+                         hidden: torch.Tensor) -> torch.Tensor:
+    """Mean |activation| of every hidden unit of `units` over the tokens `hidden` (n, H): (I,) fp32.
+
+    The family's own experts forward computes them (its activation, clamps, biases): a one-expert module
+    holding up to H of the units, whose down projection copies unit j's activation to output j (no down
+    bias), run on the tokens in chunks of SCORE_TOKENS.
+    """
+    inter, width = units["down"].shape
+    total = torch.zeros(inter, dtype=torch.float64)
+    for start in range(0, inter, width):
+        rows = list(range(start, min(start + width, inter)))
+        part = keep_units(units, rows)
+        part["down"] = torch.eye(len(rows), width)  # (c, H): activation j -> output j
+        if "down_bias" in part:
+            part["down_bias"] = torch.zeros(width)
+        module = build_shared_expert(block, model, intermediate_size=len(rows), device="cpu")
+        with torch.no_grad():
+            for name, tensor in from_units(part, layout).items():
+                getattr(module, name).copy_(tensor)
+            for x in hidden.split(SCORE_TOKENS):
+                out = run_shared_expert(module, x.float())  # (t, H)
+                total[start:start + len(rows)] += out[:, :len(rows)].abs().sum(0, dtype=torch.float64)
+    return (total / max(hidden.shape[0], 1)).float()
 
 
 def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generator: torch.Generator,
@@ -208,7 +272,11 @@ def build_layer(reader: ExpertReader, plan: ConvertPlan, lp: LayerPlan, generato
         if strategy.kind != "concat":
             target = shared_intermediate_size(layout.intermediate_size, plan.width_multiplier)
             if target < units["down"].shape[0]:
-                lp.kept_units = strongest_units(units, target)
+                activations = None
+                if plan.hidden_sample is not None:
+                    activations = mean_abs_activations(block, reader.model, units, layout,
+                                                       read_hidden(plan.hidden_sample, lp.layer))
+                lp.kept_units = strongest_units(units, target, activations)
                 units = keep_units(units, lp.kept_units)
             units = widen(units, target, std, generator)
         if strategy.kind == "feature":
@@ -255,7 +323,7 @@ def sanity_forward(adapter_dir: Path, dequantize: bool = False) -> float:
 def convert(input_dir: str, output_dir: str, init_strategy: str = DEFAULT_INIT,
             pca_stats: str | None = None, width_multiplier: float | None = None, scale: float = 1.0,
             seed: int = 0, check: bool = True, overwrite: bool = False, dry_run: bool = False, log=print,
-            dequantize: bool = False, gate: float | None = None) -> dict:
+            dequantize: bool = False, gate: float | None = None, hidden_sample: str | None = None) -> dict:
     """Convert `input_dir` (a transformers model directory) into an adapter at `output_dir`.
 
     Returns a summary (layers, experts_read, bytes_read, seconds, adapter_bytes, ...); with
@@ -277,12 +345,14 @@ def convert(input_dir: str, output_dir: str, init_strategy: str = DEFAULT_INIT,
     if not input_path.is_dir():
         raise NexusError(f"--input {input_dir}: no such model directory")
     reader = ExpertReader(input_path)
-    plan = make_plan(reader, strategy, width, scale, pca_stats, dequantize=dequantize)
+    plan = make_plan(reader, strategy, width, scale, pca_stats, dequantize=dequantize, hidden_sample=hidden_sample)
     plan.gate = gate
     available = available_memory()
     if not dry_run:
         for note in plan.notes:
             log(f"note: {note}")
+        if plan.ranks_units:
+            log("hidden units kept: " + plan.unit_ranking)
     if dry_run:
         log(plan.describe(check, available))
         if output_dir.exists() and not overwrite:
@@ -336,7 +406,8 @@ def adapter_config(plan: ConvertPlan, reader: ExpertReader, seed: int) -> NexusC
     s = plan.strategy
     layers = tuple(LayerInit(lp.layer, lp.experts, lp.weights, lp.kept_units) for lp in plan.layers) \
         if s.reads_experts else ()
-    init = InitProvenance(seed=seed, pca_stats=str(plan.pca_stats) if s.reads_experts else None, layers=layers)
+    init = InitProvenance(seed=seed, pca_stats=str(plan.pca_stats) if s.reads_experts else None, layers=layers,
+                          hidden_sample=str(plan.hidden_sample) if plan.hidden_sample else None)
     return NexusConfig(base_model_name_or_path=str(reader.model_dir.resolve()), model_type=reader.config.model_type,
                        moe_layers=tuple(lp.layer for lp in plan.layers), num_experts=plan.num_experts,
                        intermediate_size=plan.shared_intermediate_size, width_multiplier=plan.width_multiplier,

@@ -173,14 +173,19 @@ def widen(units: dict[str, torch.Tensor], width: int, std: float, generator: tor
     return out
 
 
-def strongest_units(units: dict[str, torch.Tensor], count: int) -> list[int]:
-    """The `count` hidden units carrying the most weight: ‖gate row‖·‖up row‖·‖down row‖, ascending indices.
+def strongest_units(units: dict[str, torch.Tensor], count: int, activations: torch.Tensor | None = None) -> list[int]:
+    """The `count` hidden units carrying the most output, ascending indices.
 
-    Used to shrink a merged expert to a fractional width; the weights alone decide (no activations).
+    With `activations` (I,), each unit's mean |activation| over sampled tokens: mean |a| × ‖down row‖,
+    the average size of what the unit adds to the output. Without: its weights alone,
+    ‖gate row‖·‖up row‖·‖down row‖.
     """
-    score = units["up"].norm(dim=1) * units["down"].norm(dim=1)
-    if "gate" in units:
-        score = score * units["gate"].norm(dim=1)
+    if activations is not None:
+        score = activations.float() * units["down"].norm(dim=1)
+    else:
+        score = units["up"].norm(dim=1) * units["down"].norm(dim=1)
+        if "gate" in units:
+            score = score * units["gate"].norm(dim=1)
     return sorted(torch.topk(score, count).indices.tolist())
 
 

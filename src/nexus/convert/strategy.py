@@ -9,7 +9,9 @@
     feature_topK      function-preserving: the K experts' hidden units (gate/up rows and biases) with the
                       down projection and its bias zero, so the model's outputs are unchanged at step 0;
                       at --width-multiplier M (default 1) the M × I units of the K × I that carry the most
-                      weighted output (‖gate‖·‖up‖·‖wₖ down‖), more than K × I adding random gate/up rows
+                      weighted output, more than K × I adding random gate/up rows. "Most output": mean
+                      |activation| × ‖wₖ down row‖ over collect's sampled hidden states (--hidden-sample),
+                      else the weights alone (‖gate‖·‖up‖·‖wₖ down‖)
     pruned_topK       concat_topK at any width: the same M × I strongest units of the K × I, down rows
                       scaled by their expert's weight (the best single-width approximation of concat_topK
                       this ranking gives; at M = K it is concat_topK exactly)
@@ -49,6 +51,14 @@ class Strategy:
     @property
     def reads_experts(self) -> bool:
         return self.kind in MERGES
+
+
+def ranks_units(strategy: Strategy, width_multiplier: float) -> bool:
+    """Whether convert keeps only some of the merged experts' hidden units, and so ranks them: feature_topK and
+    pruned_topK (K × I units) below width K, the averaging merges (I units) below width 1."""
+    if not strategy.reads_experts or strategy.kind == "concat":
+        return False
+    return width_multiplier < (strategy.top_k if strategy.kind in ("feature", "pruned") else 1)
 
 
 def parse_strategy(text: str) -> Strategy:

@@ -44,6 +44,19 @@ def _merges(ctx) -> bool:
     return parse_strategy(str(ctx.stage_opt("convert", "init_strategy", DEFAULT_INIT))).reads_experts
 
 
+def _hidden_sample(ctx) -> str | None:
+    """collect's raw sample, where collect keeps hidden states (keep_hidden) and convert keeps only some of the
+    merged experts' hidden units (`convert.strategy.ranks_units`): convert then ranks them by their activations."""
+    from ..convert.strategy import DEFAULT_INIT, parse_strategy, ranks_units
+    from ..stats.reservoir import raw_path
+
+    if not (ctx.enabled("collect") and ctx.stage_opt("collect", "keep_hidden", False)):
+        return None
+    strategy = parse_strategy(str(ctx.stage_opt("convert", "init_strategy", DEFAULT_INIT)))
+    width = float(ctx.stage_opt("convert", "width_multiplier", None) or 1)
+    return str(raw_path(ctx.out("collect"))) if ranks_units(strategy, width) else None
+
+
 def _stage_table():
     return {
         "sample": Stage("sample", "--output", "sample.jsonl",
@@ -56,8 +69,10 @@ def _stage_table():
                          {"--input": lambda c: c.out("collect")}, needs={"--input": "collect"}),
         "convert": Stage("convert", "--output", "adapter",
                          {"--input": lambda c: c.model,
-                          "--pca-stats": lambda c: c.out("analyze") if c.enabled("analyze") or _merges(c) else None},
-                         needs={"--pca-stats": "analyze"}, needed_if={"--pca-stats": _merges}),
+                          "--pca-stats": lambda c: c.out("analyze") if c.enabled("analyze") or _merges(c) else None,
+                          "--hidden-sample": _hidden_sample},
+                         needs={"--pca-stats": "analyze", "--hidden-sample": "collect"},
+                         needed_if={"--pca-stats": _merges, "--hidden-sample": lambda c: _hidden_sample(c) is not None}),
         "precompute-teacher": Stage("precompute-teacher", "--output", "teacher_cache",
                                     {"--model": lambda c: c.model,
                                      "--dataset": lambda c: c.path(c.stage_opt("train", "dataset", c.dataset))},

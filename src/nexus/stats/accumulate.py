@@ -198,7 +198,9 @@ class RouterStats:
 class Collector:
     """Router hook: feeds the real tokens of the current batch into `RouterStats` (and a reservoir).
 
-    Use with `routing.router_hooks(model, collector)`; call `set_batch` before each forward.
+    Use with `routing.router_hooks(model, collector)`; call `set_batch` before each forward. When the
+    reservoir keeps hidden states, `experts_input` must also see what each layer's experts read (the
+    router of a layer runs first: its probabilities wait for the hidden states of the same tokens).
     """
 
     def __init__(self, stats: RouterStats, reservoir=None):
@@ -207,9 +209,16 @@ class Collector:
         self.rows: torch.Tensor | None = None
         self.num_rows = 0
         self.batch_index = 0
+        self.pending: dict[int, torch.Tensor] = {}  # layer -> probs (T, E) waiting for their hidden states
+
+    @property
+    def keeps_hidden(self) -> bool:
+        return self.reservoir is not None and self.reservoir.hidden is not None
 
     def set_batch(self, attention_mask: torch.Tensor, batch_index: int = 0) -> None:
         """attention_mask (B, L): 1 for real tokens. Router rows are the B x L tokens in row-major order."""
+        if self.pending:
+            raise RuntimeError(f"layers {sorted(self.pending)}: the router ran but the experts never read the batch")
         mask = attention_mask.reshape(-1).bool()  # (B L,)
         self.num_rows = mask.numel()
         self.rows = None if bool(mask.all()) else mask.nonzero().squeeze(1)  # (T_real,)
@@ -225,5 +234,23 @@ class Collector:
             logits, weights, indices = (t.index_select(0, self.rows) for t in (logits, weights, indices))
         with torch.no_grad():
             p = self.stats.update(layer, logits, weights, indices)
-            if self.reservoir is not None:
+            if self.keeps_hidden:
+                self.pending[layer] = p
+            elif self.reservoir is not None:
                 self.reservoir.offer(layer, p, self.batch_index)
+
+    def experts_input(self, layer: int, hidden: torch.Tensor) -> None:
+        """What layer `layer`'s experts read for the current batch: (B L, H) or (B, L, H)."""
+        if not self.keeps_hidden:
+            return
+        probs = self.pending.pop(layer, None)
+        if probs is None:
+            raise RuntimeError(f"layer {layer}: the experts ran before the router")
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B L, H)
+        if flat.shape[0] != self.num_rows or flat.shape[1] != self.reservoir.hidden_size:
+            raise NexusError(f"layer {layer}: the experts read {tuple(hidden.shape)}, expected {self.num_rows} tokens "
+                             f"of width {self.reservoir.hidden_size}; --keep-hidden cannot sample them")
+        if self.rows is not None:
+            flat = flat.index_select(0, self.rows)
+        with torch.no_grad():
+            self.reservoir.offer(layer, probs, self.batch_index, flat.detach())

@@ -7,6 +7,7 @@ flags), `merge` its `--merge`. The partial state of an interrupted run sits besi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -23,6 +24,7 @@ from ..device import resolve_device, torch_dtype
 from ..errors import NexusError
 from ..packing import iter_pieces
 from ..progress import bar, format_bytes, rate
+from ..moe import find_moe_blocks
 from ..routing import router_hooks
 from .accumulate import Collector, RouterStats
 from .reservoir import RawReservoir, raw_path
@@ -74,6 +76,34 @@ def _pad_forwards(root: torch.nn.Module, batches: int, world: int, rank: int, de
         root(one, one)
 
 
+def _experts_width(model: torch.nn.Module, blocks) -> tuple[int, torch.dtype]:
+    """(width, dtype) of what the experts read: the hidden size of their layout, the dtype of the model's
+    activations (its input embeddings)."""
+    widths = {b.layout.hidden_size for b in blocks}
+    if len(widths) != 1:
+        raise NexusError(f"--keep-hidden: the MoE layers' experts read different widths {sorted(widths)}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    return widths.pop(), dtype if dtype.is_floating_point else torch.float32
+
+
+@contextlib.contextmanager
+def experts_input_hooks(blocks, collector: Collector) -> Iterator[None]:
+    """Pass what every MoE block's experts module reads to `collector.experts_input` (when it keeps hidden states)."""
+    handles = []
+    if collector.keeps_hidden:
+        for b in blocks:
+            def seen(module, args, kwargs, layer=b.layer):
+                collector.experts_input(layer, args[0] if args else kwargs["hidden_states"])
+
+            handles.append(b.experts.register_forward_pre_hook(seen, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def partial_description(partial: Path) -> str:
     from safetensors import safe_open
 
@@ -96,11 +126,11 @@ def _reduced(stats: RouterStats, reservoir: RawReservoir | None):
     total.load_flat_(dist.all_reduce_sum(total.flat()))
     merged = None
     if reservoir is not None:
-        merged = RawReservoir(reservoir.moe_layers, reservoir.num_experts, reservoir.size, reservoir.seed,
-                              reservoir.keys[reservoir.moe_layers[0]].device)
+        merged = reservoir.empty_like()
         for i in reservoir.moe_layers:
-            for keys, probs in zip(dist.all_gather(reservoir.keys[i]), dist.all_gather(reservoir.probs[i])):
-                merged.keep(i, keys, probs)
+            hidden = dist.all_gather(reservoir.hidden[i]) if reservoir.hidden is not None else None
+            for r, (keys, probs) in enumerate(zip(dist.all_gather(reservoir.keys[i]), dist.all_gather(reservoir.probs[i]))):
+                merged.keep(i, keys, probs, hidden[r] if hidden is not None else None)
     return total, merged
 
 
@@ -158,10 +188,10 @@ def _resume_state(args, stats, reservoir, plan: dict) -> tuple[int, int]:
     done, meta = RouterStats.load(partial)
     stats.check_compatible(done, what=f"--resume {partial} (this model: {stats.num_experts} experts)")
     recorded = json.loads(meta.get("plan", "{}"))
-    changed = sorted(k for k in plan if recorded.get(k) != plan[k])
+    changed = sorted(k for k in set(plan) | set(recorded) if recorded.get(k) != plan.get(k))
     if changed:
         raise NexusError(f"--resume {partial}: the partial run used other settings ("
-                         + ", ".join(f"{k}: {recorded.get(k)!r} then, {plan[k]!r} now" for k in changed) + ")")
+                         + ", ".join(f"{k}: {recorded.get(k)!r} then, {plan.get(k)!r} now" for k in changed) + ")")
     raw = partial.with_name(meta["raw"]) if "raw" in meta else raw_path(partial)
     if reservoir is not None and not raw.is_file():
         raise NexusError(f"--resume {partial}: the partial run did not use --keep-raw ({raw} missing)")
@@ -239,11 +269,17 @@ def collect(args) -> int:
     check_seq_len(model, args.seq_len, "model")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stats = RouterStats.for_model(model, source_model=str(args.model), device=device)
-    reservoir = RawReservoir(stats.moe_layers, stats.num_experts, args.keep_raw, args.seed, device) \
-        if args.keep_raw else None
+    blocks = find_moe_blocks(model)
+    reservoir = None
+    if args.keep_raw:
+        hidden_size, hidden_dtype = _experts_width(model, blocks) if args.keep_hidden else (0, torch.float32)
+        reservoir = RawReservoir(stats.moe_layers, stats.num_experts, args.keep_raw, args.seed, device,
+                                 hidden_size, hidden_dtype)
     plan = {"dataset": str(Path(args.dataset).resolve()), "text_field": args.text_field, "split": args.split,
             "seq_len": args.seq_len, "batch_size": args.batch_size, "target_tokens": args.target_tokens,
             "keep_raw": args.keep_raw, "seed": args.seed}
+    if args.keep_hidden:  # absent from earlier partial runs' plans, which kept none
+        plan["keep_hidden"] = True
     start_batch, tokens_before = _resume_state(args, stats, reservoir, plan)
 
     world, rank = dist.world_size(), dist.rank()
@@ -252,7 +288,7 @@ def collect(args) -> int:
     progress = bar(args.target_tokens or None, "collect", unit="tok", initial=tokens_before)
     t0, round_tokens, batches_done, new_tokens = time.perf_counter(), 0, start_batch, 0
     try:  # the bar is closed on errors too, so an error message starts on a line of its own
-        with router_hooks(model, collector), torch.no_grad():
+        with router_hooks(model, collector, blocks), experts_input_hooks(blocks, collector), torch.no_grad():
             for b, seqs in enumerate(iter_batches(texts(), tokenizer, args.seq_len, args.batch_size,
                                                   args.target_tokens)):
                 if b < start_batch:

@@ -20,7 +20,10 @@ Under torchrun, global batch b goes to rank b mod world size and the sums are
 all-reduced. With `--shard-base` the model itself is sharded over the ranks (FSDP2; relaunched under
 torchrun on --nproc processes when started without it); a rank out of batches runs forwards that
 count nothing until the others are done. `--keep-raw N` also keeps a uniform sample of N probability vectors per layer in
-`<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir).
+`<stem>.raw.safetensors` (for plots; see nexus.stats.reservoir); `--keep-hidden` keeps those tokens'
+hidden states as the experts read them too (N x hidden size per layer, in the model's dtype, held on
+the device while collecting), which `nexus convert --hidden-sample` uses to rank hidden units by
+their activations for feature_topK / pruned_topK.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace an existing --output and discard a partial run's statistics")
     p.add_argument("--keep-raw", type=int, default=0, metavar="N",
                    help="also keep a uniform sample of N raw probability vectors per layer (default 0)")
+    p.add_argument("--keep-hidden", action="store_true",
+                   help="with --keep-raw N: also keep those N tokens' hidden states as each layer's experts read "
+                        "them (for `nexus convert --hidden-sample`)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --keep-raw sample (default 0)")
     p.add_argument("--text-field", default="text", help="record field holding the text (default text)")
     p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict")
@@ -79,6 +85,8 @@ def check_options(args) -> None:
                              ("--keep-raw", args.keep_raw, 0)):
         if value is not None and value < low:
             raise NexusError(f"{flag} must be at least {low}, got {value}")
+    if args.keep_hidden and not args.keep_raw:
+        raise NexusError("--keep-hidden keeps the hidden states of the --keep-raw sample: pass --keep-raw N too")
 
 
 def _check_args(args) -> None:
