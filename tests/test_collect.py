@@ -198,8 +198,9 @@ def test_merge_of_two_halves_equals_one_run(models, dataset, tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
     (tmp_path / "b.jsonl").write_text("".join(lines[10:]))
     full = collect(models["gpt_oss"], dataset, tmp_path / "full.safetensors", "--keep-raw", 40)
-    collect(models["gpt_oss"], tmp_path / "a.jsonl", tmp_path / "a.safetensors", "--keep-raw", 40)
-    collect(models["gpt_oss"], tmp_path / "b.jsonl", tmp_path / "b.safetensors", "--keep-raw", 40, "--seed", 1)
+    collect(models["gpt_oss"], tmp_path / "a.jsonl", tmp_path / "a.safetensors", "--keep-raw", 40, "--keep-hidden")
+    collect(models["gpt_oss"], tmp_path / "b.jsonl", tmp_path / "b.safetensors", "--keep-raw", 40, "--seed", 1,
+            "--keep-hidden")
     r = run_main("collect", "--merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
                  "--output", tmp_path / "ab.safetensors")
     assert r.returncode == 0, r.stderr
@@ -207,10 +208,18 @@ def test_merge_of_two_halves_equals_one_run(models, dataset, tmp_path):
     assert_same_stats(merged, full)
     assert meta["source_model"] == str(models["gpt_oss"])
     raw = RawReservoir.load(raw_path(tmp_path / "ab.safetensors"))
+    a, b = (RawReservoir.load(raw_path(tmp_path / f"{x}.safetensors")) for x in "ab")
     for layer in raw.moe_layers:
         p = raw.filled(layer)
         assert p.shape == (40, 8)
         torch.testing.assert_close(p.sum(-1), torch.ones(40), rtol=0, atol=1e-5)
+        # the 40 smallest keys of both samples, each row with its own probabilities and hidden state
+        keys = torch.cat([a.keys[layer], b.keys[layer]])
+        rows = {float(k): (pa, h) for k, pa, h in zip(keys, torch.cat([a.probs[layer], b.probs[layer]]),
+                                                        torch.cat([a.hidden[layer], b.hidden[layer]]))}
+        assert raw.keys[layer].tolist() == sorted(keys.tolist())[:40]
+        for k, pa, h in zip(raw.keys[layer].tolist(), p, raw.filled_hidden(layer)):
+            assert torch.equal(rows[k][0], pa) and torch.equal(rows[k][1], h)
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):

@@ -92,9 +92,10 @@ class ConvertPlan:
     def unit_ranking(self) -> str:
         if self.hidden_sample is None:
             return "the strongest by weights, ‖gate row‖·‖up row‖·‖weighted down row‖ (no --hidden-sample)"
-        n = min(self.sample_tokens.values(), default=0)
-        return (f"the strongest by mean |activation| × ‖weighted down row‖ over the {n:,}+ sampled tokens of "
-                f"{self.hidden_sample}")
+        low, high = min(self.sample_tokens.values(), default=0), max(self.sample_tokens.values(), default=0)
+        count = f"{low:,}" if low == high else f"{low:,}–{high:,}"
+        return (f"the strongest by mean |activation| × ‖weighted down row‖ over {count} sampled tokens per layer "
+                f"of {self.hidden_sample}")
 
     def describe(self, check: bool, available: int | None) -> str:
         s = self.strategy
@@ -211,12 +212,12 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
             work = 8 * expert + 2 * i * i * 8 + raw  # + anchor, float64 unit features, similarity matrix
         elif strategy.kind in ("concat", "feature", "pruned"):
             work = (strategy.top_k + 2) * expert + raw
-            if sample_tokens:  # the layer's sample in fp32, the scoring module (<= H units), one token chunk
-                h = b.layout.hidden_size
-                work += sample_tokens[b.layer] * h * 4 + 3 * h * min(h, strategy.top_k * b.layout.intermediate_size) \
-                    * 4 + 3 * SCORE_TOKENS * h * 4
         else:
             work = 0
+        if sample_tokens:  # the layer's sample (<= fp32), the scoring module (<= H units), one chunk of tokens
+            h, merged = b.layout.hidden_size, b.layout.intermediate_size
+            merged *= strategy.top_k if strategy.kind in ("feature", "pruned") else 1
+            work += sample_tokens[b.layer] * h * 4 + 3 * h * min(h, merged) * 4 + 3 * SCORE_TOKENS * h * 4
         working = max(working, work + 2 * shared)  # the built module and the tensors copied into it
         layers.append(LayerPlan(b.layer, sel.experts, sel.weights, raw * len(sel.experts)))
     return ConvertPlan(
