@@ -306,8 +306,46 @@ def budget_check(rows: list[dict], longer: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def beside_check(rows: list[dict], other: list[dict]) -> str:
+    """A markdown section setting the runs of a second results file beside the same (method, lr, seed) runs of the
+    main results, naming the protocol settings in which they differ: what changing them does, seed by seed, and
+    the paired mean difference per (method, lr)."""
+    main = {(r["method"], float(r["lr"]), int(r["seed"])): r for r in rows}
+    pairs = [(main.get((r["method"], float(r["lr"]), int(r["seed"]))), r) for r in other]
+    pairs = sorted(((a, b) for a, b in pairs if a is not None), key=lambda p: (p[1]["method"], p[1]["lr"], p[1]["seed"]))
+    if not pairs:
+        return ""
+    proto = [(a.get("protocol", {}), b.get("protocol", {})) for a, b in pairs]
+    keys = sorted({k for pa, pb in proto for k in set(pa) | set(pb) if pa.get(k) != pb.get(k)})
+
+    def setting(p: dict) -> str:
+        return ", ".join(f"{k} {p.get(k)}" for k in keys) or "the same protocol"
+
+    left, right = ("; ".join(sorted({setting(p[i]) for p in proto})) for i in (0, 1))
+    lines = [f"## Beside: {right} against {left}", "",
+             "The same runs (method, lr, seed) from a second results file, made by:", "",
+             *[f"    {c}" for c in dict.fromkeys(r["command"] for _, r in pairs)], "",
+             f"| method | lr | seed | {left}: domain / general | {right}: domain / general | difference |",
+             "|---|---:|---:|---:|---:|---:|"]
+    diffs: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for a, b in pairs:
+        (da, ga), (db, gb) = gains(a), gains(b)
+        diffs.setdefault((b["method"], float(b["lr"])), []).append((db - da, gb - ga))
+        lines.append(f"| {b['method']} | {float(b['lr']):g} | {b['seed']} | {da:+.2f} / {ga:+.2f} | "
+                     f"{db:+.2f} / {gb:+.2f} | {db - da:+.2f} / {gb - ga:+.2f} |")
+    lines += ["", f"Paired mean difference ({right} minus {left}), domain gain / general change, in points:", ""]
+    for (method, lr), d in diffs.items():
+        dom, gen = [x for x, _ in d], [y for _, y in d]
+        sign = "every seed the same sign" if len(d) > 1 and (all(x > 0 for x in dom) or all(x < 0 for x in dom)) \
+            else ("one seed" if len(d) == 1 else "seeds disagree in sign")
+        mean_dom, mean_gen = (round(statistics.mean(v), 2) + 0.0 for v in (dom, gen))  # + 0.0: no "-0.00"
+        lines.append(f"- {method} at lr {lr:g}: {mean_dom:+.2f} / {mean_gen:+.2f} over "
+                     f"{len(d)} seed{'s' if len(d) > 1 else ''} (domain: {sign})")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: Path, out: Path, doc: Path | None = None, report_command: str | None = None,
-                 max_general: float = MAX_GENERAL, longer: Path | None = None) -> str:
+                 max_general: float = MAX_GENERAL, longer: Path | None = None, beside: Path | None = None) -> str:
     rows = load(results) if results.is_file() else []
     if not rows:
         return f"{results}: no results yet"
@@ -318,6 +356,10 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     text = markdown(rows, pts, best, report_command, max_general)
     if longer is not None and longer.is_file():
         extra = budget_check(rows, load(longer))
+        if extra:
+            text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
+    if beside is not None and beside.is_file():
+        extra = beside_check(rows, load(beside))
         if extra:
             text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
     preface = out / PREFACE
@@ -339,10 +381,12 @@ def main() -> None:
     p.add_argument("--doc", help="also write the markdown here (e.g. docs/study.md)")
     p.add_argument("--max-general", type=float, default=MAX_GENERAL)
     p.add_argument("--longer", help="results.jsonl of the same runs at a larger --max-steps (a budget check section)")
+    p.add_argument("--beside", help="results.jsonl of the same runs under another setting (e.g. --hidden-tokens 0): "
+                                    "a section setting them side by side, seed by seed")
     a = p.parse_args()
     cmd = "python benchmarks/study_report.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     print(write_report(Path(a.results), Path(a.out), Path(a.doc) if a.doc else None, cmd, a.max_general,
-                       Path(a.longer) if a.longer else None))
+                       Path(a.longer) if a.longer else None, Path(a.beside) if a.beside else None))
 
 
 if __name__ == "__main__":

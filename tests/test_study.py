@@ -102,6 +102,25 @@ def test_budget_check_sets_longer_runs_beside_the_same_runs(tmp_path):
     assert R.budget_check(short, longer[1:]) == ""
 
 
+def test_beside_sets_the_same_runs_under_another_setting_side_by_side(tmp_path):
+    main = [dict(_row("p", 3e-3, seed, 5.0 + seed, 4.0), protocol={"hidden_tokens": 2048, "max_steps": 300})
+            for seed in (0, 1)]
+    other = [dict(_row("p", 3e-3, 0, 4.0, 4.5), protocol={"hidden_tokens": 0, "max_steps": 300}),
+             dict(_row("p", 3e-3, 1, 5.5, 3.5), protocol={"hidden_tokens": 0, "max_steps": 300}),
+             dict(_row("q", 3e-3, 0, 1.0, 1.0), protocol={"hidden_tokens": 0, "max_steps": 300})]  # no partner
+    section = R.beside_check(main, other)
+    assert "## Beside: hidden_tokens 0 against hidden_tokens 2048" in section
+    assert "| p | 0.003 | 0 | +5.00 / +4.00 | +4.00 / +4.50 | -1.00 / +0.50 |" in section
+    assert "| p | 0.003 | 1 | +6.00 / +4.00 | +5.50 / +3.50 | -0.50 / -0.50 |" in section
+    assert "- p at lr 0.003: -0.75 / +0.00 over 2 seeds (domain: every seed the same sign)" in section
+    assert "| q |" not in section and R.beside_check(main, other[2:]) == ""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in main))
+    b.write_text("".join(json.dumps(r) + "\n" for r in other))
+    text = R.write_report(a, tmp_path / "out", beside=b)
+    assert text.index("## Beside") < text.index("## Every point")
+
+
 def test_answers_name_the_best_nexus_setting_and_compare_it_seed_by_seed():
     rows = []
     for seed, j in ((0, -0.2), (1, 0.0), (2, 0.2)):
