@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
               "torch": torch.__version__, "layers": rows}
     out = Path(args.output or work / "units.json")
     out.write_text(json.dumps(result, indent=1))
-    print(f"| layer | units kept | activations | weights | random |\n|---|---:|---:|---:|---:|")
+    print("| layer | units kept | activations | weights | random |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['layer']} | {r['units_kept']} of {r['units_merged']} | {r['activations']:.3f} | "
               f"{r['weights']:.3f} | {r['random']:.3f} |")
