@@ -67,7 +67,7 @@ def ranks_units(init: str) -> bool:
     pruned_topK, K > 1): the inits a --hidden-sample changes."""
     from nexus.convert.strategy import parse_strategy, ranks_units as keeps_some
 
-    return keeps_some(parse_strategy(init), 1) if init_top_k(init) else False
+    return keeps_some(parse_strategy(init), 1)
 
 
 def selection(stats_path: Path, root: Path, top_k: int, importance: str = "pca") -> Path:

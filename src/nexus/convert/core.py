@@ -215,8 +215,7 @@ def make_plan(reader: ExpertReader, strategy: Strategy, width: int, scale: float
         else:
             work = 0
         if sample_tokens:  # the layer's sample (<= fp32), the scoring module (<= H units), one chunk of tokens
-            h, merged = b.layout.hidden_size, b.layout.intermediate_size
-            merged *= strategy.top_k if strategy.kind in ("feature", "pruned") else 1
+            h, merged = b.layout.hidden_size, strategy.merged_width * b.layout.intermediate_size
             work += sample_tokens[b.layer] * h * 4 + 3 * h * min(h, merged) * 4 + 3 * SCORE_TOKENS * h * 4
         working = max(working, work + 2 * shared)  # the built module and the tensors copied into it
         layers.append(LayerPlan(b.layer, sel.experts, sel.weights, raw * len(sel.experts)))

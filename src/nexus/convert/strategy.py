@@ -52,13 +52,18 @@ class Strategy:
     def reads_experts(self) -> bool:
         return self.kind in MERGES
 
+    @property
+    def merged_width(self) -> int:
+        """The merged expert's width in routed-expert widths: K side by side (concat, feature, pruned), else 1."""
+        return self.top_k if self.kind in ("concat", "feature", "pruned") else 1
+
 
 def ranks_units(strategy: Strategy, width_multiplier: float) -> bool:
     """Whether convert keeps only some of the merged experts' hidden units, and so ranks them: feature_topK and
     pruned_topK (K × I units) below width K, the averaging merges (I units) below width 1."""
     if not strategy.reads_experts or strategy.kind == "concat":
         return False
-    return width_multiplier < (strategy.top_k if strategy.kind in ("feature", "pruned") else 1)
+    return width_multiplier < strategy.merged_width
 
 
 def parse_strategy(text: str) -> Strategy:
