@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from nexus.base.loader import load_base_model
 from nexus.data import load_tokenizer
 from nexus.validate.core import batches, sequences
+from study_report import trend_drop
 
 TEMPERATURE = 2.0  # TrainConfig's default distillation temperature, used by every method here
 ALL = 10 ** 12  # "every sequence" for nexus.validate.core.sequences
@@ -106,16 +107,28 @@ def adapter(model: str, root: Path, init: str, stats: Path | None, seed: int, hi
 
 # ------------------------------------------------------------------------------------ pure rules (tested)
 class Plateau:
-    """Early stopping: `update(loss)` after each evaluation; `stop` once the loss has not improved on the
-    best by more than `min_delta` for `patience` evaluations in a row. `improved` says whether the last
-    update set a new best (the checkpoint to keep)."""
+    """Early stopping: `update(loss)` after each evaluation; `stop` says when to end. Two rules:
 
-    def __init__(self, patience: int, min_delta: float):
-        self.patience, self.min_delta = patience, min_delta
+    - patience (`window` 0): stop once the loss has not improved on the best by more than `min_delta` for
+      `patience` evaluations in a row;
+    - trend (`window` w >= 3): stop once the least-squares line through the last w losses falls by less
+      than `min_delta` across them (`trend_drop`). Under a constant learning rate the loss moves from one
+      evaluation to the next by more than it improves per evaluation late in training, so the patience rule
+      stops on a noisy evaluation while the loss is still falling; a line through many evaluations does not.
+
+    `improved` says whether the last update set a new best (the checkpoint to keep): under the patience
+    rule by more than `min_delta`, under the trend rule any new lowest loss."""
+
+    def __init__(self, patience: int, min_delta: float, window: int = 0):
+        if window and window < 3:
+            raise ValueError(f"trend window must be at least 3 evaluations, got {window}")
+        self.patience, self.min_delta, self.window = patience, min_delta, window
         self.best, self.bad, self.improved = math.inf, 0, False
+        self.losses: list[float] = []
 
     def update(self, loss: float) -> bool:
-        self.improved = loss < self.best - self.min_delta
+        self.losses.append(loss)
+        self.improved = loss < self.best - (0.0 if self.window else self.min_delta)
         if self.improved:
             self.best, self.bad = loss, 0
         else:
@@ -124,6 +137,9 @@ class Plateau:
 
     @property
     def stop(self) -> bool:
+        if self.window:
+            drop = trend_drop(self.losses, self.window)
+            return drop is not None and drop < self.min_delta
         return self.bad >= self.patience
 
 
@@ -345,10 +361,10 @@ def rss_mib() -> float:
 
 # ------------------------------------------------------------------------------------------- training
 def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_every: int, patience: int,
-          min_delta: float) -> dict:
+          min_delta: float, trend_window: int = 0) -> dict:
     """Train with `step_fn(step)` until the validation loss plateaus (Plateau) or max_steps; the trainable
     parameters end at their best-validation values. Returns the run's training record."""
-    rule = Plateau(patience, min_delta)
+    rule = Plateau(patience, min_delta, trend_window)
     rule.update(ev.val_loss(model))
     best = [p.detach().clone() for p in params]
     best_step, curve, times, losses, step, val_s = 0, [(0, rule.best)], [], [], 0, []
@@ -376,7 +392,8 @@ def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_ever
 
 def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, lr: float, seed: int,
               start: dict | None = None, train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
-              max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
+              max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
+              trend_window: int = 0) -> dict:
     """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus."""
     import shutil
 
@@ -397,7 +414,7 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
     def step_fn(_step):
         return trainer.train_step()["loss"]
 
-    rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta)
+    rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta, trend_window)
     t0 = time.perf_counter()
     end = ev(trainer.model, baseline=False)
     rec["eval_s"] = time.perf_counter() - t0
@@ -423,7 +440,8 @@ def _kd_loss(logits, teacher, ids, mask, kl_weight):  # logits, teacher (B, L, V
 def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, seed: int, start: dict | None = None,
                rank: int = 1,
                chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
-               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0) -> dict:
+               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
+              trend_window: int = 0) -> dict:
     """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
     Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping."""
     from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
@@ -463,7 +481,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta)
+    rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta, trend_window)
     t0 = time.perf_counter()
     end = ev(model, baseline=False)
     rec["eval_s"] = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from pathlib import Path
 MAX_GENERAL = 5.0  # % general loss increase allowed for the headline figure
 EQUAL_GENERAL = 2.0  # % general loss increase at which methods are compared at equal cost
 PREFACE = "preface.md"  # in --out: hand-written text placed under the report's title, if present
+TREND_WINDOW = 12  # evaluations over which the report measures how fast a run's validation loss fell at its end
 
 
 def load(path: Path) -> list[dict]:
@@ -37,9 +38,26 @@ def gains(row: dict) -> tuple[float, float]:
             100.0 * (e["general_loss"] - s["base_general_loss"]) / s["base_general_loss"])
 
 
+def trend_drop(losses, window: int) -> float | None:
+    """How much the least-squares line through the last `window` losses (evenly spaced evaluations) falls
+    from its first to its last evaluation; None with fewer than `window` losses. Positive: still improving."""
+    if window < 2 or len(losses) < window:
+        return None
+    ys = [float(v) for v in losses[-window:]]
+    xm, ym = (window - 1) / 2, statistics.fmean(ys)
+    slope = sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sum((x - xm) ** 2 for x in range(window))
+    return -slope * (window - 1)
+
+
 def _stats(vals: list[float]) -> dict:
     return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def _fall(rs: list[dict]) -> str:
+    falls = [trend_drop([v for _, v in r["val_curve"]], TREND_WINDOW) for r in rs if r.get("val_curve")]
+    falls = [f for f in falls if f is not None]
+    return f"{statistics.mean(falls):.3f}" if falls else "–"
 
 
 def points(rows: list[dict]) -> dict[str, dict[float, dict]]:
@@ -254,7 +272,8 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
                   + ", ".join(missing) + "."]
     lines += ["", "![Pareto curves](pareto.png)", "", "## Every point (mean over seeds)", "",
               "| method | lr | domain gain % | general change % | seeds | domain loss base → after | "
-              "general loss base → after | steps (best) | stopped |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              f"general loss base → after | steps (best) | stopped | validation fall, last {TREND_WINDOW} evals |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for m in sorted(pts):
         for lr, p in pts[m].items():
             rs = p["rows"]
@@ -263,8 +282,11 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
                          f"{mean('base_domain_loss', 'start'):.4f} → {mean('domain_loss'):.4f} | "
                          f"{mean('base_general_loss', 'start'):.4f} → {mean('general_loss'):.4f} | "
                          f"{_med([r['steps'] for r in rs]):.0f} ({_med([r['best_step'] for r in rs]):.0f}) | "
-                         f"{', '.join(sorted(set(r['stopped'] for r in rs)))} |")
-    notes = []
+                         f"{', '.join(sorted(set(r['stopped'] for r in rs)))} | {_fall(rs)} |")
+    notes = [f"Validation fall: how much the least-squares line through a run's last {TREND_WINDOW} validation losses "
+             "falls across them (nats, mean over seeds, on the stopping rule's validation slice; – with fewer "
+             "evaluations). A run that has plateaued shows about 0; a few hundredths mean it was still improving "
+             "when it stopped, whatever rule stopped it."]
     if any(r.get("memory_split") for r in rows):
         notes.append("ESFT rows train their chosen experts split out as their own tensors (deltas on the frozen "
                      "fused expert tensors): gradients and AdamW state cover those experts only; each forward "

@@ -26,6 +26,35 @@ def test_plateau_rule():
     assert [rule.update(v) for v in (3.0, 2.0, 1.0, 0.5)] == [False] * 4
 
 
+def test_trend_drop_is_the_least_squares_line_fall():
+    import numpy as np
+
+    ys = np.random.default_rng(0).normal(4.0, 0.05, 20)
+    for window in (3, 7, 12):
+        slope = np.polyfit(np.arange(window), ys[-window:], 1)[0]
+        assert L.trend_drop(list(ys), window) == pytest.approx(-slope * (window - 1), rel=1e-9, abs=1e-12)
+    assert L.trend_drop(list(ys[:5]), 12) is None  # fewer losses than the window
+
+
+def test_trend_rule_ignores_noise_that_trips_the_patience_rule():
+    # falling 0.004 per evaluation, every fourth evaluation 0.02 low: the patience rule stops three evaluations
+    # after the first low one, the trend rule keeps going; once the fall stops, it stops within one window
+    noise = [-0.02 if i % 4 == 0 else 0.0 for i in range(60)]
+    falling = [4.0 - 0.004 * i + noise[i] for i in range(40)]
+    flat = [falling[-1] + noise[40 + i] for i in range(20)]
+    patience = L.Plateau(patience=3, min_delta=1e-3)
+    assert any(patience.update(v) for v in falling)
+    trend = L.Plateau(patience=3, min_delta=0.01, window=12)
+    assert not any(trend.update(v) for v in falling)
+    stops = [trend.update(v) for v in flat]
+    assert True in stops and stops.index(True) < 12
+    assert trend.best == min(falling + flat[:stops.index(True) + 1])  # any new lowest loss is kept
+    with pytest.raises(ValueError, match="at least 3"):
+        L.Plateau(patience=3, min_delta=0.01, window=2)
+    with pytest.raises(SystemExit):
+        study.main(["--trend-window", "2", "--report"])
+
+
 class _FakeEval:
     def __init__(self, losses):
         self.losses = iter(losses)
@@ -50,6 +79,10 @@ def test_loop_restores_best_validation_params():
     rec = L._loop(step_fn, [p], torch.nn.Linear(1, 1), _FakeEval([3.0, 2.0, 1.5, 1.0]), max_steps=5,
                   eval_every=2, patience=2, min_delta=0.0)
     assert (rec["steps"], rec["best_step"], rec["stopped"]) == (5, 5, "max_steps")  # evaluated at the last step
+    # trend rule (window 3): the line through 2.0, 1.9, 1.95 falls 0.05 < 0.1 -> stop at step 6, best at step 4
+    rec = L._loop(step_fn, [p], torch.nn.Linear(1, 1), _FakeEval([3.0, 2.0, 1.9, 1.95]), max_steps=100,
+                  eval_every=2, patience=1, min_delta=0.1, trend_window=3)
+    assert (rec["steps"], rec["best_step"], rec["stopped"]) == (6, 4, "plateau")
 
 
 def _row(method, lr, seed, dom, gen, base_dom=4.0, base_gen=3.0):
@@ -81,6 +114,17 @@ def test_pareto_best_under_five_percent(tmp_path):
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0 and (tmp_path / "study.md").is_file()
     assert "| a | 0.003 | +4.00 ± 0.10 | +4.90 ± 0.00 | 3 |" in text
     assert "No learning rate kept the general loss increase under 5 % for: c." in text
+
+
+def test_every_point_table_says_how_fast_validation_loss_still_fell(tmp_path):
+    falling = dict(_row("a", 1e-3, 0, 2.0, 1.0), val_curve=[[25 * i, 4.0 - 0.01 * i] for i in range(20)])
+    flat = dict(_row("b", 1e-3, 0, 1.0, 1.0), val_curve=[[25 * i, 4.0 - 0.01 * min(i, 5)] for i in range(20)])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (falling, flat, _row("c", 1e-3, 0, 1, 1))))
+    R.write_report(tmp_path / "results.jsonl", tmp_path)
+    table = {ln.split(" | ")[0].strip("| "): ln.rstrip(" |").rsplit("| ", 1)[1]
+             for ln in (tmp_path / "report.md").read_text().split("## Every point")[1].splitlines()
+             if ln.startswith("| ") and " 0.001 " in ln}
+    assert table == {"a": "0.110", "b": "0.000", "c": "–"}  # 11 intervals of 0.01; flat; no curve recorded
 
 
 def test_budget_check_sets_longer_runs_beside_the_same_runs(tmp_path):
