@@ -13,7 +13,7 @@ docs/study.md):
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python benchmarks/study.py --model TESTBED \
         --domain-train DATA/domain_train.jsonl --domain-eval DATA/domain_eval.jsonl \
         --general-eval DATA/general_eval.jsonl --lrs 3e-4 1e-3 3e-3 1e-2 --seeds 0 1 2 \
-        --max-steps 2000 --work /tmp/nexus-study --out docs/study --doc docs/study.md
+        --max-steps 2000 --trend-window 12 --work /tmp/nexus-study --out docs/study --doc docs/study.md
 
 Cost, measured on the demo model with one thread (2-core machine, lightly loaded): ~0.5 s per training step
 (8 × 128 tokens), ~2.3 s per validation evaluation (the 10 % slice, ~19k tokens), ~45 s per full scoring
@@ -32,11 +32,12 @@ Protocol. --val-frac of domain_train's documents (the last ones) are held out as
 the stopping rule; every method trains on the rest, in the Trainer's data order for the seed (the same
 batches for every method at a given seed), with CE + 1 × T² × KL(base ‖ model at T = 2), AdamW (no weight
 decay), linear warmup over 10 % of --max-steps then constant lr, clipping at 1.0. The validation loss is
-measured every --eval-every steps; a run stops when the least-squares line through the last --trend-window
-validation losses falls by less than --min-delta across them (default 12 evaluations, 0.01 nats), or at
---max-steps. (The evaluation-to-evaluation noise of a constant learning rate is larger than a late run's
-progress per evaluation, so the older rule, --trend-window 0: stop after --patience evaluations without an
-improvement of --min-delta, stopped runs that were still improving.) The trainable parameters then go back
+measured every --eval-every steps; with --trend-window N a run stops when the least-squares line through the
+last N validation losses falls by less than --min-delta across them (default 0.01 nats), or at --max-steps.
+Use it (N = 12: 300 steps at --eval-every 25) for "until the loss plateaus": the evaluation-to-evaluation
+noise of a constant learning rate is larger than a late run's progress per evaluation, so the default rule
+(stop after --patience evaluations without an improvement of --min-delta, default 1e-3 nats), which the
+results recorded so far used, stopped runs that were still improving (docs/study/plateau/). The trainable parameters then go back
 to their best-validation values, which are scored on every packed --seq-len sequence of domain_eval and general_eval (the
 model's own next-token cross-entropy; at step 0 nexus.validate.metrics.evaluate against a frozen base,
 which also gives the base's losses, the same in every run). Router statistics: `nexus collect` once on the
@@ -190,9 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--esft-threshold", type=float, default=0.3, help="ESFT cumulative token share (default 0.3)")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=25, help="steps between validation evaluations")
-    p.add_argument("--trend-window", type=int, default=12, metavar="N",
+    p.add_argument("--trend-window", type=int, default=0, metavar="N",
                    help="stop when the least-squares line through the last N validation losses falls by less than "
-                        "--min-delta across them (default 12; 0: the --patience rule)")
+                        "--min-delta across them (e.g. 12; default 0: the --patience rule, which keeps the commands "
+                        "recorded in earlier results reproducible)")
     p.add_argument("--patience", type=int, default=4,
                    help="with --trend-window 0: evaluations without an improvement of --min-delta before stopping")
     p.add_argument("--min-delta", type=float,

@@ -55,7 +55,8 @@ def _stats(vals: list[float]) -> dict:
 
 
 def _fall(rs: list[dict]) -> str:
-    falls = [trend_drop([v for _, v in r["val_curve"]], TREND_WINDOW) for r in rs if r.get("val_curve")]
+    curves = [[v for _, v in r["val_curve"]] for r in rs if r.get("val_curve")]
+    falls = [trend_drop(c, min(TREND_WINDOW, len(c))) for c in curves]
     falls = [f for f in falls if f is not None]
     return f"{statistics.mean(falls):.3f}" if falls else "–"
 
@@ -284,8 +285,8 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
                          f"{_med([r['steps'] for r in rs]):.0f} ({_med([r['best_step'] for r in rs]):.0f}) | "
                          f"{', '.join(sorted(set(r['stopped'] for r in rs)))} | {_fall(rs)} |")
     notes = [f"Validation fall: how much the least-squares line through a run's last {TREND_WINDOW} validation losses "
-             "falls across them (nats, mean over seeds, on the stopping rule's validation slice; – with fewer "
-             "evaluations). A run that has plateaued shows about 0; a few hundredths mean it was still improving "
+             "falls across them, or through all of them if fewer (nats, mean over seeds, on the stopping rule's "
+             "validation slice). A run that has plateaued shows about 0; a few hundredths mean it was still improving "
              "when it stopped, whatever rule stopped it."]
     if any(r.get("memory_split") for r in rows):
         notes.append("ESFT rows train their chosen experts split out as their own tensors (deltas on the frozen "

@@ -125,6 +125,10 @@ def test_every_point_table_says_how_fast_validation_loss_still_fell(tmp_path):
              for ln in (tmp_path / "report.md").read_text().split("## Every point")[1].splitlines()
              if ln.startswith("| ") and " 0.001 " in ln}
     assert table == {"a": "0.110", "b": "0.000", "c": "–"}  # 11 intervals of 0.01; flat; no curve recorded
+    short = dict(_row("d", 1e-3, 0, 1, 1), val_curve=[[0, 4.0], [25, 3.9], [50, 3.8], [75, 3.7]])
+    (tmp_path / "results.jsonl").write_text(json.dumps(short) + "\n")
+    R.write_report(tmp_path / "results.jsonl", tmp_path)
+    assert "| 0.300 |" in (tmp_path / "report.md").read_text()  # fewer than 12 evaluations: the line through all
 
 
 def test_budget_check_sets_longer_runs_beside_the_same_runs(tmp_path):
