@@ -441,7 +441,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
                rank: int = 1,
                chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
                max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
-              trend_window: int = 0) -> dict:
+               trend_window: int = 0) -> dict:
     """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
     Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping."""
     from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
