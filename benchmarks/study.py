@@ -21,8 +21,8 @@ Cost, measured on the demo model with one thread (2-core machine, lightly loaded
 about 0.6 s × steps + 55 s. The default grid (10 methods × 4 lrs × 3 seeds = 120 runs, plus 13 step-0
 scorings) is then ~6 h of CPU time if runs plateau near 200 steps, ~12 h near 500, ~41 h if all reach
 --max-steps 2000; on the testbed at 3e-3 the validation loss was still falling 0.02-0.11 nats per 300 steps
-after 600-1400 steps (docs/study/plateau/), so expect the last. Runs are independent: once setup.json exists in --work, two processes with disjoint
---methods and the same --work and --out share one results file.
+after 600-1400 steps (docs/study/plateau/), so expect the last. Runs are independent: once setup.json exists
+in --work, two processes with disjoint --methods and the same --work and --out share one results file.
 
 Without --model and the data flags it runs on the demo model and its `nexus.demo_data` splits. A rerun
 with the same --out skips every (method, lr, seed) already in results.jsonl (resumable); only the report
@@ -37,10 +37,11 @@ last N validation losses falls by less than --min-delta across them (default 0.0
 Use it (N = 12: 300 steps at --eval-every 25) for "until the loss plateaus": the evaluation-to-evaluation
 noise of a constant learning rate is larger than a late run's progress per evaluation, so the default rule
 (stop after --patience evaluations without an improvement of --min-delta, default 1e-3 nats), which the
-results recorded so far used, stopped runs that were still improving (docs/study/plateau/). The trainable parameters then go back
-to their best-validation values, which are scored on every packed --seq-len sequence of domain_eval and general_eval (the
-model's own next-token cross-entropy; at step 0 nexus.validate.metrics.evaluate against a frozen base,
-which also gives the base's losses, the same in every run). Router statistics: `nexus collect` once on the
+results recorded so far used, stopped runs that were still improving (docs/study/plateau/). The trainable
+parameters then go back to their best-validation values, which are scored on every packed --seq-len sequence
+of domain_eval and general_eval (the model's own next-token cross-entropy; at step 0
+nexus.validate.metrics.evaluate against a frozen base, which also gives the base's losses, the same in every
+run). Router statistics: `nexus collect` once on the
 training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits; with
 --hidden-tokens N (default 2048) collect also keeps N tokens' hidden states, on which convert ranks the hidden
 units that feature_topK and pruned_topK keep (mean |activation| × weighted down-row norm; 0: by weights).
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                    "start_scores": "reused" if kw["start"] else "measured",
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
-                                                              "trend_window", "val_frac", "batch", "seq_len", "eval_num", "val_num",
-                                                              "hidden_tokens")},
+                                                              "trend_window", "val_frac", "batch", "seq_len",
+                                                              "eval_num", "val_num", "hidden_tokens")},
                    **res}
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -119,7 +119,8 @@ def test_pareto_best_under_five_percent(tmp_path):
 def test_every_point_table_says_how_fast_validation_loss_still_fell(tmp_path):
     falling = dict(_row("a", 1e-3, 0, 2.0, 1.0), val_curve=[[25 * i, 4.0 - 0.01 * i] for i in range(20)])
     flat = dict(_row("b", 1e-3, 0, 1.0, 1.0), val_curve=[[25 * i, 4.0 - 0.01 * min(i, 5)] for i in range(20)])
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (falling, flat, _row("c", 1e-3, 0, 1, 1))))
+    rows = (falling, flat, _row("c", 1e-3, 0, 1, 1))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     R.write_report(tmp_path / "results.jsonl", tmp_path)
     table = {ln.split(" | ")[0].strip("| "): ln.rstrip(" |").rsplit("| ", 1)[1]
              for ln in (tmp_path / "report.md").read_text().split("## Every point")[1].splitlines()
