@@ -87,32 +87,71 @@ def best_under(pts: dict[str, dict[float, dict]], max_general: float = MAX_GENER
     return out
 
 
-def separation(a: dict, b: dict) -> dict:
-    """Point a against point b: paired (same seeds) mean difference of domain gain, and whether the two
-    methods' per-seed ranges (min–max over seeds) do not overlap ("exceeds the seed spread")."""
+AXES = {"domain": 0, "general": 1}  # point stats key -> index in per_seed (domain gain %, general change %)
+
+
+def separation(a: dict, b: dict, axis: str = "domain") -> dict:
+    """Point a against point b on `axis` (domain gain or general change): paired (same seeds) mean difference,
+    and whether the two methods' per-seed ranges (min–max over seeds) do not overlap ("exceeds the seed
+    spread")."""
+    i = AXES[axis]
     seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]))
-    diffs = [a["per_seed"][s][0] - b["per_seed"][s][0] for s in seeds]
-    da, db = a["domain"], b["domain"]
+    diffs = [a["per_seed"][s][i] - b["per_seed"][s][i] for s in seeds]
+    da, db = a[axis], b[axis]
     apart = da["min"] > db["max"] or db["min"] > da["max"]
     return {"paired_diff": statistics.mean(diffs) if diffs else None, "seeds": len(seeds),
             "exceeds_spread": apart and len(seeds) > 1}
 
 
-def verdict(a: dict, b: dict) -> str:
-    """How point a compares with point b on domain gain: ahead / behind beyond seed noise, or within it."""
-    sep = separation(a, b)
+def verdict(a: dict, b: dict, axis: str = "domain") -> str:
+    """How point a compares with point b on `axis`: on domain gain ahead / behind, on general loss change
+    costs less / more, beyond seed noise, or within it."""
+    sep = separation(a, b, axis)
     if sep["paired_diff"] is None:
         return "no shared seed"
-    per_seed = ", ".join(f"{a['per_seed'][s][0] - b['per_seed'][s][0]:+.2f}"
+    i = AXES[axis]
+    per_seed = ", ".join(f"{a['per_seed'][s][i] - b['per_seed'][s][i]:+.2f}"
                          for s in sorted(set(a["per_seed"]) & set(b["per_seed"])))
+    better = sep["paired_diff"] > 0 if axis == "domain" else sep["paired_diff"] < 0
     if sep["seeds"] < 2:
         word = "one seed, no estimate of seed noise"
     elif sep["exceeds_spread"]:
-        word = "ahead, beyond seed noise" if sep["paired_diff"] > 0 else "behind, beyond seed noise"
+        word = ("ahead" if better else "behind") if axis == "domain" else ("costs less" if better else "costs more")
+        word += ", beyond seed noise"
     else:
         word = "within seed noise (the seeds' min–max ranges overlap)"
     n = sep["seeds"]
     return f"{sep['paired_diff']:+.2f} pt paired over {n} seed{'s' if n != 1 else ''} ({per_seed}): {word}"
+
+
+def head_to_head(pts: dict) -> list[dict]:
+    """At each learning rate that a NEXUS setting and another method share, the NEXUS setting with the highest
+    mean domain gain there against each other method, paired by seed on both axes, whatever the general
+    cost: {lr, nexus, other, domain (verdict), general (verdict), overall}. overall says whether one point
+    is better on both axes beyond seed noise (dominates)."""
+    out = []
+    for lr in sorted({lr for lrs in pts.values() for lr in lrs}):
+        here = {m: lrs[lr] for m, lrs in pts.items() if lr in lrs}
+        nexus = [m for m in here if m.startswith("nexus")]
+        if not nexus:
+            continue
+        top = max(nexus, key=lambda m: here[m]["domain"]["mean"])
+        for other in sorted(m for m in here if not m.startswith("nexus")):
+            a, b = here[top], here[other]
+            dom, gen = separation(a, b, "domain"), separation(a, b, "general")
+            overall = "within seed noise on at least one axis"
+            if dom["exceeds_spread"] and gen["exceeds_spread"]:
+                if dom["paired_diff"] > 0 and gen["paired_diff"] < 0:
+                    overall = f"{top} better on both, beyond seed noise"
+                elif dom["paired_diff"] < 0 and gen["paired_diff"] > 0:
+                    overall = f"{other} better on both, beyond seed noise"
+                else:
+                    overall = "a trade-off: each ahead on one axis, beyond seed noise"
+            elif dom["seeds"] < 2:
+                overall = "one seed, no estimate of seed noise"
+            out.append({"lr": lr, "nexus": top, "other": other, "domain": verdict(a, b, "domain"),
+                        "general": verdict(a, b, "general"), "overall": overall})
+    return out
 
 
 def front_at(points: list[tuple[float, float]], x: float) -> float:
@@ -162,7 +201,9 @@ def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
                    reverse=True)
     out = []
     if not nexus:
-        return [f"No NEXUS setting kept the general loss increase under {max_general:g} %."]
+        return [f"No NEXUS setting kept the general loss increase under {max_general:g} %."] + [
+            f"At lr {h['lr']:g}, whatever the general cost, {h['nexus']} against {h['other']}: domain gain "
+            f"{h['domain']}; general loss change {h['general']}; {h['overall']}." for h in head_to_head(pts)]
     top = nexus[0]
     out.append(f"Best NEXUS setting: {point(top)}; then " + ", ".join(
         f"{m} {best[m][1]['domain']['mean']:+.2f}" for m in nexus[1:]) + " (best domain gain %, each at its own lr)."
@@ -176,9 +217,12 @@ def answers(pts: dict, best: dict, max_general: float = MAX_GENERAL,
         out.append(f"PCA-selected merge {pca} against {ref}: {verdict(best[pca][1], best[ref][1])}.")
     eq = equal_cost(pts, equal_general)
     ranked = sorted(eq, key=lambda m: eq[m]["domain"]["mean"], reverse=True)
+    chords = sorted(m for m in ranked if len(pts[m]) < 2)
     out.append(f"At equal cost, a general loss increase of {equal_general:g} % (each seed's Pareto front over its "
                f"learning rates and the base model, interpolated linearly): " + ", ".join(
-                   f"{m} {_pm(eq[m]['domain'])}" for m in ranked) + " % domain gain.")
+                   f"{m} {_pm(eq[m]['domain'])}" for m in ranked) + " % domain gain" + (
+                   f" ({', '.join(chords)}: one learning rate, so a chord from the base model to it, not a front)"
+                   if chords else "") + ".")
     top_eq = next((m for m in ranked if m.startswith("nexus")), None)
     if top_eq:
         for other in (m for m in ranked if not m.startswith("nexus")):
@@ -271,7 +315,19 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
     if missing:
         lines += ["", f"No learning rate kept the general loss increase under {max_general:g} % for: "
                   + ", ".join(missing) + "."]
-    lines += ["", "![Pareto curves](pareto.png)", "", "## Every point (mean over seeds)", "",
+    lines += ["", "![Pareto curves](pareto.png)", ""]
+    h2h = head_to_head(pts)
+    if h2h:
+        lines += ["## Head to head at each learning rate", "",
+                  "At each learning rate, the NEXUS setting with the highest mean domain gain there against every "
+                  "other method, seed by seed on both axes and whatever the general cost (a method's points at "
+                  "other learning rates are above).", "",
+                  "| lr | NEXUS setting | against | domain gain, paired difference | general loss change, paired "
+                  "difference | both axes |", "|---:|---|---|---|---|---|"]
+        lines += [f"| {h['lr']:g} | {h['nexus']} | {h['other']} | {h['domain']} | {h['general']} | {h['overall']} |"
+                  for h in h2h]
+        lines.append("")
+    lines += ["## Every point (mean over seeds)", "",
               "| method | lr | domain gain % | general change % | seeds | domain loss base → after | "
               f"general loss base → after | steps (best) | stopped | validation fall, last {TREND_WINDOW} evals |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

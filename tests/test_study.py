@@ -189,6 +189,43 @@ def test_answers_name_the_best_nexus_setting_and_compare_it_seed_by_seed():
            "seed noise." in text
 
 
+def test_head_to_head_pairs_seeds_on_both_axes_at_each_learning_rate(tmp_path):
+    rows = []
+    for seed, j in ((0, -0.2), (1, 0.0), (2, 0.2)):
+        rows += [_row("nexus-random", 3e-3, seed, 8.5 + j, 8 + j),
+                 _row("nexus-pruned_top8", 3e-3, seed, 8.6 + j, 7.5 + j),  # best NEXUS at 3e-3
+                 _row("esft", 3e-3, seed, 11 + j, 4.5 + j),  # better on both axes
+                 _row("lora-attn", 3e-3, seed, 8.7 - j, 7.3 - j),  # within noise on both
+                 _row("nexus-random", 1e-2, seed, 9, 9)]  # no other method at 1e-2: no row
+    h2h = R.head_to_head(R.points(rows))
+    assert [(h["lr"], h["nexus"], h["other"]) for h in h2h] == [(3e-3, "nexus-pruned_top8", "esft"),
+                                                               (3e-3, "nexus-pruned_top8", "lora-attn")]
+    esft, lora = h2h
+    assert esft["domain"] == "-2.40 pt paired over 3 seeds (-2.40, -2.40, -2.40): behind, beyond seed noise"
+    assert esft["general"] == "+3.00 pt paired over 3 seeds (+3.00, +3.00, +3.00): costs more, beyond seed noise"
+    assert esft["overall"] == "esft better on both, beyond seed noise"
+    assert lora["general"].startswith("+0.20 pt paired over 3 seeds (-0.20, +0.20, +0.60): within seed noise")
+    assert lora["overall"] == "within seed noise on at least one axis"
+    flipped = R.separation(R.points(rows)["esft"][3e-3], R.points(rows)["nexus-pruned_top8"][3e-3], "general")
+    assert flipped["paired_diff"] == pytest.approx(-3.0) and flipped["exceeds_spread"]
+    # no NEXUS setting under 5 %: the answers fall back to these pairings, and the report has the table
+    text = "\n".join(R.answers(R.points(rows), R.best_under(R.points(rows))))
+    assert "At lr 0.003, whatever the general cost, nexus-pruned_top8 against esft: domain gain -2.40 pt" in text
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = R.write_report(path, tmp_path / "out")
+    assert "| 0.003 | nexus-pruned_top8 | esft | -2.40 pt paired" in report
+    assert report.index("## Head to head") < report.index("## Every point")
+
+
+def test_equal_cost_names_a_single_learning_rate_a_chord():
+    rows = [_row(m, lr, seed, d, g) for seed in (0, 1) for m, lr, d, g in
+            (("nexus-random", 1e-3, 3, 1), ("nexus-random", 1e-2, 6, 4), ("esft", 3e-3, 4, 2))]
+    pts = R.points(rows)
+    text = "\n".join(R.answers(pts, R.best_under(pts)))
+    assert "% domain gain (esft: one learning rate, so a chord from the base model to it, not a front)." in text
+
+
 def test_equal_cost_interpolates_each_seeds_pareto_front():
     # front: base (0, 0), (1, 3), (4, 6); (3, 2) is dominated, (9, 5) is past the front's best
     assert R.front_at([(1, 3), (3, 2), (4, 6), (9, 5)], 2.0) == pytest.approx(4.0)
