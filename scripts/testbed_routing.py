@@ -10,7 +10,9 @@ assignments each expert receives over the split's tokens. Reported per layer and
   TV(p, q) = 1/2 * sum_e |p_e - q_e| (0 = identical routing, 1 = disjoint experts);
 - overlap of the two splits' 8 most-used experts (ties broken by expert index), out of 8;
 - the least-used expert's share on all eval tokens (1/E is even; 0 means a dead expert),
-  and LM loss / perplexity per domain.
+  and LM loss / perplexity per domain;
+- with --selected (e.g. a study work directory's setup.json): the share of each split's assignments
+  that go to selected experts, such as the ones ESFT trains (a shared expert is on every token's path).
 
 Corpora: `testbed` (scripts/testbed_data.py: general = python + c + perl eval files, domain = man
 eval files) or `demo` (nexus.demo_data: general_eval vs domain_eval, the stdlib's email + http).
@@ -72,6 +74,42 @@ def compare(domain_counts, general_counts, n: int = TOP_N) -> dict:
     return {"top_n": n, "layers": layers, "mean_tv": mean("tv"), "min_tv": min(r["tv"] for r in layers),
             "mean_top_overlap": mean("top_overlap"), "max_top_overlap": max(r["top_overlap"] for r in layers),
             "min_share_all": min(r["min_share_all"] for r in layers)}
+
+
+def selected_share(counts, selected: dict[int, list[int]]) -> list[float]:
+    """Per layer of [layers][experts] counts, the share of the top-k assignments that go to that layer's
+    `selected` experts (e.g. the ones ESFT trains): how much of a split's routing passes through them."""
+    return [sum(row[e] for e in selected[layer]) / sum(row) if sum(row) else 0.0
+            for layer, row in enumerate(counts)]
+
+
+def load_selections(path: Path) -> dict[str, dict[int, list[int]]]:
+    """Named per-layer expert selections from a JSON file: a study work directory's setup.json (its `esft`
+    selections) or one {layer: [experts]} mapping, named after the file."""
+    try:
+        data = json.loads(path.read_text())
+        named = data["esft"] if isinstance(data, dict) and "esft" in data else {path.stem: data}
+        return {name: {int(layer): [int(e) for e in experts] for layer, experts in sel.items()}
+                for name, sel in named.items()}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise SystemExit(f"--selected {path}: expected a study setup.json or a JSON {{layer: [experts]}} ({e})")
+
+
+def selection_figures(result: dict, selections: dict[str, dict[int, list[int]]]) -> dict:
+    """{name: {experts per layer, domain and general share per layer, their means}} for a `measure` result."""
+    E = result["num_experts"]
+    domain = result["counts"][result["held_out"]]
+    general = [[sum(result["counts"][s][layer][e] for s in result["general"]) for e in range(E)]
+               for layer in range(len(domain))]
+    out = {}
+    for name, sel in selections.items():
+        if sorted(sel) != list(range(len(domain))) or any(not 0 <= e < E for v in sel.values() for e in v):
+            raise SystemExit(f"--selected: selection {name!r} names layers {sorted(sel)} / experts outside "
+                             f"0..{E - 1}; the model has {len(domain)} MoE layers of {E} experts")
+        d, g = selected_share(domain, sel), selected_share(general, sel)
+        out[name] = {"experts": {str(k): v for k, v in sorted(sel.items())}, "domain": d, "general": g,
+                     "mean_domain": sum(d) / len(d), "mean_general": sum(g) / len(g)}
+    return out
 
 
 # -- model side -----------------------------------------------------------------------------------------
@@ -162,6 +200,18 @@ def render(result: dict) -> str:
         lines.append(f"| `{name}` | {s['tokens']:,} | {s['loss']:.4f} | {s['perplexity']:.2f} | {s['mean_tv_vs_general']:.3f} |")
     g = result["general_eval"]
     lines.append(f"| general (pooled) | {g['tokens']:,} | {g['loss']:.4f} | {g['perplexity']:.2f} | 0 |")
+    return "\n".join(lines + render_selected(result).splitlines())
+
+
+def render_selected(result: dict) -> str:
+    """Markdown tables of a `measure` result's `selected` figures (--selected), one per selection."""
+    lines = []
+    for name, sel in result.get("selected", {}).items():
+        lines += ["", f"Share of the top-{result['top_k']} assignments that go to the experts of selection `{name}`:",
+                  "", "| layer | experts | domain | general |", "|---|---|---|---|"]
+        lines += [f"| {layer} | {' '.join(map(str, ex))} | {d:.3f} | {g:.3f} |"
+                  for (layer, ex), d, g in zip(sel["experts"].items(), sel["domain"], sel["general"])]
+        lines.append(f"| **mean** | | **{sel['mean_domain']:.3f}** | **{sel['mean_general']:.3f}** |")
     return "\n".join(lines)
 
 
@@ -174,7 +224,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    p.add_argument("--selected", type=Path, default=None,
+                   help="also report the share of each split's routing that goes to selected experts: a study work "
+                        "directory's setup.json (its ESFT selections) or a JSON {layer: [experts]}")
     args = p.parse_args(argv)
+    selections = load_selections(args.selected) if args.selected else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,6 +243,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     t = time.time()
     result = measure(model, tokenizer, corpus, seq_len, args.batch_size)
+    if selections:
+        result["selected"] = selection_figures(result, selections)
     result["seconds"] = round(time.time() - t, 1)
     result["command"] = "python scripts/testbed_routing.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(render(result))

@@ -4,6 +4,7 @@ made-up inputs: no model, no pretraining."""
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,31 @@ def test_compare_on_made_up_router_counts():
     # general favouring the other half: disjoint top-8s
     r = tr.compare([[1] * 8 + [0] * 8], [[0] * 8 + [1] * 8])
     assert r["layers"][0]["tv"] == pytest.approx(1.0) and r["layers"][0]["top_overlap"] == 0
+
+
+def test_share_of_routing_through_selected_experts(tmp_path):
+    assert tr.selected_share([[6, 2, 2, 0], [0, 0, 5, 5]], {0: [0], 1: [1, 2]}) == [0.6, 0.5]
+    # a measure result: the held-out domain and general text pooled from two sets, 2 layers x 4 experts
+    result = {"num_experts": 4, "top_k": 2, "held_out": "man", "general": ["c", "perl"],
+              "counts": {"man": [[6, 2, 2, 0], [1, 1, 1, 1]], "c": [[1, 1, 4, 4], [0, 2, 2, 0]],
+                         "perl": [[1, 1, 0, 0], [2, 0, 0, 2]]}}
+    setup = tmp_path / "setup.json"  # as benchmarks/study.py writes it: named ESFT selections
+    setup.write_text(json.dumps({"nexus_params": 1, "esft": {"esft": {"0": [0, 1], "1": [0]},
+                                                              "esft-matched": {"0": [0], "1": [3]}}}))
+    figs = tr.selection_figures(result, tr.load_selections(setup))
+    assert figs["esft"]["domain"] == pytest.approx([0.8, 0.25])
+    assert figs["esft"]["general"] == pytest.approx([4 / 12, 2 / 8])  # pooled: [2, 2, 4, 4], [2, 2, 2, 2]
+    assert figs["esft-matched"]["mean_general"] == pytest.approx((2 / 12 + 2 / 8) / 2)
+    result["selected"] = figs
+    assert "| **mean** | | **0.525** | **0.292** |" in tr.render_selected(result)
+    plain = tmp_path / "mine.json"
+    plain.write_text(json.dumps({"0": [3], "1": [2]}))
+    assert tr.load_selections(plain) == {"mine": {0: [3], 1: [2]}}
+    with pytest.raises(SystemExit, match="layers \\[0\\]"):
+        tr.selection_figures(result, {"short": {0: [1]}})
+    with pytest.raises(SystemExit, match="--selected .*bad.json: expected a study setup.json"):
+        (tmp_path / "bad.json").write_text("[1, 2]")
+        tr.load_selections(tmp_path / "bad.json")
 
 
 def test_truncate_at_line_end():
