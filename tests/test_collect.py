@@ -123,6 +123,49 @@ def test_collect_equals_statistics_of_transformers_router_logits(family, models,
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_plan_sizes_the_raw_sample_collect_writes(family, models, dataset, tmp_path):
+    """`nexus plan --keep-raw N --keep-hidden` gives the bytes of the file collect writes (less its header)
+    and of the sample it holds."""
+    import struct
+
+    from nexus.base.config import load_model_config
+    from nexus.plan.core import make_plan
+
+    collect(models[family], dataset, tmp_path / "rs.safetensors", "--keep-raw", 40, "--keep-hidden")
+    path = raw_path(tmp_path / "rs.safetensors")
+    with open(path, "rb") as f:
+        header = 8 + struct.unpack("<Q", f.read(8))[0]
+    raw = RawReservoir.load(path)
+    assert all(torch.isfinite(raw.keys[i]).all() for i in raw.moe_layers)  # the sample is full: N of each layer
+    held = sum(t.nbytes for d in (raw.keys, raw.probs, raw.hidden) for t in d.values())
+    plan = make_plan(load_model_config(models[family], "--model", False), keep_raw=40, keep_hidden=True).raw_sample
+    assert plan["disk_bytes"] == path.stat().st_size - header == held == plan["device_bytes"]
+
+
+def test_flush_merges_the_sample_in_host_memory_as_a_copy(monkeypatch):
+    """A flush's merged sample (what rank 0 writes) is built in host memory, whatever the running sample's
+    device (no second copy of the sample on a GPU), and owns its tensors: offers after the flush do not
+    change what was merged."""
+    asked = []
+    empty_like = RawReservoir.empty_like
+    monkeypatch.setattr(RawReservoir, "empty_like", lambda self, device=None: asked.append(device) or
+                        empty_like(self, device))
+    stats = RouterStats([0, 1], num_experts=4, top_k=2)
+    res = RawReservoir([0, 1], 4, size=3, seed=1, hidden_size=5, hidden_dtype=torch.bfloat16)
+    for b in range(2):
+        for layer in (0, 1):
+            res.offer(layer, torch.rand(4, 4), b, torch.randn(4, 5))
+    _, merged = collect_mod._reduced(stats, res)
+    assert asked == ["cpu"]  # the merge target is made in host memory, not on the running sample's device
+    for layer in (0, 1):
+        assert merged.keys[layer].device.type == "cpu" and merged.hidden[layer].dtype == torch.bfloat16
+        assert torch.equal(merged.keys[layer], res.keys[layer]) and torch.equal(merged.hidden[layer], res.hidden[layer])
+    before = merged.hidden[0].clone()
+    res.offer(0, torch.rand(50, 4), 7, torch.randn(50, 5))  # 50 more tokens: some displace kept ones
+    assert not torch.equal(res.keys[0], merged.keys[0]) and torch.equal(merged.hidden[0], before)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
 def test_keep_hidden_keeps_what_the_experts_read_beside_the_same_tokens_probabilities(family, models, dataset, tmp_path):
     """Every kept (probabilities, hidden state) pair is one token's: transformers' router_logits and the
     input of the experts module, for the same token, from an unpadded forward of each sequence."""

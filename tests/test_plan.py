@@ -177,6 +177,8 @@ def test_plan_device_table(capsys):
     (["--devices", "2", "--device-memory", "-80"], "--device-memory -80.0: expected GiB per device > 0"),
     (["--device-memory", "nan"], "--device-memory nan: expected GiB per device > 0"),
     (["--device-memory", "inf"], "--device-memory inf: expected GiB per device > 0"),
+    (["--keep-raw", "-1"], "--keep-raw -1: expected a number of tokens per layer >= 0"),
+    (["--keep-hidden"], "--keep-hidden keeps the hidden states of the --keep-raw sample: pass --keep-raw N too"),
 ])
 def test_plan_bad_device_flags(capsys, flags, message):
     code, out, err = run_cli(capsys, "plan", "--model", DATA / "gpt-oss-20b", *flags)
@@ -186,3 +188,18 @@ def test_plan_bad_device_flags(capsys, flags, message):
 def test_plan_devices_must_be_a_whole_number(capsys):
     code, out, err = run_cli(capsys, "plan", "--model", DATA / "gpt-oss-20b", "--devices", "1.5")
     assert code == 2 and out == "" and "--devices" in err and "Traceback" not in err
+
+
+def test_plan_sizes_collects_raw_sample_on_gpt_oss_120b(capsys):
+    """N tokens x 36 layers x (float64 key + 128 float32 probabilities + 2880 bf16 hidden values)."""
+    plan = plan_json(capsys, "gpt-oss-120b", "--keep-raw", "4096", "--keep-hidden", "--devices", "8")
+    per_layer = 4096 * (8 + 4 * 128 + 2 * 2880)
+    assert plan["raw_sample"] == {"tokens_per_layer": 4096, "hidden": True, "hidden_bytes_per_value": 2,
+                                  "device_bytes": 36 * per_layer, "flush_gathered_bytes": 8 * per_layer,
+                                  "flush_host_bytes": 2 * 36 * per_layer, "disk_bytes": 36 * per_layer}
+    probs_only = plan_json(capsys, "gpt-oss-120b", "--keep-raw", "4096")["raw_sample"]
+    assert probs_only["disk_bytes"] == 36 * 4096 * (8 + 4 * 128) and probs_only["flush_gathered_bytes"] == \
+        4096 * (8 + 4 * 128)  # one device without --devices
+    assert "raw_sample" not in plan_json(capsys, "gpt-oss-120b")
+    code, out, _ = run_cli(capsys, "plan", "--model", DATA / "gpt-oss-120b", "--keep-raw", "4096", "--keep-hidden")
+    assert code == 0 and "collect --keep-raw 4096 --keep-hidden: raw sample of 4,096 tokens per MoE layer" in out

@@ -3,12 +3,14 @@
     nexus plan --model path/to/gpt-oss-120b            # a model directory or a bare config.json
     nexus plan --model config.json --width-multiplier 2 --json
     nexus plan --model path/to/gpt-oss-120b --devices 8 --device-memory 80   # per rank, replicated or sharded
+    nexus plan --model path/to/gpt-oss-120b --keep-raw 4096 --keep-hidden    # collect's raw sample
 
 The model is built on the meta device (no weights are read or allocated). Memory figures are for
 weights and optimizer state; activations depend on batch size and sequence length and come on top.
 With --devices, the plan also gives what each rank holds for train and for collect, validate and
 precompute-teacher, the base replicated on every rank (--use-ddp) or sharded across them
-(--shard-base), and with --device-memory which of the two fits.
+(--shard-base), and with --device-memory which of the two fits. With --keep-raw N [--keep-hidden],
+what collect's raw sample (and its hidden states) holds on each device, at a flush and on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import asdict
 
 from ..base.config import load_model_config
 from ..moe import check_width
-from .core import check_devices, format_plan, make_plan
+from .core import check_devices, check_raw_sample, format_plan, make_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-memory", type=float, metavar="GB",
                    help="GiB of memory per device: says whether the run fits replicated, sharded or not at all "
                         "(alone: one device)")
+    p.add_argument("--keep-raw", type=int, default=0, metavar="N",
+                   help="also size collect's raw sample of N tokens per layer (as `collect --keep-raw N`): on the "
+                        "device, at a flush, on disk")
+    p.add_argument("--keep-hidden", action="store_true",
+                   help="with --keep-raw N: the sample keeps the tokens' hidden states too "
+                        "(as `collect --keep-hidden`)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modeling code from the model directory (off by default)")
@@ -40,12 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     check_width(args.width_multiplier)
     check_devices(args.devices, args.device_memory)
+    check_raw_sample(args.keep_raw, args.keep_hidden)
     plan = make_plan(load_model_config(args.model, "--model", args.trust_remote_code), args.width_multiplier,
-                     args.devices, args.device_memory)
+                     args.devices, args.device_memory, args.keep_raw, args.keep_hidden)
     if args.json:
         fields = asdict(plan)
-        if fields["devices"] is None:
-            del fields["devices"]
+        for optional in ("devices", "raw_sample"):
+            if fields[optional] is None:
+                del fields[optional]
         print(json.dumps(fields, indent=2))
     else:
         print(format_plan(plan))

@@ -20,6 +20,7 @@ from ..errors import NexusError
 from ..moe import check_width, find_moe_blocks, shared_intermediate_size
 from ..progress import format_bytes
 from ..routing import routed_top_k
+from ..stats.reservoir import sample_bytes
 
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
@@ -75,6 +76,7 @@ class Plan:
     adapter_bytes: int
     memory_bytes: dict
     devices: DevicePlan | None = None
+    raw_sample: dict | None = None  # collect --keep-raw N [--keep-hidden]: what the sample costs
 
 
 def expert_bytes_per_weight(config) -> float:
@@ -110,16 +112,48 @@ def stored_bytes_by_layer(model, blocks, config) -> tuple[dict, dict]:
     return native, dequantized
 
 
+def check_raw_sample(keep_raw: int, keep_hidden: bool) -> None:
+    """Raise `NexusError` naming the flag for a negative --keep-raw, or --keep-hidden without a sample."""
+    if keep_raw < 0:
+        raise NexusError(f"--keep-raw {keep_raw}: expected a number of tokens per layer >= 0")
+    if keep_hidden and not keep_raw:
+        raise NexusError("--keep-hidden keeps the hidden states of the --keep-raw sample: pass --keep-raw N too")
+
+
+def activation_bytes(config) -> int:
+    """Bytes per value of the model's activations as collect runs it (--dtype auto: the checkpoint's dtype;
+    bf16 where the config names none, as gpt-oss's does not)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else BF16
+
+
+def raw_sample_plan(config, moe_layers: int, num_experts: int, hidden_size: int, keep_raw: int, keep_hidden: bool,
+                    devices: int) -> dict:
+    """What `collect --keep-raw N [--keep-hidden]` holds: the running sample on each collecting device, one
+    layer of it gathered from every rank at each flush, twice the sample in the main rank's host memory
+    while a flush merges and writes it, and the file."""
+    hidden_bytes = activation_bytes(config) if keep_hidden else 0
+    layer = sample_bytes(1, num_experts, keep_raw, hidden_size if keep_hidden else 0, hidden_bytes)
+    sample = layer * moe_layers
+    return {"tokens_per_layer": keep_raw, "hidden": keep_hidden, "hidden_bytes_per_value": hidden_bytes,
+            "device_bytes": sample, "flush_gathered_bytes": devices * layer, "flush_host_bytes": 2 * sample,
+            "disk_bytes": sample}
+
+
 def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
-              device_memory: float | None = None) -> Plan:
+              device_memory: float | None = None, keep_raw: int = 0, keep_hidden: bool = False) -> Plan:
     """Compute the plan for `config` (a transformers config) on a meta-device model.
 
     With `devices` (or `device_memory`, GiB per device, alone: one device) the plan includes what
-    each rank holds replicated and sharded (`Plan.devices`).
+    each rank holds replicated and sharded (`Plan.devices`); with `keep_raw` what collect's raw sample
+    of that many tokens per layer (and their hidden states, `keep_hidden`) costs (`Plan.raw_sample`).
     """
     from transformers import AutoModelForCausalLM
 
     check_devices(devices, device_memory)
+    check_raw_sample(keep_raw, keep_hidden)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = find_moe_blocks(model)
@@ -166,7 +200,9 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
                 total_params=total, active_params_per_token=active, expert_params_per_expert=per_expert,
                 shared_params_per_layer=shared_per_layer, shared_params_total=shared_total,
                 width_multiplier=check_width(width_multiplier), quantization=quantization, adapter_bytes=adapter,
-                memory_bytes=memory, devices=device_plan)
+                memory_bytes=memory, devices=device_plan,
+                raw_sample=raw_sample_plan(config, len(blocks), layout.num_experts, layout.hidden_size, keep_raw,
+                                           keep_hidden, devices or 1) if keep_raw else None)
 
 
 def plan_devices(devices: int, device_memory: float | None, forms: dict, shared_by_layer: dict,
@@ -252,9 +288,23 @@ def format_plan(plan: Plan) -> str:
     out += [f"{k:<{width}}{v / GIB:8.2f} GiB" for k, v in mem_rows]
     out.append("online distillation reuses the frozen base as teacher (shared experts switched off): "
                "no second copy of the model")
+    if plan.raw_sample is not None:
+        out += ["", *format_raw_sample(plan.raw_sample, width)]
     if plan.devices is not None:
         out += ["", *format_devices(plan.devices)]
     return "\n".join(out)
+
+
+def format_raw_sample(r: dict, width: int) -> list[str]:
+    """The lines of `nexus plan --keep-raw N [--keep-hidden]`: what collect's raw sample costs, where."""
+    what = "probabilities and hidden states" if r["hidden"] else "probabilities"
+    rows = [("on each collecting device", r["device_bytes"]),
+            ("  + at each flush, one layer from every rank", r["flush_gathered_bytes"]),
+            ("host memory of the main rank at a flush", r["flush_host_bytes"]),
+            ("on disk (<stats>.raw.safetensors)", r["disk_bytes"])]
+    flags = f"--keep-raw {r['tokens_per_layer']}" + (" --keep-hidden" if r["hidden"] else "")
+    return [f"collect {flags}: raw sample of {r['tokens_per_layer']:,} tokens per MoE layer ({what})",
+            *(f"{k:<{width}}{v / GIB:8.2f} GiB" for k, v in rows)]
 
 
 VERDICTS = {"replicated": "fits replicated", "sharded": "fits sharded only", "does not fit": "does not fit"}

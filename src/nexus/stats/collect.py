@@ -121,16 +121,22 @@ def _device_and_dtype(args) -> tuple[torch.device, torch.dtype | str]:
 
 
 def _reduced(stats: RouterStats, reservoir: RawReservoir | None):
-    """The sums over all ranks (a copy; every rank calls this) and the merged reservoir."""
+    """The sums over all ranks (a copy; every rank calls this) and, on the main rank, the merged reservoir.
+
+    The merge is built in host memory, one layer at a time: the device holds the running sample and one
+    layer gathered from every rank, never a second copy of the whole sample (with --keep-hidden that is
+    N x hidden size x layers values). Only the main rank writes it, so the others keep no copy.
+    """
     total = stats.copy()
     total.load_flat_(dist.all_reduce_sum(total.flat()))
     merged = None
     if reservoir is not None:
-        merged = reservoir.empty_like()
+        merged = reservoir.empty_like("cpu") if dist.is_main() else None
         for i in reservoir.moe_layers:
             hidden = dist.all_gather(reservoir.hidden[i]) if reservoir.hidden is not None else None
             for r, (keys, probs) in enumerate(zip(dist.all_gather(reservoir.keys[i]), dist.all_gather(reservoir.probs[i]))):
-                merged.keep(i, keys, probs, hidden[r] if hidden is not None else None)
+                if merged is not None:
+                    merged.keep(i, keys, probs, hidden[r] if hidden is not None else None)
     return total, merged
 
 

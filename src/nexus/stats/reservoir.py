@@ -42,6 +42,13 @@ def raw_path(stats_path: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}.raw.safetensors")
 
 
+def sample_bytes(layers: int, num_experts: int, size: int, hidden_size: int = 0, hidden_bytes: int = 2) -> int:
+    """Bytes of a full raw sample of `size` tokens per layer, as a RawReservoir holds it and as its file
+    stores it (less the header): per token and layer a float64 key, float32 probabilities and, with hidden
+    states, `hidden_size` values of `hidden_bytes`."""
+    return int(layers) * int(size) * (8 + 4 * int(num_experts) + int(hidden_size) * int(hidden_bytes))
+
+
 class RawReservoir:
     """Up to `size` probability vectors per layer, with their keys (empty slots hold key = inf)."""
 
@@ -59,11 +66,12 @@ class RawReservoir:
         self.hidden = {i: torch.zeros(self.size, self.hidden_size, dtype=hidden_dtype, device=device)
                        for i in self.moe_layers} if self.hidden_size else None  # (N, H)
 
-    def empty_like(self) -> "RawReservoir":
-        """A reservoir with the same layers, size, seed, device and hidden states (dtype), holding nothing."""
+    def empty_like(self, device=None) -> "RawReservoir":
+        """A reservoir with the same layers, size, seed and hidden states (dtype), holding nothing, on `device`
+        (default: this one's)."""
         h = self.hidden[self.moe_layers[0]] if self.hidden is not None else None
         return RawReservoir(self.moe_layers, self.num_experts, self.size, self.seed,
-                            self.keys[self.moe_layers[0]].device, self.hidden_size,
+                            self.keys[self.moe_layers[0]].device if device is None else device, self.hidden_size,
                             h.dtype if h is not None else torch.float32)
 
     def _keys_for(self, layer: int, batch_index: int, n: int, device) -> torch.Tensor:
