@@ -41,7 +41,12 @@ results recorded so far used, stopped runs that were still improving (docs/study
 parameters then go back to their best-validation values, which are scored on every packed --seq-len sequence
 of domain_eval and general_eval (the model's own next-token cross-entropy; at step 0
 nexus.validate.metrics.evaluate against a frozen base, which also gives the base's losses, the same in every
-run). Router statistics: `nexus collect` once on the
+run). With --general-val (the testbed's general_val.jsonl: general text that neither pretraining nor the
+scoring saw) every evaluation also measures the general loss there against the base's, and the checkpoint with
+the lowest validation loss among those under --max-general % (default 5) is scored the same way (`selected`
+in the results; the report's "Checkpoints selected on general validation text"): the point a user who must
+keep general text within the limit would ship, where the best-validation checkpoint may be far past it
+(`general_val_eval_s`: the median time of that extra evaluation). Router statistics: `nexus collect` once on the
 training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits; with
 --hidden-tokens N (default 2048) collect also keeps N tokens' hidden states, on which convert ranks the hidden
 units that feature_topK and pruned_topK keep (mean |activation| × weighted down-row norm; 0: by weights).
@@ -160,6 +165,8 @@ def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int)
               tag=f"{method}-lr{lr:g}-s{seed}", eval_num=args.eval_num, val_num=args.val_num, batch=args.batch,
               seq_len=args.seq_len, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
               min_delta=args.min_delta, trend_window=args.trend_window)
+    if args.general_val:  # not part of setup.json: it changes what a run measures, not its setup
+        kw.update(data={**setup["data"], "general_val": args.general_val}, max_general=args.max_general)
     if method.startswith("nexus"):
         init = method[len("nexus-"):].removesuffix("-router")
         k = L.init_top_k(init)
@@ -202,6 +209,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="nats: the fall across the trend window that counts as progress (default 0.01); with "
                         "--trend-window 0 the improvement that counts (default 1e-3)")
     p.add_argument("--val-frac", type=float, default=0.1, help="domain_train documents held out for validation")
+    p.add_argument("--general-val", metavar="JSONL",
+                   help="general text held out from pretraining and scoring (the testbed's general_val.jsonl): "
+                        "measured at every validation evaluation, and the checkpoint with the lowest domain "
+                        "validation loss whose general loss there is under --max-general %% above the base's is "
+                        "scored too (`selected` in the results)")
+    p.add_argument("--max-general", type=float, default=5.0,
+                   help="with --general-val: the general loss increase (%%) a selected checkpoint stays under (default 5)")
     p.add_argument("--val-num", type=int, help="validation sequences (default: all of the slice)")
     p.add_argument("--eval-num", type=int, help="evaluation sequences per split (default: all)")
     p.add_argument("--batch", type=int, default=8)
@@ -224,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--trend-window: expected 0 (the patience rule) or at least 3 evaluations, got {args.trend_window}")
     if args.min_delta is None:
         args.min_delta = 0.01 if args.trend_window else 1e-3
+    if args.general_val and not Path(args.general_val).is_file():
+        p.error(f"--general-val: expected a JSONL file of general text, {args.general_val} does not exist")
+    if not 0 < args.max_general:
+        p.error(f"--max-general: expected a positive percentage, got {args.max_general:g}")
     for split in ("domain_train", "domain_eval", "general_eval"):
         if getattr(args, split) is None:
             setattr(args, split, str(Path(args.work) / "data" / f"{split}.jsonl"))
@@ -260,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
                                                               "trend_window", "val_frac", "batch", "seq_len",
-                                                              "eval_num", "val_num", "hidden_tokens")},
+                                                              "eval_num", "val_num", "hidden_tokens")}
+                   | ({"general_val": args.general_val, "max_general": args.max_general} if args.general_val else {}),
                    **res}
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -272,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"scored on {res['eval_tokens']['domain']:,} domain / {res['eval_tokens']['general']:,} general "
                   f"tokens "
                   f"({time.time() - t0:.0f}s)", flush=True)
+            if args.general_val:
+                sel = res["selected"]
+                print(f"  selected under {args.max_general:g} % on general_val: " + (
+                      f"step {sel['step']} (general_val {sel['general_val_change']:+.2f} %), domain loss "
+                      f"{sel['end']['domain_loss']:.4f}, general {sel['end']['general_loss']:.4f}" if sel else
+                      "none (every evaluation, step 0 included, was over the limit)"), flush=True)
     import study_report
 
     print(study_report.write_report(results, out, Path(args.doc) if args.doc else None,

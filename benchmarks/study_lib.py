@@ -303,12 +303,18 @@ class Evaluator:
         self.seqs = {name: sequences(data[f"{name}_eval"], self.tok, seq_len, num or ALL, packed=True)
                      for name in ("domain", "general")}
         self.val = sequences(data["domain_val"], self.tok, seq_len, val_num or ALL, packed=True)
+        # general text seen by neither pretraining nor the scoring (testbed_data's general_val), if given
+        self.general_val = (sequences(data["general_val"], self.tok, seq_len, ALL, packed=True)
+                            if data.get("general_val") else None)
         self.batch_size = batch_size
+        self._base_general_val: float | None = None
 
     def tokens(self) -> dict[str, int]:
         """Predicted tokens per split (seq_len - 1 per packed sequence)."""
         out = {k: sum(len(s) - 1 for s in v) for k, v in self.seqs.items()}
         out["val"] = sum(len(s) - 1 for s in self.val)
+        if self.general_val is not None:
+            out["general_val"] = sum(len(s) - 1 for s in self.general_val)
         return out
 
     @torch.no_grad()
@@ -328,6 +334,12 @@ class Evaluator:
     def val_loss(self, model) -> float:
         """Mean next-token cross-entropy (nats) of `model` on the validation slice."""
         return self.loss(model, self.val)[0]
+
+    def general_change(self, model) -> float:
+        """% change of `model`'s loss on the general validation text against the frozen base's (taken once)."""
+        if self._base_general_val is None:
+            self._base_general_val = self.loss(self.base, self.general_val)[0]
+        return 100.0 * (self.loss(model, self.general_val)[0] - self._base_general_val) / self._base_general_val
 
     def __call__(self, model, baseline: bool = True) -> dict:
         """{domain_loss, general_loss, base_domain_loss, base_general_loss (nats/token), *_ppl, *_kl, tokens};
@@ -361,13 +373,34 @@ def rss_mib() -> float:
 
 # ------------------------------------------------------------------------------------------- training
 def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_every: int, patience: int,
-          min_delta: float, trend_window: int = 0) -> dict:
+          min_delta: float, trend_window: int = 0, general=None, max_general: float = 5.0) -> dict:
     """Train with `step_fn(step)` until the validation loss plateaus (Plateau) or max_steps; the trainable
-    parameters end at their best-validation values. Returns the run's training record."""
+    parameters end at their best-validation values. Returns the run's training record.
+
+    With `general` (model -> % change of the general validation loss against the base's), each evaluation
+    also measures it, and the record's `selected` is the evaluation with the lowest domain validation loss
+    among those whose change is under `max_general` % (`selected_params` holds its values; None if no
+    evaluation, step 0 included, qualified): the checkpoint a user who must keep general text within the
+    limit would keep."""
     rule = Plateau(patience, min_delta, trend_window)
     rule.update(ev.val_loss(model))
     best = [p.detach().clone() for p in params]
     best_step, curve, times, losses, step, val_s = 0, [(0, rule.best)], [], [], 0, []
+    general_curve, selected, selected_params, general_s = [], None, None, []
+
+    def consider(step: int, v: float) -> None:
+        nonlocal selected, selected_params
+        if general is None:
+            return
+        t0 = time.perf_counter()
+        g = general(model)
+        general_s.append(time.perf_counter() - t0)
+        general_curve.append((step, g))
+        if g < max_general and (selected is None or v < selected["val_loss"]):
+            selected = {"step": step, "val_loss": v, "general_val_change": g}
+            selected_params = [p.detach().clone() for p in params]
+
+    consider(0, rule.best)
     while step < max_steps and not rule.stop:
         t0 = time.perf_counter()
         losses.append(step_fn(step))
@@ -377,6 +410,7 @@ def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_ever
             t0 = time.perf_counter()
             v = ev.val_loss(model)
             val_s.append(time.perf_counter() - t0)
+            consider(step, v)
             curve.append((step, v))
             rule.update(v)
             if rule.improved:
@@ -384,16 +418,38 @@ def _loop(step_fn, params: list, model, ev: Evaluator, max_steps: int, eval_ever
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
-    return {"steps": step, "best_step": best_step, "best_val_loss": rule.best, "val_curve": curve,
-            "step_s": statistics.median(times) if times else None, "train_loss": losses,
-            "val_eval_s": statistics.median(val_s) if val_s else None,
-            "stopped": "plateau" if rule.stop else "max_steps"}
+    rec = {"steps": step, "best_step": best_step, "best_val_loss": rule.best, "val_curve": curve,
+           "step_s": statistics.median(times) if times else None, "train_loss": losses,
+           "val_eval_s": statistics.median(val_s) if val_s else None,
+           "stopped": "plateau" if rule.stop else "max_steps"}
+    if general is not None:
+        rec.update(general_val_curve=general_curve, max_general=max_general, selected=selected,
+                   selected_params=selected_params, general_val_eval_s=statistics.median(general_s))
+    return rec
+
+
+def _score(rec: dict, params: list, model, ev: Evaluator) -> dict:
+    """Score the model (at its best-validation values) on the full held-out splits -> the run's `end`; with a
+    `selected` checkpoint, score that too (its `end`); `selected_params` leaves the record."""
+    t0 = time.perf_counter()
+    end = ev(model, baseline=False)
+    rec["eval_s"] = time.perf_counter() - t0
+    sel, values = rec.get("selected"), rec.pop("selected_params", None)
+    if sel is not None:
+        if sel["step"] == rec["best_step"]:
+            sel["end"] = end
+        else:
+            with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+            sel["end"] = ev(model, baseline=False)
+    return end
 
 
 def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, lr: float, seed: int,
               start: dict | None = None, train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
-              trend_window: int = 0) -> dict:
+              trend_window: int = 0, max_general: float = 5.0) -> dict:
     """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus."""
     import shutil
 
@@ -414,10 +470,9 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
     def step_fn(_step):
         return trainer.train_step()["loss"]
 
-    rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta, trend_window)
-    t0 = time.perf_counter()
-    end = ev(trainer.model, baseline=False)
-    rec["eval_s"] = time.perf_counter() - t0
+    rec = _loop(step_fn, params, trainer.model, ev, max_steps, eval_every, patience, min_delta, trend_window,
+                ev.general_change if ev.general_val is not None else None, max_general)
+    end = _score(rec, params, trainer.model, ev)
     n = trainer.params.numel()
     trainer.cleanup()
     shutil.rmtree(out, ignore_errors=True)
@@ -441,7 +496,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
                rank: int = 1,
                chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
                max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
-               trend_window: int = 0) -> dict:
+               trend_window: int = 0, max_general: float = 5.0) -> dict:
     """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
     Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping."""
     from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
@@ -481,10 +536,9 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta, trend_window)
-    t0 = time.perf_counter()
-    end = ev(model, baseline=False)
-    rec["eval_s"] = time.perf_counter() - t0
+    rec = _loop(step_fn, params, model, ev, max_steps, eval_every, patience, min_delta, trend_window,
+                ev.general_change if ev.general_val is not None else None, max_general)
+    end = _score(rec, params, model, ev)
     return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec, **extra}
 
 

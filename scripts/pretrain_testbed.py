@@ -145,7 +145,8 @@ def render_card(report: dict, config) -> str:
         "", f"**Pretraining** saw `general_train` and `domain_pretrain` only: the held-out domain is "
         f"{pre / total:.1%} of the pretraining bytes (under-represented, as the domain a NEXUS adapter "
         "targets usually is). `domain_train` (man pages disjoint from every other split) is left for NEXUS; "
-        "`domain_eval` and `general_eval` were never trained on.", "",
+        "`domain_eval` and `general_eval` were never trained on, nor was `general_val` (dealt last, from the "
+        "general files left over; outside the corpus sha256).", "",
         "## Architecture and training", "",
         f"`GptOssForCausalLM`, {report['parameters'] / 1e6:.2f}M parameters ({_mb(report['weights_bytes'])} fp32, "
         f"sha256 `{report['weights_sha256'][:16]}…`): {config.num_hidden_layers} layers "

@@ -23,7 +23,11 @@ salted `hash`.
 Splits: `general_train` (python + c + perl, equal byte caps) and `domain_pretrain` (a little `man`,
 ~3% of the pretraining bytes) are what pretraining sees; `general_eval` (python + c + perl) and
 `domain_eval` (`man`) are held out for evaluation; `domain_train` (`man`, disjoint from the rest) is
-left for NEXUS to specialize on.
+left for NEXUS to specialize on. `general_val` (python + c + perl, small) is dealt last, from the files
+the other general splits left over: general text that neither pretraining nor the evaluation saw, for
+choosing a checkpoint by its general loss (benchmarks/study.py --general-val). Being dealt last, it
+leaves every other split as it was, and the corpus sha256 covers the other five splits only
+(`DIGEST_SPLITS`), so builds recorded before it existed keep their corpus sha256.
 """
 
 from __future__ import annotations
@@ -44,14 +48,17 @@ from nexus import demo_data  # noqa: E402
 GENERAL_DOMAINS = ("python", "c", "perl")
 HELD_OUT = "man"
 DOMAINS = GENERAL_DOMAINS + (HELD_OUT,)
-SPLITS = ("general_train", "general_eval", "domain_pretrain", "domain_train", "domain_eval")
+SPLITS = ("general_train", "general_eval", "domain_pretrain", "domain_train", "domain_eval", "general_val")
+DIGEST_SPLITS = SPLITS[:5]  # what the corpus sha256 covers: the splits a testbed build and its scores depend on
 
 FILE_CAP = 32_000  # bytes kept of any one file (truncated at a line end), so big files do not dominate
-# Per domain: (split, byte cap) in the order files are dealt; eval first so it never runs short.
+# Per domain: (split, byte cap) in the order files are dealt; eval first so it never runs short, general_val
+# last so that adding it moved no file of the others.
+GENERAL_VAL_BYTES = 30_000
 CAPS = {
-    "python": (("general_eval", 220_000), ("general_train", 3_000_000)),
-    "c": (("general_eval", 220_000), ("general_train", 3_000_000)),
-    "perl": (("general_eval", 220_000), ("general_train", 3_000_000)),
+    "python": (("general_eval", 220_000), ("general_train", 3_000_000), ("general_val", GENERAL_VAL_BYTES)),
+    "c": (("general_eval", 220_000), ("general_train", 3_000_000), ("general_val", GENERAL_VAL_BYTES)),
+    "perl": (("general_eval", 220_000), ("general_train", 3_000_000), ("general_val", GENERAL_VAL_BYTES)),
     "man": (("domain_eval", 300_000), ("domain_pretrain", 280_000), ("domain_train", 2_000_000)),
 }
 
@@ -235,7 +242,7 @@ def build_corpus(domains=DOMAINS, with_packages: bool = True) -> dict:
         manifest["splits"][split] = {"files": len(items), "bytes": sum(len(t.encode("utf-8")) for _, _, t in items),
                                      "domains": sorted({d for d, _, _ in items})}
     digest = hashlib.sha256()
-    for split in SPLITS:
+    for split in DIGEST_SPLITS:
         for domain, path, text in texts[split]:
             digest.update(f"{split}\0{domain}\0{path}\0".encode())
             digest.update(hashlib.sha256(text.encode("utf-8")).digest())

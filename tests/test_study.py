@@ -85,6 +85,66 @@ def test_loop_restores_best_validation_params():
     assert (rec["steps"], rec["best_step"], rec["stopped"]) == (6, 4, "plateau")
 
 
+class _ParamEval(_FakeEval):
+    """Validation losses from a list; full-split scores read off the parameter's value (to see which checkpoint
+    was scored)."""
+
+    def __init__(self, losses, p):
+        super().__init__(losses)
+        self.p = p
+
+    def __call__(self, model, baseline=True):
+        v = self.p.detach()
+        return {"domain_loss": float(v[0]), "general_loss": float(v[1])}
+
+
+def test_loop_selects_the_best_domain_checkpoint_under_the_general_limit():
+    p = torch.nn.Parameter(torch.zeros(2))
+
+    def step_fn(step):
+        with torch.no_grad():
+            p.add_(1.0)
+        return 0.0
+
+    # evaluations at steps 0, 1, ..., 5: domain val falls all along, general val change (%) rises past 5 at
+    # step 4; the last evaluation under the limit is step 3, the plateau-best one step 5 (max_steps)
+    general = iter([0.5, 1.0, 4.9, 3.0, 5.0, 7.0])
+    ev = _ParamEval([3.0, 2.5, 2.0, 2.1, 1.8, 1.7], p)
+    rec = L._loop(step_fn, [p], torch.nn.Linear(1, 1), ev, max_steps=5, eval_every=1, patience=9, min_delta=0.0,
+                  general=lambda model: next(general), max_general=5.0)
+    assert rec["best_step"] == 5 and rec["general_val_curve"] == [(0, 0.5), (1, 1.0), (2, 4.9), (3, 3.0),
+                                                                   (4, 5.0), (5, 7.0)]
+    # step 2 (val 2.0, general 4.9) beats step 3 (val 2.1); step 4 is at the limit, not under it
+    assert {k: rec["selected"][k] for k in ("step", "val_loss", "general_val_change")} == \
+        {"step": 2, "val_loss": 2.0, "general_val_change": 4.9}
+    assert torch.equal(rec["selected_params"][0], torch.full((2,), 2.0))
+    assert torch.equal(p.detach(), torch.full((2,), 5.0))  # the plateau-best values, as without --general-val
+    end = L._score(rec, [p], torch.nn.Linear(1, 1), ev)
+    assert end == {"domain_loss": 5.0, "general_loss": 5.0}  # scored before the selected values went in
+    assert rec["selected"]["end"] == {"domain_loss": 2.0, "general_loss": 2.0} and "selected_params" not in rec
+    # nothing under the limit, step 0 included: no selection, one scoring
+    p2 = torch.nn.Parameter(torch.zeros(2))
+    rec = L._loop(lambda s: 0.0, [p2], torch.nn.Linear(1, 1), _ParamEval([3.0, 2.0], p2), max_steps=1, eval_every=1,
+                  patience=9, min_delta=0.0, general=lambda model: 6.0, max_general=5.0)
+    assert rec["selected"] is None and rec["selected_params"] is None
+    L._score(rec, [p2], torch.nn.Linear(1, 1), _ParamEval([], p2))
+    assert rec["selected"] is None
+    # without a general measure the record is as before
+    rec = L._loop(lambda s: 0.0, [p2], torch.nn.Linear(1, 1), _FakeEval([3.0, 2.0]), max_steps=1, eval_every=1,
+                  patience=9, min_delta=0.0)
+    assert "selected" not in rec and "general_val_curve" not in rec
+
+
+def test_general_val_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--general-val", str(tmp_path / "missing.jsonl"), "--report"])
+    assert "--general-val: expected a JSONL file" in capsys.readouterr().err
+    (tmp_path / "g.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(SystemExit):
+        study.main(["--general-val", str(tmp_path / "g.jsonl"), "--max-general", "0", "--report"])
+    assert "--max-general: expected a positive percentage" in capsys.readouterr().err
+
+
 def _row(method, lr, seed, dom, gen, base_dom=4.0, base_gen=3.0):
     """A results line whose domain gain is `dom` % and general change `gen` %."""
     return {"method": method, "lr": lr, "seed": seed, "model": "m", "command": "python benchmarks/study.py",
@@ -216,6 +276,41 @@ def test_head_to_head_pairs_seeds_on_both_axes_at_each_learning_rate(tmp_path):
     report = R.write_report(path, tmp_path / "out")
     assert "| 0.003 | nexus-pruned_top8 | esft | -2.40 pt paired" in report
     assert report.index("## Head to head") < report.index("## Every point")
+
+
+def _selected(row, step, gval, dom, gen):
+    """`row` as a --general-val run whose selected checkpoint (at `step`, general_val change `gval` %) has a domain
+    gain of `dom` % and a general change of `gen` %."""
+    s = row["start"]
+    return {**row, "max_general": 5.0, "general_val_curve": [], "selected": {
+        "step": step, "val_loss": 1.0, "general_val_change": gval,
+        "end": {"domain_loss": s["base_domain_loss"] * (1 - dom / 100),
+                "general_loss": s["base_general_loss"] * (1 + gen / 100)}}}
+
+
+def test_selected_checkpoints_get_their_own_section(tmp_path):
+    rows = []
+    for seed, j in ((0, -0.1), (1, 0.1)):
+        rows += [_selected(_row("nexus-pruned_top8", 3e-3, seed, 8.7 + j, 8 + j), 300 + 100 * seed, 4.5, 6 + j, 4 + j),
+                 _selected(_row("esft", 3e-3, seed, 11 + j, 4.4 + j), 1700, 4.0, 11 + j, 4.4 + j)]
+    rows.append({**_row("lora-attn", 3e-3, 0, 9, 8), "max_general": 5.0, "selected": None})  # none qualified
+    rows.append(_row("lora-attn", 1e-2, 0, 9, 8))  # a run without --general-val: not in the section
+    pts = R.points(rows, selected=True)
+    assert set(pts) == {"nexus-pruned_top8", "esft"}
+    assert pts["nexus-pruned_top8"][3e-3]["per_seed"][1] == pytest.approx((6.1, 4.1))
+    assert R.points(rows)["nexus-pruned_top8"][3e-3]["per_seed"][1] == pytest.approx((8.8, 8.1))  # plateau point
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = R.write_report(path, tmp_path / "out")
+    section = report[report.index("## Checkpoints selected"):report.index("## Every point")]
+    assert "| nexus-pruned_top8 | 0.003 | 2 | 350 / 10 | +4.50 | +6.00 ± 0.14 | +4.00 ± 0.14 | 2 of 2 |" in section
+    assert "| esft | 0.003 | 2 | 1700 / 10 | +4.00 | +11.00 ± 0.14 | +4.40 ± 0.14 | 2 of 2 |" in section
+    assert "| lora-attn | 0.003 | 1 | none qualified |" in section and "| lora-attn | 0.01 |" not in section
+    assert "| 0.003 | nexus-pruned_top8 | esft | -5.00 pt paired over 2 seeds (-5.00, -5.00): behind, beyond seed " \
+           "noise |" in section
+    # without any --general-val run there is no section
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if "selected" not in r))
+    assert "## Checkpoints selected" not in R.write_report(path, tmp_path / "out2")
 
 
 def test_equal_cost_names_a_single_learning_rate_a_chord():

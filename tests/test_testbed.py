@@ -122,6 +122,21 @@ def test_deal_is_deterministic_and_disjoint():
     assert [p for p, _ in more["eval"]] == ev and len(more["train"]) == 57
 
 
+def test_general_val_is_dealt_last_and_moves_no_other_file():
+    paths = [f"/src/f{i:03d}.h" for i in range(60)]
+    before = testbed_data.deal("c", paths, (("eval", 30), ("train", 200)), read=_fake_read)
+    after = testbed_data.deal("c", paths, (("eval", 30), ("train", 200), ("val", 50)), read=_fake_read)
+    assert after["eval"] == before["eval"] and after["train"] == before["train"]
+    val = [p for p, _ in after["val"]]
+    assert len(val) == 5 and not set(val) & {p for p, _ in before["eval"] + before["train"]}
+    for d in testbed_data.GENERAL_DOMAINS:  # the testbed's rule: every general domain ends with general_val
+        assert testbed_data.CAPS[d][-1] == ("general_val", testbed_data.GENERAL_VAL_BYTES)
+    assert all(split != "general_val" for split, _ in testbed_data.CAPS[testbed_data.HELD_OUT])
+    # the corpus sha256 covers the five splits builds recorded before general_val existed
+    assert testbed_data.DIGEST_SPLITS == ("general_train", "general_eval", "domain_pretrain", "domain_train",
+                                          "domain_eval")
+
+
 def test_hash_key_is_stable():
     # sha256("c:/usr/include/stdio.h"): the same on every machine and every run
     assert testbed_data.hash_key("c", "/usr/include/stdio.h").hex()[:16] == \
