@@ -303,6 +303,12 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
               "over seeds ± std; paired differences in percentage points of domain gain, seed by seed; "
               "\"beyond seed noise\" = the two methods' per-seed min–max ranges do not overlap):", ""]
     lines += [f"- {a}" for a in answers(pts, best, max_general)]
+    sel = points([r for r in rows if "selected" in r], selected=True)
+    for h in head_to_head(sel):
+        limit = sel[h["nexus"]][h["lr"]]["rows"][0]["max_general"]
+        lines.append(f"- On the checkpoints selected under {limit:g} % on general validation text (see \"Checkpoints "
+                     f"selected\" below), at lr {h['lr']:g}, {h['nexus']} against {h['other']}: domain gain "
+                     f"{h['domain']}; general loss change {h['general']}; {h['overall']}.")
     lines += ["", f"## Best domain gain with a general loss increase under {max_general:g} %", "",
               "| method | lr | domain gain % | general change % | seeds | vs best other (paired diff, beyond seed "
               "spread?) | trainable | FLOPs/token | steps (best) | step ms | peak RSS MiB |",

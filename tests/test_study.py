@@ -308,6 +308,9 @@ def test_selected_checkpoints_get_their_own_section(tmp_path):
     assert "| lora-attn | 0.003 | 1 | none qualified |" in section and "| lora-attn | 0.01 |" not in section
     assert "| 0.003 | nexus-pruned_top8 | esft | -5.00 pt paired over 2 seeds (-5.00, -5.00): behind, beyond seed " \
            "noise |" in section
+    answers = report[report.index("## Answers"):report.index("## Best domain gain")]
+    assert "- On the checkpoints selected under 5 % on general validation text (see \"Checkpoints selected\" below), at lr " \
+           "0.003, nexus-pruned_top8 against esft: domain gain -5.00 pt paired over 2 seeds" in answers
     # without any --general-val run there is no section
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if "selected" not in r))
     assert "## Checkpoints selected" not in R.write_report(path, tmp_path / "out2")
