@@ -469,8 +469,13 @@ def beside_check(rows: list[dict], other: list[dict]) -> str:
     lines += ["", f"Paired mean difference ({right} minus {left}), domain gain / general change, in points:", ""]
     for (method, lr), d in diffs.items():
         dom, gen = [x for x, _ in d], [y for _, y in d]
-        sign = "every seed the same sign" if len(d) > 1 and (all(x > 0 for x in dom) or all(x < 0 for x in dom)) \
-            else ("one seed" if len(d) == 1 else "seeds disagree in sign")
+        if all(x == 0 and y == 0 for x, y in d):
+            sign = "identical on every seed" if len(d) > 1 else "identical"
+        elif len(d) == 1:
+            sign = "one seed"
+        else:
+            sign = "every seed the same sign" if all(x > 0 for x in dom) or all(x < 0 for x in dom) \
+                else "seeds disagree in sign"
         mean_dom, mean_gen = (round(statistics.mean(v), 2) + 0.0 for v in (dom, gen))  # + 0.0: no "-0.00"
         lines.append(f"- {method} at lr {lr:g}: {mean_dom:+.2f} / {mean_gen:+.2f} over "
                      f"{len(d)} seed{'s' if len(d) > 1 else ''} (domain: {sign})")

@@ -223,6 +223,8 @@ def test_beside_sets_the_same_runs_under_another_setting_side_by_side(tmp_path):
     assert "| p | 0.003 | 1 | +6.00 / +4.00 | +5.50 / +3.50 | -0.50 / -0.50 |" in section
     assert "- p at lr 0.003: -0.75 / +0.00 over 2 seeds (domain: every seed the same sign)" in section
     assert "| q |" not in section and R.beside_check(main, other[2:]) == ""
+    same = [dict(r, protocol={"hidden_tokens": 0, "max_steps": 300}) for r in main]  # a rerun that reproduced
+    assert "- p at lr 0.003: +0.00 / +0.00 over 2 seeds (domain: identical on every seed)" in R.beside_check(main, same)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in main))
     b.write_text("".join(json.dumps(r) + "\n" for r in other))
