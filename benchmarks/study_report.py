@@ -303,7 +303,7 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
               "over seeds ± std; paired differences in percentage points of domain gain, seed by seed; "
               "\"beyond seed noise\" = the two methods' per-seed min–max ranges do not overlap):", ""]
     lines += [f"- {a}" for a in answers(pts, best, max_general)]
-    sel = points([r for r in rows if "selected" in r], selected=True)
+    sel = points(rows, selected=True)
     for h in head_to_head(sel):
         limit = sel[h["nexus"]][h["lr"]]["rows"][0]["max_general"]
         lines.append(f"- On the checkpoints selected under {limit:g} % on general validation text (see \"Checkpoints "
