@@ -86,8 +86,10 @@ def test_each_rank_reads_its_rows_of_the_unsharded_load(tmp_path):
 def _train_args(student, data, dtype, init=("--init-strategy", "random")):
     # an odd number of held-out sequences: one rank runs a forward with nothing to count (sharded, all ranks must)
     held_out = write_text_dataset(data.parent / "eval.jsonl", n=3, seed=5)
+    general = write_text_dataset(data.parent / "general.jsonl", n=5, seed=7)
     return ["train", "--student-model", student, *init, "--dataset", data, "--seq-len", 32,
-            "--eval-dataset", held_out, "--eval-every", 2,
+            "--eval-dataset", held_out, "--eval-every", 2, "--general-eval-dataset", general,
+            "--max-general-increase", 1e6,
             "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
             "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu",
             "--dtype", dtype]
@@ -133,9 +135,21 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
                                        atol=router_atol if router else atol)
 
     close(tmp_path / "sharded" / "final", tmp_path / "one" / "final")
+    # best/ (--general-eval-dataset): the same step chosen, the same adapter, gathered whole by the sharded run
+    selected = [json.loads((tmp_path / run / "best" / "trainer_state.json").read_text())["selection"]
+                for run in ("sharded", "one")]
+    assert selected[0]["step"] == selected[1]["step"]
+    assert selected[0]["general_base_ce"] == pytest.approx(selected[1]["general_base_ce"],
+                                                           rel=1e-5 if dtype == "float32" else 1e-3)
+    for run, sel in zip(("sharded", "one"), selected):  # the change: of each run's own general CE and base CE
+        evals = [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "eval_general_ce" in r]
+        assert [r["step"] for r in evals] == [0, 2, 4]
+        for r in evals:
+            assert r["eval_general_change"] == pytest.approx(100 * (r["eval_general_ce"] / sel["general_base_ce"] - 1))
+    close(tmp_path / "sharded" / "best", tmp_path / "one" / "best")
     for ra, rb in zip(read_metrics(tmp_path / "sharded" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"),
                       strict=True):
-        for key in ("loss", "eval_ce", "eval_kl"):
+        for key in ("loss", "eval_ce", "eval_kl", "eval_general_ce"):
             assert (ra.get(key) is None) == (rb.get(key) is None), key
             if ra.get(key) is not None:
                 # bf16: a KL of ~3e-5 nats differs by ~1e-7 between summation orders, so an absolute floor

@@ -27,7 +27,7 @@ DEFAULT_BIAS_FREEZE_RATIO = 0.5  # the original tool's recommendation for a trai
 class TrainConfig:
     # model and data
     student_model: str = flag(help="adapter directory (its base is resolved), or a base model with --init-strategy")
-    output_dir: str = flag(help="run directory: metrics.jsonl, checkpoint-N/, final/")
+    output_dir: str = flag(help="run directory: metrics.jsonl, checkpoint-N/, final/ (best/)")
     dataset: str | None = flag(None, "training data: .txt/.jsonl/.json/.parquet file, folder, or saved HF dataset")
     teacher_model: str | None = flag(
         None, "teacher (default: the student's own base, run without shared experts)")
@@ -37,6 +37,12 @@ class TrainConfig:
     split: str | None = flag(None, "split of a saved HF DatasetDict")
     eval_dataset: str | None = flag(None, "held-out data for eval_loss")
     eval_every: int = flag(0, "evaluate every N steps (and at the end)")
+    general_eval_dataset: str | None = flag(
+        None, "held-out general (off-domain) text: each evaluation (and one before the first step) also reports "
+              "the change of its CE against the frozen base's, and best/ keeps the adapter with the lowest "
+              "--eval-dataset CE among those under --max-general-increase")
+    max_general_increase: float = flag(5.0, "with --general-eval-dataset: the general CE change, in percent of the "
+                                            "base's, an adapter must stay under to be kept in best/", metavar="PCT")
     # None: the teacher cache's, else from the model (nexus.defaults.seq_len_for)
     seq_len: int | None = flag(None, f"tokens per sequence (with --precomputed-teacher: the cache's) {SEQ_LEN_HELP}")
     pack: bool = flag(True, "one document per sequence, right-padded (padding is masked out), instead of packing",
@@ -169,6 +175,10 @@ class TrainConfig:
         if self.shard_base and self.dequantize:
             raise NexusError("--dequantize with --shard-base is not supported: the sharded base keeps the "
                              "checkpoint's quantization")
+        if self.general_eval_dataset and not self.eval_dataset:
+            raise NexusError("--general-eval-dataset needs --eval-dataset (best/ is chosen by the eval CE on it)")
+        if not (math.isfinite(self.max_general_increase) and self.max_general_increase > 0):
+            raise NexusError(f"--max-general-increase must be a positive percentage, got {self.max_general_increase}")
         if not self.dataset and not self.precomputed_teacher:
             raise NexusError("--dataset is required (with --precomputed-teacher it defaults to the cache's dataset)")
         self.dtype = canonical_dtype(self.dtype)

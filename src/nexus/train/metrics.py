@@ -2,7 +2,8 @@
 
 Every optimizer step appends one JSON object to `output_dir/metrics.jsonl` (DESIGN "Training
 output": step, loss, ce, kl, router_kl, lr, temperature, kl_weight, grad_norm, router_l1,
-tokens_per_s, plus router_entropy / teacher_router_entropy and eval_* when evaluated). Fields that
+tokens_per_s, plus router_entropy / teacher_router_entropy and eval_* when evaluated; with
+--general-eval-dataset a row for step 0 holds only the evaluation before training). Fields that
 do not apply to a run are null. Only rank 0 writes.
 """
 
@@ -48,15 +49,17 @@ def health_warnings(row: dict, t: Thresholds) -> list[tuple[str, str]]:
 
 
 def console_line(row: dict, max_steps: int, eta_s: float) -> str:
-    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}"]
+    evals = [f"eval {row['eval_loss']:.4f}"] if "eval_loss" in row else []
+    if "eval_general_change" in row:
+        evals.append(f"general {row['eval_general_change']:+.2f}%")
+    if "loss" not in row:  # the evaluation before the first step (--general-eval-dataset)
+        return " | ".join([f"step {row['step']}/{max_steps}", *evals])
+    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}", *evals]
     if row.get("kl") is not None:
         parts.append(f"kl {row['kl']:.4f}")
     parts += [f"lr {row['lr']:.2e}", f"T {row['temperature']:.2f}", f"{rate(row['tokens_per_s'])} tok/s",
               f"ETA {format_eta(eta_s)}"]
-    if "eval_loss" in row:
-        parts.insert(2, f"eval {row['eval_loss']:.4f}")
     return " | ".join(parts)
-
 
 def read_metrics(path: str | Path) -> list[dict]:
     rows = []

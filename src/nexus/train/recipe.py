@@ -32,10 +32,10 @@ from ..defaults import seq_len_for
 from ..device import resolve_device
 from ..errors import NexusError
 from ..forward import (RouterCapture, StudentBackbone, check_head_split, default_chunk_size, lm_head_of, router_params,
-                       vocab_size)
-from ..fsutil import write_json
+                       swapped_weights, vocab_size)
+from ..fsutil import read_json, write_json
 from ..moe import find_moe_blocks
-from ..shared import format_parameter_summary
+from ..shared import format_parameter_summary, shared_experts_disabled
 from ..sharding import average_replicated_grads, gather_full, gather_optimizer_state, like, optimizer_state_like
 from ..stream import SequenceStream, StepLayout, build_sequences, trim_padding
 from ..version import __version__
@@ -48,12 +48,13 @@ from .step import STATS, batch_loss, metrics_row
 
 log = logging.getLogger("nexus.train")
 RUN_CONFIG = "run_config.json"
+BEST = "best"  # --general-eval-dataset: the adapter selected under the general-loss limit
 
 
 def holds_run(output_dir: str | Path) -> bool:
     """Whether `output_dir` holds (part of) a training run: its config, metrics, a checkpoint or final/."""
     out = Path(output_dir)
-    return out.is_dir() and (any((out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final"))
+    return out.is_dir() and (any((out / n).exists() for n in (RUN_CONFIG, "metrics.jsonl", "final", BEST))
                              or bool(ckpt.checkpoints(out)))
 
 
@@ -92,6 +93,9 @@ class Trainer:
         self.layout = StepLayout(cfg.batch_size, cfg.gradient_accumulation_steps, self.world)
         self.eval_seqs = build_sequences(data_spec(cfg, cfg.eval_dataset), self.tokenizer, "--eval-dataset") \
             if cfg.eval_dataset else None
+        self.general_seqs = build_sequences(data_spec(cfg, cfg.general_eval_dataset), self.tokenizer,
+                                            "--general-eval-dataset") if cfg.general_eval_dataset else None
+        self.original_routers, self.best, self.resumed_selection = original_routers, None, None
         if not self.teacher.online and self.layout.global_batch * cfg.max_steps > len(self.teacher.cache):
             raise NexusError(f"--precomputed-teacher holds {len(self.teacher.cache)} sequences; --max-steps "
                              f"{cfg.max_steps} × global batch {self.layout.global_batch} needs "
@@ -140,6 +144,8 @@ class Trainer:
                      f"{cfg.gradient_accumulation_steps}); {cfg.max_steps} steps = "
                      f"{cfg.max_steps * self.layout.global_batch / len(self.seqs):.2f} epochs; teacher: "
                      f"{type(self.teacher).__name__}")
+        if self.general_seqs is not None:
+            self._start_selection()
 
     def _resume_point(self) -> Path | None:
         cfg = self.cfg
@@ -201,6 +207,8 @@ class Trainer:
         while self.step < self.cfg.max_steps:
             self.train_step()
         self.save_checkpoint(final=True)
+        if self.general_seqs is not None:
+            self._selection_summary()
 
     def train_step(self) -> dict:
         """One optimizer step with its bookkeeping (freeze, SFA, eval, metrics, checkpoint); returns its row."""
@@ -217,6 +225,8 @@ class Trainer:
                                            or self.step == cfg.max_steps):
             row.update(self.evaluate())
         self.metrics.write(row)
+        if "eval_general_change" in row:
+            self._select(row)
         if self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
             self.save_checkpoint()
         return row
@@ -291,32 +301,120 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out CE (and KL against an online teacher) over the whole --eval-dataset, all ranks."""
-        self.model.eval()
-        temperature, kl_w = self.schedule.temp(self.step - 1), self.schedule.kl_w(self.step - 1)
-        sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
-        idx = list(range(self.rank, len(self.eval_seqs), self.world))
-        stream = SequenceStream(self.eval_seqs, shuffle=False)
-        # not the DDP wrapper: ranks may run different batch counts. Sharded, every forward gathers layers from
-        # all ranks, so each runs as many batches as rank 0 and a rank out of sequences discards what it computes.
-        backbone = self.root if self.root is not None else StudentBackbone(self.model)
-        batches = math.ceil(len(range(0, len(self.eval_seqs), self.world)) / self.cfg.batch_size) \
-            if self.root is not None else math.ceil(len(idx) / self.cfg.batch_size)
-        for i in range(0, batches * self.cfg.batch_size, self.cfg.batch_size):
-            chunk = idx[i:i + self.cfg.batch_size]
-            ids, mask = trim_padding(*stream.batch(chunk or [0]))
-            _, stats = batch_loss(backbone, self.head, self.capture, self.teacher, ids.to(self.device),
-                                  mask.to(self.device), {"ce": 1.0, "kl": 0.0}, 0.0, temperature, self.chunk,
-                                  use_teacher=self.teacher.online)
-            if chunk:
-                sums += stats
-        self.model.train()
-        s = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+        """Held-out CE (and KL against an online teacher) over the whole --eval-dataset, all ranks; with
+        --general-eval-dataset also the CE there and its change against the frozen base's, in percent."""
+        temperature, kl_w = self.schedule.temp(max(self.step - 1, 0)), self.schedule.kl_w(max(self.step - 1, 0))
+        s = self._eval_sums(self.eval_seqs, temperature, use_teacher=self.teacher.online)
         out = {"eval_ce": s["ce"] / max(s["targets"], 1)}
         if self.teacher.online:
             out["eval_kl"] = temperature ** 2 * s["kl"] / max(s["targets"], 1)
         out["eval_loss"] = self.cfg.ce_weight * out["eval_ce"] + kl_w * out.get("eval_kl", 0.0)
+        if self.general_seqs is not None:
+            g = self._eval_sums(self.general_seqs, temperature)
+            out["eval_general_ce"] = g["ce"] / max(g["targets"], 1)
+            out["eval_general_change"] = 100 * (out["eval_general_ce"] / self.general_base_ce - 1)
         return out
+
+    @torch.no_grad()
+    def _eval_sums(self, seqs, temperature: float, use_teacher: bool = False, base: bool = False) -> dict:
+        """The `STATS` sums of the student (`base`: of the frozen base inside it) over all of `seqs`, all ranks."""
+        self.model.eval()
+        sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        idx = list(range(self.rank, len(seqs), self.world))
+        stream = SequenceStream(seqs, shuffle=False)
+        # not the DDP wrapper: ranks may run different batch counts. Sharded, every forward gathers layers from
+        # all ranks, so each runs as many batches as rank 0 and a rank out of sequences discards what it computes.
+        backbone = self.root if self.root is not None else StudentBackbone(self.model)
+        batches = math.ceil(len(range(0, len(seqs), self.world)) / self.cfg.batch_size) \
+            if self.root is not None else math.ceil(len(idx) / self.cfg.batch_size)
+        with self._as_base() if base else contextlib.nullcontext():
+            for i in range(0, batches * self.cfg.batch_size, self.cfg.batch_size):
+                chunk = idx[i:i + self.cfg.batch_size]
+                ids, mask = trim_padding(*stream.batch(chunk or [0]))
+                _, stats = batch_loss(backbone, self.head, self.capture, self.teacher, ids.to(self.device),
+                                      mask.to(self.device), {"ce": 1.0, "kl": 0.0}, 0.0, temperature, self.chunk,
+                                      use_teacher=use_teacher)
+                if chunk:
+                    sums += stats
+        self.model.train()
+        return dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
+
+    @contextlib.contextmanager
+    def _as_base(self):
+        """The student run as the unmodified base: shared experts off, the base's routers in place."""
+        swap = swapped_weights(self.routers, self.original_routers) if self.model.nexus_config.trainable_router \
+            else contextlib.nullcontext()
+        with shared_experts_disabled(self.model), swap:
+            yield
+
+    # --------------------------------------------------------------------------- --general-eval-dataset
+    def _start_selection(self) -> None:
+        """The base's general CE, the best adapter so far (best/, after a resume), and at step 0 the first
+        evaluation: the initialization is a candidate too."""
+        cfg = self.cfg
+        base = self._eval_sums(self.general_seqs, 1.0, base=True)
+        self.general_base_ce = base["ce"] / max(base["targets"], 1)
+        self.best = self._read_best()
+        if self.rank == 0 and self.best is None and self.resumed_selection is not None:
+            log.warning(f"warning: --resume-from-checkpoint: the run's best/ (step {self.resumed_selection['step']}) "
+                        f"is not in {self.out}; the selection goes on from step {self.step} without it (copy best/ "
+                        f"beside the checkpoint to keep it a candidate)")
+        if self.rank == 0:
+            log.info(f"--general-eval-dataset: {len(self.general_seqs)} sequences; the frozen base's CE there is "
+                     f"{self.general_base_ce:.4f}; best/ keeps the lowest eval_ce with a general change under "
+                     f"{cfg.max_general_increase:g} %")
+        if self.step == 0:
+            row = {"step": 0, **self.evaluate()}
+            self.metrics.write(row)
+            self._select(row)
+
+    def _selection_key(self) -> dict:
+        return {"max_general_increase": self.cfg.max_general_increase,
+                "eval_data_fingerprint": self.eval_seqs.fingerprint(),
+                "general_data_fingerprint": self.general_seqs.fingerprint()}
+
+    def _read_best(self) -> dict | None:
+        """best/'s record from an earlier part of this run (resumed), checked against this run's selection."""
+        path = self.out / BEST / ckpt.STATE
+        if not path.is_file():
+            return None
+        state = read_json(path, "trainer state")
+        sel = state.get("selection") if isinstance(state, dict) else None
+        if not isinstance(sel, dict) or not {"step", "eval_ce", "eval_general_change"} <= set(sel):
+            raise NexusError(f"{path}: not a best/ written by `nexus train --general-eval-dataset` (no selection "
+                             f"record); move it away, or choose another --output-dir")
+        for key, value in self._selection_key().items():
+            if sel.get(key) != value:
+                flag = "--max-general-increase" if key == "max_general_increase" else \
+                    "--eval-dataset" if key == "eval_data_fingerprint" else "--general-eval-dataset"
+                raise NexusError(f"--resume-from-checkpoint: {self.out / BEST} was selected with another {flag} "
+                                 f"than this run's; resume with the same, or move best/ away to start the selection "
+                                 f"over")
+        return sel
+
+    def _select(self, row: dict) -> None:
+        """Keep this evaluation's adapter in best/ when its general change is under the limit and its eval_ce
+        is the lowest so far (ties: the earlier step stays)."""
+        if row["eval_general_change"] >= self.cfg.max_general_increase:
+            return
+        if self.best is not None and row["eval_ce"] >= self.best["eval_ce"]:
+            return
+        self.best = {"step": row["step"], "eval_ce": row["eval_ce"], "eval_general_ce": row["eval_general_ce"],
+                     "eval_general_change": row["eval_general_change"],
+                     "general_base_ce": self.general_base_ce, **self._selection_key()}
+        self.save_checkpoint(kind=BEST)
+
+    def _selection_summary(self) -> None:
+        if self.rank != 0:
+            return
+        limit = self.cfg.max_general_increase
+        if self.best is None:
+            log.warning(f"warning: no evaluation had a general change under --max-general-increase {limit:g} %: "
+                        f"no best/ was written (each evaluation's eval_general_change is in metrics.jsonl)")
+        else:
+            b = self.best
+            log.info(f"best/: step {b['step']}, eval_ce {b['eval_ce']:.4f}, general change "
+                     f"{b['eval_general_change']:+.2f} % (limit {limit:g} %)")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
@@ -331,31 +429,41 @@ class Trainer:
                 "schedule": {"step": self.step, **self.schedule.at(max(self.step - 1, 0))},
                 "trainable_parameters": self.params.names}
 
-    def save_checkpoint(self, final: bool = False) -> Path:
-        """checkpoint-N/ (or final/): adapter + optimizer, RNG, data position; rank 0 writes.
+    def save_checkpoint(self, final: bool = False, kind: str | None = None) -> Path:
+        """checkpoint-N/ (or final/, or best/): adapter + optimizer, RNG, data position; rank 0 writes.
 
-        A sharded run gathers every tensor whole first (all ranks take part), so its checkpoint is the
-        one a one-process run writes, resumable on any number of ranks.
+        final/ and best/ (`kind="best"`: the --general-eval-dataset selection, with its record) hold the
+        adapter and the trainer state only: results, not resume points. A sharded run gathers every tensor
+        whole first (all ranks take part), so its checkpoint is the one a one-process run writes, resumable
+        on any number of ranks.
         """
-        path = self.out / ("final" if final else f"checkpoint-{self.step}")
-        rng = dist.all_gather_object(ckpt.capture_rng())
+        kind = kind or ("final" if final else None)
+        path = self.out / (kind or f"checkpoint-{self.step}")
+        rng = dist.all_gather_object(ckpt.capture_rng()) if kind is None else None
         adapter, optimizer, masters, anchor = None, None, None, self.anchor
         if self.root is not None:
             values = {n: gather_full(p.detach()).cpu() for n, p in zip(self.params.names, self.params.params)}
             adapter = {n: v.to(self.stored_dtypes[n]) for n, v in values.items()}
             masters = {n: v for n, v in values.items() if self.stored_dtypes[n] != torch.float32}
-            if not final:
+            if kind is None:
                 optimizer = gather_optimizer_state(self.optimizer.state_dict())
                 anchor = {n: gather_full(v).cpu() for n, v in self.anchor.items()} if self.anchor else None
-        elif not final:
+        elif kind is None:
             optimizer, masters = self.optimizer.state_dict(), self.params.master_state()
         if self.rank == 0:
-            if final:
-                ckpt.save(path, self.model, self._trainer_state(), adapter=adapter)
+            state = self._trainer_state()
+            if self.best is not None:
+                state["selection"] = self.best
+            if kind is not None:
+                ckpt.save(path, self.model, state, adapter=adapter)
             else:
-                ckpt.save(path, self.model, self._trainer_state(), optimizer, rng, masters, anchor, adapter=adapter)
-            removed = [] if final else ckpt.rotate(self.out, self.cfg.save_total_limit)
-            log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+                ckpt.save(path, self.model, state, optimizer, rng, masters, anchor, adapter=adapter)
+            removed = [] if kind is not None else ckpt.rotate(self.out, self.cfg.save_total_limit)
+            if kind == BEST:
+                log.info(f"step {self.step}: best/ (eval_ce {self.best['eval_ce']:.4f}, general change "
+                         f"{self.best['eval_general_change']:+.2f} %)")
+            else:
+                log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         dist.barrier()
         return path
 
@@ -392,6 +500,7 @@ class Trainer:
             log.warning(f"warning: --resume-from-checkpoint {path}: RNG states not restored ({why}); the data order "
                         f"is exact, but random operations such as dropout will differ from an uninterrupted run")
         self.step = int(state["step"])
+        self.resumed_selection = state.get("selection")
         if self.rank == 0:
             log.info(f"resumed from {path} at step {self.step}")
 

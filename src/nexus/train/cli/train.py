@@ -9,10 +9,12 @@ r"""Train the shared experts by distillation from the unmodified model plus LM l
     nexus train ... --shard-base --nproc 8           # the frozen base sharded over 8 ranks (FSDP2)
     nexus train ... --precomputed-teacher cache/     # offline distillation
     nexus train ... --resume-from-checkpoint latest  # continue exactly
+    nexus train ... --eval-dataset d.jsonl --general-eval-dataset g.jsonl   # best/ under +5 % general loss
 
 The teacher is the student's own base (shared experts switched off; no second copy) unless
 --teacher-model names another model. Writes OUTPUT_DIR/metrics.jsonl, checkpoint-N/ (each an adapter
-directory) and final/. See docs/train.md.
+directory) and final/; with --general-eval-dataset also best/, the adapter with the lowest eval CE whose
+general-text loss stays under --max-general-increase. See docs/train.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ..config import TrainConfig
 GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
     "model and data": ["student_model", "init_strategy", "width_multiplier", "gate", "teacher_model", "teacher_device",
                        "precomputed_teacher", "dataset", "text_field", "split", "eval_dataset", "eval_every",
-                       "seq_len", "pack", "dtype", "dequantize", "device"],
+                       "general_eval_dataset", "max_general_increase", "seq_len", "pack", "dtype", "dequantize",
+                       "device"],
     "loss": ["ce_weight", "kl_weight", "router_kl_weight", "temperature", "final_temperature",
              "temperature_anneal_start", "kl_weight_warmup", "kl_chunk_size"],
     "router": ["freeze_router", "bias_freeze_ratio"],
