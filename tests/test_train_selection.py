@@ -113,6 +113,20 @@ def test_general_change_is_the_ce_change_against_the_base_as_transformers_comput
     assert len({round(r["eval_general_change"], 6) for r in rows.values()}) == len(EVALS)  # it moves with training
 
 
+def test_base_ce_after_a_resume_with_trained_routers_is_the_base_s(files, tmp_path):
+    """The routers trained before the checkpoint are swapped back to the base's for the base's general CE."""
+    model_dir, _, general = files
+    seqs = build_sequences(DataSpec(str(general), seq_len=32), load_tokenizer(model_dir))
+    base = _reference_ce(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), seqs)
+    kw = dict(max_steps=4, freeze_router=False, bias_freeze_ratio=1.0)
+    _run(_config(files, tmp_path / "out", **kw), steps=2)
+    routers = {k: v for k, v in load_file(str(tmp_path / "out" / "checkpoint-2" / "nexus_adapter.safetensors")).items()
+               if "nexus_shared_expert" not in k}
+    assert routers and not all(torch.equal(v, nexus.load_model(model_dir).state_dict()[k]) for k, v in routers.items())
+    t = _run(_config(files, tmp_path / "out", resume_from_checkpoint="latest", **kw))
+    assert t.step == 4 and t.general_base_ce == pytest.approx(base, rel=1e-6)
+
+
 def test_best_is_the_lowest_eval_ce_under_the_limit(files, unlimited, tmp_path):
     rows = _eval_rows(unlimited)
     top = _expected_best(rows, 1e6)
