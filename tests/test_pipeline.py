@@ -31,7 +31,9 @@ def tiny_run(tmp_path_factory):
             "collect": {"target_tokens": 600, "batch_size": 4, "seq_len": 32},
             "analyze": {"top_k": 2},
             "convert": {"init_strategy": "pca_top2"},
-            "train": {"max_steps": 3, "batch_size": 2, "seq_len": 16, "checkpoint_interval": 2},
+            # best/ (the general-loss guard) is what validate then reads
+            "train": {"max_steps": 3, "batch_size": 2, "seq_len": 16, "checkpoint_interval": 2,
+                      "eval_dataset": str(root / "data.jsonl"), "general_eval_dataset": str(root / "data.jsonl")},
             "validate": {"dataset": [f"general={root / 'data.jsonl'}"], "compute_perplexity": True,
                          "num_samples": 4, "seq_len": 16},
         },
@@ -46,12 +48,14 @@ def test_every_stage_runs_and_writes_its_output(tiny_run):
     assert ran == ["sample", "collect", "analyze", "convert", "train", "validate"]
     out = root / "out"
     for name in ("sample.jsonl", "router_stats.safetensors", "pca_stats.json", "adapter/nexus_config.json",
-                 "train/final/nexus_adapter.safetensors", "validation/report.json"):
+                 "train/final/nexus_adapter.safetensors", "train/best/nexus_adapter.safetensors",
+                 "validation/report.json"):
         assert (out / name).exists(), name
     adapter = json.loads((out / "adapter" / "nexus_config.json").read_text())
     assert adapter["init_strategy"] == "pca_top2"
     report = json.loads((out / "validation" / "report.json").read_text())
     assert report["format"] == "nexus-validation" and "general" in report["datasets"]
+    assert report["model"].endswith("train/best")  # train kept best/ (general_eval_dataset): validate reads it
 
 
 def test_finished_stages_are_skipped(tiny_run, capsys):

@@ -57,6 +57,11 @@ def _hidden_sample(ctx) -> str | None:
     return str(raw_path(ctx.out("collect"))) if ranks_units(strategy, width) else None
 
 
+def _trained_adapter(ctx) -> str:
+    """What validate reads: train's best/ when train keeps one (--general-eval-dataset), else its final/."""
+    return str(Path(ctx.out("train")) / ("best" if ctx.stage_opt("train", "general_eval_dataset") else "final"))
+
+
 def _stage_table():
     return {
         "sample": Stage("sample", "--output", "sample.jsonl",
@@ -84,7 +89,7 @@ def _stage_table():
                        done="final", resume=("--resume-from-checkpoint", "latest"),
                        needs={"--student-model": "convert"}),
         "validate": Stage("validate", "--output", "validation",
-                          {"--model": lambda c: str(Path(c.out("train")) / "final")}, done="report.json",
+                          {"--model": _trained_adapter}, done="report.json",
                           needs={"--model": "train"}),
     }
 
