@@ -26,18 +26,22 @@ def mxfp4_model_dir(path):
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, base):
     model_dir = save_model_dir(tmp_path / "model") if base == "qwen3_moe" else mxfp4_model_dir(tmp_path / "model")
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
+    general = write_text_dataset(tmp_path / "general.jsonl", n=9, seed=3)  # replayed: 1 micro-batch a rank, 2 alone
     # A trainable router frozen mid-run: DDP is rebuilt at the freeze without unused-parameter errors.
     args = ["train", "--student-model", model_dir, "--init-strategy", "random", "--dataset", data, "--seq-len", 32,
+            "--replay-dataset", general, "--replay-weight", 100,  # weighed so that it moves the weights visibly
             "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
             "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu",
             "--dtype", "float32"]  # the MXFP4 experts stay packed; fp32 rest, so the two runs agree to float tolerance
     env = subprocess_env()
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--output-dir", tmp_path / "ddp")[1:]],
+                          *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--replay-batches", 1,
+                                    "--output-dir", tmp_path / "ddp")[1:]],
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     with pytest.raises(SystemExit) as e:  # one process, in this one
-        main([str(a) for a in args] + ["--gradient-accumulation-steps", "4", "--output-dir", str(tmp_path / "one")])
+        main([str(a) for a in args] + ["--gradient-accumulation-steps", "4", "--replay-batches", "2", "--output-dir",
+                                       str(tmp_path / "one")])
     assert e.value.code == 0
 
     a = load_file(str(tmp_path / "ddp" / "final" / "nexus_adapter.safetensors"))
@@ -48,6 +52,8 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path, base)
     rows = zip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"))
     for ra, rb in rows:
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["tokens_per_s"] > 0
+        # a KL between near-equal fp32 distributions: summation order moves it by ~1e-8
+        assert ra["replay_kl"] == pytest.approx(rb["replay_kl"], rel=1e-4, abs=1e-7) and ra["replay_kl"] > 0
     state = json.loads((tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_batch"] == 4 and state["router"]["frozen"] is True
     assert ddp.stderr.count("saved ") == 2  # only rank 0 writes: checkpoint-2 and final

@@ -3,7 +3,6 @@ transformers' own forward of the base and of each saved adapter), and best/ = th
 --max-general-increase, across a resume too."""
 
 import json
-import random
 import shutil
 import types
 
@@ -19,7 +18,7 @@ from nexus.stream import DataSpec, SequenceStream, build_sequences
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import read_metrics
 from nexus.train.recipe import Trainer
-from tiny import _FILL, save_model_dir, write_jsonl, write_text_dataset
+from tiny import save_model_dir, train_in_process, write_text_dataset, write_word_dataset
 from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
 EVALS = [0, 2, 4, 6, 8]  # step 0 (the initialization) and every --eval-every 2 of --max-steps 8
@@ -28,8 +27,7 @@ EVALS = [0, 2, 4, 6, 8]  # step 0 (the initialization) and every --eval-every 2 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection")
-    rng = random.Random(3)  # words in no pattern: text the domain data does not teach
-    general = write_jsonl(root / "general.jsonl", [{"text": " ".join(rng.choices(_FILL, k=30))} for _ in range(11)])
+    general = write_word_dataset(root / "general.jsonl", n=11, seed=3)  # no pattern
     return save_model_dir(root / "model"), write_text_dataset(root / "data.jsonl", n=24), general
 
 
@@ -40,20 +38,6 @@ def _config(files, out, **kw):
                eval_dataset=str(data), eval_every=2, general_eval_dataset=str(general))
     cfg.update(kw)
     return TrainConfig(**cfg)
-
-
-def _run(cfg, steps=None) -> Trainer:
-    t = Trainer(cfg)
-    try:
-        t.setup()
-        if steps is None:
-            t.train()
-        else:  # stopped after `steps` optimizer steps, as a kill would
-            for _ in range(steps):
-                t.train_step()
-    finally:
-        t.cleanup()
-    return t
 
 
 def _eval_rows(out):
@@ -92,7 +76,7 @@ def _reference_ce(model, seqs) -> float:
 def unlimited(files, tmp_path_factory):
     """The run with no binding limit: its rows are the candidates every other run here is checked against."""
     out = tmp_path_factory.mktemp("unlimited") / "out"
-    _run(_config(files, out, max_general_increase=1e6))
+    train_in_process(_config(files, out, max_general_increase=1e6))
     return out
 
 
@@ -119,11 +103,11 @@ def test_base_ce_after_a_resume_with_trained_routers_is_the_base_s(files, tmp_pa
     seqs = build_sequences(DataSpec(str(general), seq_len=32), load_tokenizer(model_dir))
     base = _reference_ce(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), seqs)
     kw = dict(max_steps=4, freeze_router=False, bias_freeze_ratio=1.0)
-    _run(_config(files, tmp_path / "out", **kw), steps=2)
+    train_in_process(_config(files, tmp_path / "out", **kw), steps=2)
     routers = {k: v for k, v in load_file(str(tmp_path / "out" / "checkpoint-2" / "nexus_adapter.safetensors")).items()
                if "nexus_shared_expert" not in k}
     assert routers and not all(torch.equal(v, nexus.load_model(model_dir).state_dict()[k]) for k, v in routers.items())
-    t = _run(_config(files, tmp_path / "out", resume_from_checkpoint="latest", **kw))
+    t = train_in_process(_config(files, tmp_path / "out", resume_from_checkpoint="latest", **kw))
     assert t.step == 4 and t.general_base_ce == pytest.approx(base, rel=1e-6)
 
 
@@ -137,7 +121,7 @@ def test_best_is_the_lowest_eval_ce_under_the_limit(files, unlimited, tmp_path):
     expected = _expected_best(rows, limit)
     assert expected not in (None, top)
     out = tmp_path / "limited"
-    _run(_config(files, out, max_general_increase=limit))
+    train_in_process(_config(files, out, max_general_increase=limit))
     assert {s: r["eval_ce"] for s, r in _eval_rows(out).items()} == {s: r["eval_ce"] for s, r in rows.items()}
     sel = _selection(out)
     assert sel["step"] == expected and sel["eval_ce"] == rows[expected]["eval_ce"]
@@ -153,11 +137,11 @@ def test_best_is_the_lowest_eval_ce_under_the_limit(files, unlimited, tmp_path):
 def test_no_best_when_nothing_is_under_the_limit(files, tmp_path, caplog):
     # a wide gated random init: its step 0 already raises the general CE (the default one here lowers it a little)
     short = dict(max_steps=2, width_multiplier=4.0, gate=20.0)
-    _run(_config(files, tmp_path / "probe", max_general_increase=1e6, **short))
+    train_in_process(_config(files, tmp_path / "probe", max_general_increase=1e6, **short))
     lowest = min(r["eval_general_change"] for r in _eval_rows(tmp_path / "probe").values())
     assert lowest > 0, "the init no longer raises the general CE at step 0; pick another"
     with caplog.at_level("WARNING", logger="nexus.train"):
-        _run(_config(files, tmp_path / "out", max_general_increase=lowest, **short))
+        train_in_process(_config(files, tmp_path / "out", max_general_increase=lowest, **short))
     assert not (tmp_path / "out" / "best").exists() and (tmp_path / "out" / "final").is_dir()
     assert "no best/ was written" in caplog.text
 
@@ -177,11 +161,11 @@ def test_resume_keeps_best_selected_before_the_interruption(files, unlimited, tm
     limit = rows[_expected_best(rows, 1e6)]["eval_general_change"]
     expected = _expected_best(rows, limit)
     ref = tmp_path / "ref"
-    _run(_config(files, ref, max_general_increase=limit))
+    train_in_process(_config(files, ref, max_general_increase=limit))
     victim = tmp_path / "victim"
-    _run(_config(files, victim, max_general_increase=limit), steps=6)  # best/ may hold a step after checkpoint-4
+    train_in_process(_config(files, victim, max_general_increase=limit), steps=6)  # best/ may hold a step after checkpoint-4
     shutil.rmtree(victim / "checkpoint-6")
-    _run(_config(files, victim, max_general_increase=limit, resume_from_checkpoint="latest"))
+    train_in_process(_config(files, victim, max_general_increase=limit, resume_from_checkpoint="latest"))
     assert _selection(victim) == _selection(ref) and _selection(victim)["step"] == expected
     assert _same_adapter(victim / "best", ref / "best")
     assert [r.get("eval_ce") for r in read_metrics(victim / "metrics.jsonl")] == \
@@ -192,12 +176,12 @@ def test_resume_keeps_best_selected_before_the_interruption(files, unlimited, tm
     other.mkdir()
     shutil.copytree(ref / "checkpoint-4", other / "checkpoint-4")
     with caplog.at_level("WARNING", logger="nexus.train"):
-        _run(_config(files, other, max_general_increase=limit, resume_from_checkpoint="latest"))
+        train_in_process(_config(files, other, max_general_increase=limit, resume_from_checkpoint="latest"))
     assert "is not in" in caplog.text and _selection(other)["step"] > 4
 
     # Another limit than best/ was selected with: refused by name.
     with pytest.raises(NexusError, match="--max-general-increase"):
-        _run(_config(files, victim, max_general_increase=limit / 2, resume_from_checkpoint="latest",
+        train_in_process(_config(files, victim, max_general_increase=limit / 2, resume_from_checkpoint="latest",
                      max_steps=10))
 
 

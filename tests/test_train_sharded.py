@@ -89,7 +89,7 @@ def _train_args(student, data, dtype, init=("--init-strategy", "random")):
     general = write_text_dataset(data.parent / "general.jsonl", n=5, seed=7)
     return ["train", "--student-model", student, *init, "--dataset", data, "--seq-len", 32,
             "--eval-dataset", held_out, "--eval-every", 2, "--general-eval-dataset", general,
-            "--max-general-increase", 1e6,
+            "--max-general-increase", 1e6, "--replay-dataset", general,
             "--batch-size", 1, "--max-steps", 4, "--learning-rate", 3e-3, "--checkpoint-interval", 2,
             "--no-freeze-router", "--bias-freeze-ratio", 0.5, "--router-kl-weight", 0.1, "--device", "cpu",
             "--dtype", dtype]
@@ -115,12 +115,12 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
         rtol, atol, router_atol = 2e-2, 1e-3, 2 * 2 ** -7 * 2
     data = write_text_dataset(tmp_path / "data.jsonl", n=24)
     args = [*_train_args(student, data, dtype, init), *extra]
-    sharded = subprocess.run([*TORCHRUN, *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--shard-base",
-                                                    "--output-dir", tmp_path / "sharded")[1:]],
+    sharded = subprocess.run([*TORCHRUN, *nexus_cmd(*args, "--gradient-accumulation-steps", 2, "--replay-batches", 1,
+                                                    "--shard-base", "--output-dir", tmp_path / "sharded")[1:]],
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sharded.stderr.count("saved ") == 2  # checkpoint-2 and final, written once (rank 0)
-    one = run_main(*args, "--gradient-accumulation-steps", 4, "--output-dir", tmp_path / "one")
+    one = run_main(*args, "--gradient-accumulation-steps", 4, "--replay-batches", 2, "--output-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
 
     def close(a_dir, b_dir):
@@ -149,7 +149,7 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
     close(tmp_path / "sharded" / "best", tmp_path / "one" / "best")
     for ra, rb in zip(read_metrics(tmp_path / "sharded" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"),
                       strict=True):
-        for key in ("loss", "eval_ce", "eval_kl", "eval_general_ce"):
+        for key in ("loss", "eval_ce", "eval_kl", "eval_general_ce", "replay_kl"):
             assert (ra.get(key) is None) == (rb.get(key) is None), key
             if ra.get(key) is not None:
                 # bf16: a KL of ~3e-5 nats differs by ~1e-7 between summation orders, so an absolute floor
@@ -171,8 +171,9 @@ def test_two_sharded_ranks_equal_one_process_and_resume_across_rank_counts(tmp_p
         shutil.copytree(src / "checkpoint-2", dst / "checkpoint-2")
         shutil.copy(src / "run_config.json", dst)
         resume = [*args, "--output-dir", dst, "--resume-from-checkpoint", "latest"]
-        command = nexus_cmd(*resume, "--gradient-accumulation-steps", 4) if launch is None else \
-            [*launch, *nexus_cmd(*resume, "--gradient-accumulation-steps", 2, "--shard-base")[1:]]
+        command = nexus_cmd(*resume, "--gradient-accumulation-steps", 4, "--replay-batches", 2) if launch is None else \
+            [*launch, *nexus_cmd(*resume, "--gradient-accumulation-steps", 2, "--replay-batches", 1,
+                                 "--shard-base")[1:]]
         r = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed from" in r.stderr

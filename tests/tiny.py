@@ -128,6 +128,12 @@ def write_text_dataset(path: str | os.PathLike, n: int = 48, seed: int = 0) -> P
     return write_jsonl(path, [{"text": s} for s in sentences(n, seed)])
 
 
+def write_word_dataset(path: str | os.PathLike, n: int, seed: int) -> Path:
+    """`n` records of 30 filler words in no pattern: general text that the patterned sentences do not teach."""
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"text": " ".join(rng.choices(_FILL, k=30))} for _ in range(n)])
+
+
 def write_chat_dataset(path: str | os.PathLike, n: int = 16, seed: int = 1) -> Path:
     """`n` {"messages": [user, assistant]} records, each a patterned sentence cut in two."""
     records = []
@@ -152,6 +158,24 @@ def write_datasets(directory: str | os.PathLike) -> dict[str, Path]:
     txt.write_text(text(60))
     jsonl = write_jsonl(directory / "domain.jsonl", [{"text": text(n)} for n in (9, 30, 17, 5)])
     return {"general": txt, "domain": jsonl}
+
+
+def train_in_process(cfg, steps: int | None = None):
+    """`nexus.train.recipe.Trainer(cfg)` run in this process to the end, or stopped after `steps` optimizer
+    steps as a kill would (no final/); returns the trainer."""
+    from nexus.train.recipe import Trainer
+
+    t = Trainer(cfg)
+    try:
+        t.setup()
+        if steps is None:
+            t.train()
+        else:
+            for _ in range(steps):
+                t.train_step()
+    finally:
+        t.cleanup()
+    return t
 
 
 # --- threads ----------------------------------------------------------------------------------------------

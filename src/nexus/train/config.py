@@ -43,6 +43,12 @@ class TrainConfig:
               "--eval-dataset CE among those under --max-general-increase")
     max_general_increase: float = flag(5.0, "with --general-eval-dataset: the general CE change, in percent of the "
                                             "base's, an adapter must stay under to be kept in best/", metavar="PCT")
+    replay_dataset: str | None = flag(
+        None, "general text to distill the base on beside --dataset: each step adds --replay-weight × the KL "
+              "(teacher ‖ student) on --replay-batches micro-batches of it, to keep what the model does elsewhere")
+    replay_weight: float = flag(1.0, "with --replay-dataset: weight of its KL term")
+    replay_batches: int = flag(1, "with --replay-dataset: its micro-batches of --batch-size sequences per optimizer "
+                                  "step per rank (as --gradient-accumulation-steps)")
     # None: the teacher cache's, else from the model (nexus.defaults.seq_len_for)
     seq_len: int | None = flag(None, f"tokens per sequence (with --precomputed-teacher: the cache's) {SEQ_LEN_HELP}")
     pack: bool = flag(True, "one document per sequence, right-padded (padding is masked out), instead of packing",
@@ -175,6 +181,13 @@ class TrainConfig:
         if self.shard_base and self.dequantize:
             raise NexusError("--dequantize with --shard-base is not supported: the sharded base keeps the "
                              "checkpoint's quantization")
+        if self.replay_dataset and self.precomputed_teacher:
+            raise NexusError("--replay-dataset needs an online teacher (the base is run on the replayed text); "
+                             "--precomputed-teacher holds teacher outputs for --dataset only")
+        if self.replay_batches < 1:
+            raise NexusError(f"--replay-batches must be at least 1, got {self.replay_batches}")
+        if not (math.isfinite(self.replay_weight) and self.replay_weight > 0):
+            raise NexusError(f"--replay-weight must be a positive number, got {self.replay_weight}")
         if self.general_eval_dataset and not self.eval_dataset:
             raise NexusError("--general-eval-dataset needs --eval-dataset (best/ is chosen by the eval CE on it)")
         if not (math.isfinite(self.max_general_increase) and self.max_general_increase > 0):

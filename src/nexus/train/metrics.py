@@ -2,9 +2,9 @@
 
 Every optimizer step appends one JSON object to `output_dir/metrics.jsonl` (DESIGN "Training
 output": step, loss, ce, kl, router_kl, lr, temperature, kl_weight, grad_norm, router_l1,
-tokens_per_s, plus router_entropy / teacher_router_entropy and eval_* when evaluated; with
---general-eval-dataset a row for step 0 holds only the evaluation before training). Fields that
-do not apply to a run are null. Only rank 0 writes.
+tokens_per_s, router_entropy / teacher_router_entropy, replay_kl (--replay-dataset), and eval_* when
+evaluated; with --general-eval-dataset a row for step 0 holds only the evaluation before training).
+Fields that do not apply to a run are null. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..progress import format_eta, rate
 log = logging.getLogger("nexus.train")
 
 FIELDS = ("step", "loss", "ce", "kl", "router_kl", "lr", "temperature", "kl_weight", "grad_norm", "router_l1",
-          "tokens_per_s", "router_entropy", "teacher_router_entropy")
+          "tokens_per_s", "router_entropy", "teacher_router_entropy", "replay_kl")
 WARN_EVERY = 50  # steps between two warnings of the same kind
 
 

@@ -7,6 +7,7 @@ One optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size`
 W ranks. The loss of a step is a mean over all its target tokens on all ranks:
 
     loss = ce_weight × CE + kl_weight × T² × KL(teacher ‖ student)_T + router_kl_weight × router KL
+           + replay_weight × T² × KL(teacher ‖ student)_T on --replay-dataset   (its own token mean)
 
 Each micro-batch contributes its token *sums* divided by the step's global token count (known
 before the first forward), times W because DDP averages gradients over ranks; so W ranks with
@@ -96,6 +97,12 @@ class Trainer:
         self.general_seqs = build_sequences(data_spec(cfg, cfg.general_eval_dataset), self.tokenizer,
                                             "--general-eval-dataset") if cfg.general_eval_dataset else None
         self.original_routers, self.best, self.resumed_selection = original_routers, None, None
+        self.replay = None
+        if cfg.replay_dataset:
+            seqs = build_sequences(data_spec(cfg, cfg.replay_dataset), self.tokenizer, "--replay-dataset")
+            # its own order (seed + 1) and positions: step s reads the same sequences on any number of ranks
+            self.replay = (seqs, SequenceStream(seqs, cfg.seed + 1),
+                           StepLayout(cfg.batch_size, cfg.replay_batches, self.world))
         if not self.teacher.online and self.layout.global_batch * cfg.max_steps > len(self.teacher.cache):
             raise NexusError(f"--precomputed-teacher holds {len(self.teacher.cache)} sequences; --max-steps "
                              f"{cfg.max_steps} × global batch {self.layout.global_batch} needs "
@@ -144,6 +151,11 @@ class Trainer:
                      f"{cfg.gradient_accumulation_steps}); {cfg.max_steps} steps = "
                      f"{cfg.max_steps * self.layout.global_batch / len(self.seqs):.2f} epochs; teacher: "
                      f"{type(self.teacher).__name__}")
+            if self.replay is not None:
+                seqs, _, layout = self.replay
+                log.info(f"replay: {len(seqs)} sequences of --replay-dataset, {layout.global_batch} per step "
+                         f"({cfg.max_steps * layout.global_batch / len(seqs):.2f} epochs), KL weight "
+                         f"{cfg.replay_weight:g}")
         if self.general_seqs is not None:
             self._start_selection()
 
@@ -251,6 +263,19 @@ class Trainer:
                         "positions": positions})
         return out
 
+    def _replay_batches(self, step: int) -> list[dict]:
+        """This rank's --replay-dataset micro-batches of `step` (none without replay)."""
+        if self.replay is None:
+            return []
+        _, stream, layout = self.replay
+        out = []
+        for m in range(layout.accumulation):
+            positions = layout.positions(step, m, self.rank)
+            ids, mask = trim_padding(*stream.batch(positions))
+            out.append({"ids": ids.to(self.device), "mask": mask.to(self.device), "cached": None,
+                        "positions": positions})
+        return out
+
     def _optimizer_step(self, step: int) -> dict:
         cfg, sched = self.cfg, self.schedule.at(step)
         temperature, kl_w = sched["temperature"], sched["kl_weight"]
@@ -263,15 +288,26 @@ class Trainer:
         weights = {"ce": cfg.ce_weight * self.world / n_targets,
                    "kl": kl_w * temperature ** 2 * self.world / n_targets}
         router_w = cfg.router_kl_weight * self.world / (n_tokens * len(self.blocks))
+        replay = self._replay_batches(step)
+        if replay:  # the replayed text: only the KL to the teacher, a mean over its own target tokens
+            n_replay = dist.all_reduce_sum(sum((b["mask"][:, :-1] * b["mask"][:, 1:]).sum() for b in replay)
+                                           .double()).item()
+            replay_w = {"ce": 0.0, "kl": cfg.replay_weight * temperature ** 2 * self.world / n_replay}
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
-        for m, b in enumerate(batches):
-            sync = m == len(batches) - 1 or not isinstance(self.student, DDP)
+        replay_sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        work = [(b, False) for b in batches] + [(b, True) for b in replay]
+        for m, (b, replayed) in enumerate(work):
+            sync = m == len(work) - 1 or not isinstance(self.student, DDP)
             with contextlib.nullcontext() if sync else self.student.no_sync():
                 loss, stats = batch_loss(self.student, self.head, self.capture, self.teacher, b["ids"], b["mask"],
-                                         weights, router_w, temperature, self.chunk, use_teacher, b["positions"],
+                                         replay_w if replayed else weights, 0.0 if replayed else router_w,
+                                         temperature, self.chunk, replayed or use_teacher, b["positions"],
                                          b["cached"])
                 loss.backward()
-            sums += stats
+            if replayed:
+                replay_sums += stats
+            else:
+                sums += stats
         if self.router_frozen:  # a sharded run still reduces their gradients; frozen means not applied
             for p in self.routers.values():
                 p.grad = None
@@ -280,6 +316,11 @@ class Trainer:
         sums = dict(zip(STATS, dist.all_reduce_sum(sums).tolist()))
         row = {"step": step + 1, **metrics_row(sums, len(self.blocks), temperature, cfg.ce_weight, kl_w,
                                                cfg.router_kl_weight, self._router_kind() if use_teacher else None)}
+        row["replay_kl"] = None
+        if replay:
+            r = dict(zip(STATS, dist.all_reduce_sum(replay_sums).tolist()))
+            row["replay_kl"] = temperature ** 2 * r["kl"] / r["targets"]
+            row["loss"] += cfg.replay_weight * row["replay_kl"]
         self.params.grads_to_masters()
         grad_norm = float(self.params.grad_norm_and_clip(cfg.gradient_clip_val))
         if not (math.isfinite(row["loss"]) and math.isfinite(grad_norm)):
@@ -424,10 +465,17 @@ class Trainer:
                 "world_size": self.world, "batch_size": cfg.batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
                 "data": self.spec.describe(), "data_fingerprint": self.seqs.fingerprint(),
+                "replay": self._replay_state(),
                 "router": {"trainable": cfg.train_router, "freeze_step": cfg.router_freeze_step,
                            "frozen": self.router_frozen},
                 "schedule": {"step": self.step, **self.schedule.at(max(self.step - 1, 0))},
                 "trainable_parameters": self.params.names}
+
+    def _replay_state(self) -> dict | None:
+        if self.replay is None:
+            return None
+        seqs, _, layout = self.replay
+        return {"global_batch": layout.global_batch, "data_fingerprint": seqs.fingerprint()}
 
     def save_checkpoint(self, final: bool = False, kind: str | None = None) -> Path:
         """checkpoint-N/ (or final/, or best/): adapter + optimizer, RNG, data position; rank 0 writes.
@@ -476,6 +524,10 @@ class Trainer:
         if state["data_fingerprint"] != self.seqs.fingerprint() or state["seed"] != self.cfg.seed:
             raise NexusError(f"--resume-from-checkpoint {path}: the training data or --seed differ from the run "
                              f"being resumed; resuming would replay or skip data")
+        if state.get("replay") != self._replay_state():
+            raise NexusError(f"--resume-from-checkpoint {path}: made with --replay-dataset "
+                             f"{state.get('replay')}, this run has {self._replay_state()} (the replayed text and "
+                             f"its sequences per step must match)")
         if state["trainable_parameters"] != self.params.names:
             raise NexusError(f"--resume-from-checkpoint {path}: trains other parameters than this run "
                              f"(router trainable there: {state['router']['trainable']})")

@@ -32,8 +32,8 @@ from ..config import TrainConfig
 GROUPS = {  # --help's sections: TrainConfig's fields in the order shown
     "model and data": ["student_model", "init_strategy", "width_multiplier", "gate", "teacher_model", "teacher_device",
                        "precomputed_teacher", "dataset", "text_field", "split", "eval_dataset", "eval_every",
-                       "general_eval_dataset", "max_general_increase", "seq_len", "pack", "dtype", "dequantize",
-                       "device"],
+                       "general_eval_dataset", "max_general_increase", "replay_dataset", "replay_weight",
+                       "replay_batches", "seq_len", "pack", "dtype", "dequantize", "device"],
     "loss": ["ce_weight", "kl_weight", "router_kl_weight", "temperature", "final_temperature",
              "temperature_anneal_start", "kl_weight_warmup", "kl_chunk_size"],
     "router": ["freeze_router", "bias_freeze_ratio"],
