@@ -218,7 +218,7 @@ class Trainer:
     def train(self) -> None:
         while self.step < self.cfg.max_steps:
             self.train_step()
-        self.save_checkpoint(final=True)
+        self.save_checkpoint(kind="final")
         if self.general_seqs is not None:
             self._selection_summary()
 
@@ -477,15 +477,14 @@ class Trainer:
         seqs, _, layout = self.replay
         return {"global_batch": layout.global_batch, "data_fingerprint": seqs.fingerprint()}
 
-    def save_checkpoint(self, final: bool = False, kind: str | None = None) -> Path:
-        """checkpoint-N/ (or final/, or best/): adapter + optimizer, RNG, data position; rank 0 writes.
+    def save_checkpoint(self, kind: str | None = None) -> Path:
+        """checkpoint-N/: adapter + optimizer, RNG, data position; rank 0 writes.
 
-        final/ and best/ (`kind="best"`: the --general-eval-dataset selection, with its record) hold the
-        adapter and the trainer state only: results, not resume points. A sharded run gathers every tensor
+        `kind` "final" (final/) or "best" (best/, the --general-eval-dataset selection, with its record): the
+        adapter and the trainer state only, results rather than resume points. A sharded run gathers every tensor
         whole first (all ranks take part), so its checkpoint is the one a one-process run writes, resumable
         on any number of ranks.
         """
-        kind = kind or ("final" if final else None)
         path = self.out / (kind or f"checkpoint-{self.step}")
         rng = dist.all_gather_object(ckpt.capture_rng()) if kind is None else None
         adapter, optimizer, masters, anchor = None, None, None, self.anchor
