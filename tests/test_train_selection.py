@@ -4,7 +4,6 @@ transformers' own forward of the base and of each saved adapter), and best/ = th
 
 import json
 import shutil
-import types
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from nexus.stream import DataSpec, SequenceStream, build_sequences
 from nexus.train.config import TrainConfig
 from nexus.train.metrics import read_metrics
 from nexus.train.recipe import Trainer
+from nexus.train.selection import GeneralSelection, read_best
 from tiny import save_model_dir, train_in_process, write_text_dataset, write_word_dataset
 from tiny import single_thread  # noqa: F401  (autouse: one thread per test process)
 
@@ -108,7 +108,7 @@ def test_base_ce_after_a_resume_with_trained_routers_is_the_base_s(files, tmp_pa
                if "nexus_shared_expert" not in k}
     assert routers and not all(torch.equal(v, nexus.load_model(model_dir).state_dict()[k]) for k, v in routers.items())
     t = train_in_process(_config(files, tmp_path / "out", resume_from_checkpoint="latest", **kw))
-    assert t.step == 4 and t.general_base_ce == pytest.approx(base, rel=1e-6)
+    assert t.step == 4 and t.selection.base_ce == pytest.approx(base, rel=1e-6)
 
 
 def test_best_is_the_lowest_eval_ce_under_the_limit(files, unlimited, tmp_path):
@@ -146,14 +146,16 @@ def test_no_best_when_nothing_is_under_the_limit(files, tmp_path, caplog):
     assert "no best/ was written" in caplog.text
 
 
-def test_selection_rule_at_the_limit_and_on_ties():
-    saved = []
-    t = types.SimpleNamespace(cfg=types.SimpleNamespace(max_general_increase=5.0), best=None, general_base_ce=2.0,
-                              _selection_key=lambda: {}, save_checkpoint=lambda kind: saved.append(t.best["step"]))
-    for step, ce, change in [(0, 3.0, 5.0), (1, 2.9, 4.0), (2, 2.9, 1.0), (3, 2.5, 6.0), (4, 2.8, -1.0)]:
-        Trainer._select(t, {"step": step, "eval_ce": ce, "eval_general_ce": 2.0 * (1 + change / 100),
-                            "eval_general_change": change})
-    assert saved == [1, 4]  # 0: at the limit is not under; 2: a tie keeps the earlier; 3: over the limit
+def test_selection_rule_at_the_limit_and_on_ties(tmp_path):
+    key = {"max_general_increase": 5.0, "eval_data_fingerprint": "e", "general_data_fingerprint": "g"}
+    sel = GeneralSelection(tmp_path, 5.0, key, base_ce=2.0)
+    taken = [step for step, ce, change in [(0, 3.0, 5.0), (1, 2.9, 4.0), (2, 2.9, 1.0), (3, 2.5, 6.0), (4, 2.8, -1.0)]
+             if sel.consider({"step": step, "eval_ce": ce, "eval_general_ce": 2.0 * (1 + change / 100),
+                              "eval_general_change": change})]
+    assert taken == [1, 4]  # 0: at the limit is not under; 2: a tie keeps the earlier; 3: over the limit
+    assert sel.best == {"step": 4, "eval_ce": 2.8, "eval_general_ce": 2.0 * 0.99, "eval_general_change": -1.0,
+                        "general_base_ce": 2.0, **key}
+    assert sel.change(2.1) == pytest.approx(5.0)
 
 
 def test_resume_keeps_best_selected_before_the_interruption(files, unlimited, tmp_path, caplog):
@@ -191,3 +193,20 @@ def test_bad_flags_are_named(files, tmp_path):
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(NexusError, match="--max-general-increase must be a positive"):
             Trainer(_config(files, tmp_path / "o", max_general_increase=bad))
+
+
+def test_a_foreign_best_is_refused_by_name(tmp_path):
+    key = {"max_general_increase": 5.0, "eval_data_fingerprint": "e", "general_data_fingerprint": "g"}
+    assert read_best(tmp_path, key) is None
+    (tmp_path / "best").mkdir()
+    state = tmp_path / "best" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 3}))  # a final/ copied here: no selection record
+    with pytest.raises(NexusError, match="not a best/ written by"):
+        read_best(tmp_path, key)
+    record = {"step": 3, "eval_ce": 2.5, "eval_general_change": 1.0, **key}
+    state.write_text(json.dumps({"selection": record}))
+    assert read_best(tmp_path, key) == record
+    for name, flag in [("eval_data_fingerprint", "--eval-dataset"), ("general_data_fingerprint",
+                                                                     "--general-eval-dataset")]:
+        with pytest.raises(NexusError, match=f"another {flag} than"):
+            read_best(tmp_path, {**key, name: "other"})

@@ -34,7 +34,7 @@ from ..device import resolve_device
 from ..errors import NexusError
 from ..forward import (RouterCapture, StudentBackbone, check_head_split, default_chunk_size, lm_head_of, router_params,
                        swapped_weights, vocab_size)
-from ..fsutil import read_json, write_json
+from ..fsutil import write_json
 from ..moe import find_moe_blocks
 from ..shared import format_parameter_summary, shared_experts_disabled
 from ..sharding import average_replicated_grads, gather_full, gather_optimizer_state, like, optimizer_state_like
@@ -45,11 +45,11 @@ from .build import data_spec, load_data, load_student, make_teacher
 from .config import TrainConfig
 from .metrics import MetricsLog, Thresholds
 from .optim import TrainableParams, build_optimizer, set_lr
+from .selection import BEST, GeneralSelection
 from .step import STATS, batch_loss, metrics_row
 
 log = logging.getLogger("nexus.train")
 RUN_CONFIG = "run_config.json"
-BEST = "best"  # --general-eval-dataset: the adapter selected under the general-loss limit
 
 
 def holds_run(output_dir: str | Path) -> bool:
@@ -96,7 +96,7 @@ class Trainer:
             if cfg.eval_dataset else None
         self.general_seqs = build_sequences(data_spec(cfg, cfg.general_eval_dataset), self.tokenizer,
                                             "--general-eval-dataset") if cfg.general_eval_dataset else None
-        self.original_routers, self.best, self.resumed_selection = original_routers, None, None
+        self.original_routers, self.selection, self.resumed_selection = original_routers, None, None
         self.replay = None
         if cfg.replay_dataset:
             seqs = build_sequences(data_spec(cfg, cfg.replay_dataset), self.tokenizer, "--replay-dataset")
@@ -219,8 +219,8 @@ class Trainer:
         while self.step < self.cfg.max_steps:
             self.train_step()
         self.save_checkpoint(kind="final")
-        if self.general_seqs is not None:
-            self._selection_summary()
+        if self.selection is not None and self.rank == 0:
+            self.selection.summary()
 
     def train_step(self) -> dict:
         """One optimizer step with its bookkeeping (freeze, SFA, eval, metrics, checkpoint); returns its row."""
@@ -353,7 +353,7 @@ class Trainer:
         if self.general_seqs is not None:
             g = self._eval_sums(self.general_seqs, temperature)
             out["eval_general_ce"] = g["ce"] / max(g["targets"], 1)
-            out["eval_general_change"] = 100 * (out["eval_general_ce"] / self.general_base_ce - 1)
+            out["eval_general_change"] = self.selection.change(out["eval_general_ce"])
         return out
 
     @torch.no_grad()
@@ -394,68 +394,23 @@ class Trainer:
         evaluation: the initialization is a candidate too."""
         cfg = self.cfg
         base = self._eval_sums(self.general_seqs, 1.0, base=True)
-        self.general_base_ce = base["ce"] / max(base["targets"], 1)
-        self.best = self._read_best()
-        if self.rank == 0 and self.best is None and self.resumed_selection is not None:
-            log.warning(f"warning: --resume-from-checkpoint: the run's best/ (step {self.resumed_selection['step']}) "
-                        f"is not in {self.out}; the selection goes on from step {self.step} without it (copy best/ "
-                        f"beside the checkpoint to keep it a candidate)")
+        key = {"max_general_increase": cfg.max_general_increase, "eval_data_fingerprint": self.eval_seqs.fingerprint(),
+               "general_data_fingerprint": self.general_seqs.fingerprint()}
+        self.selection = GeneralSelection(self.out, cfg.max_general_increase, key,
+                                          base["ce"] / max(base["targets"], 1))
+        self.selection.resume(self.resumed_selection, self.step, self.rank)
         if self.rank == 0:
             log.info(f"--general-eval-dataset: {len(self.general_seqs)} sequences; the frozen base's CE there is "
-                     f"{self.general_base_ce:.4f}; best/ keeps the lowest eval_ce with a general change under "
+                     f"{self.selection.base_ce:.4f}; best/ keeps the lowest eval_ce with a general change under "
                      f"{cfg.max_general_increase:g} %")
         if self.step == 0:
             row = {"step": 0, **self.evaluate()}
             self.metrics.write(row)
             self._select(row)
 
-    def _selection_key(self) -> dict:
-        return {"max_general_increase": self.cfg.max_general_increase,
-                "eval_data_fingerprint": self.eval_seqs.fingerprint(),
-                "general_data_fingerprint": self.general_seqs.fingerprint()}
-
-    def _read_best(self) -> dict | None:
-        """best/'s record from an earlier part of this run (resumed), checked against this run's selection."""
-        path = self.out / BEST / ckpt.STATE
-        if not path.is_file():
-            return None
-        state = read_json(path, "trainer state")
-        sel = state.get("selection") if isinstance(state, dict) else None
-        if not isinstance(sel, dict) or not {"step", "eval_ce", "eval_general_change"} <= set(sel):
-            raise NexusError(f"{path}: not a best/ written by `nexus train --general-eval-dataset` (no selection "
-                             f"record); move it away, or choose another --output-dir")
-        for key, value in self._selection_key().items():
-            if sel.get(key) != value:
-                flag = "--max-general-increase" if key == "max_general_increase" else \
-                    "--eval-dataset" if key == "eval_data_fingerprint" else "--general-eval-dataset"
-                raise NexusError(f"--resume-from-checkpoint: {self.out / BEST} was selected with another {flag} "
-                                 f"than this run's; resume with the same, or move best/ away to start the selection "
-                                 f"over")
-        return sel
-
     def _select(self, row: dict) -> None:
-        """Keep this evaluation's adapter in best/ when its general change is under the limit and its eval_ce
-        is the lowest so far (ties: the earlier step stays)."""
-        if row["eval_general_change"] >= self.cfg.max_general_increase:
-            return
-        if self.best is not None and row["eval_ce"] >= self.best["eval_ce"]:
-            return
-        self.best = {"step": row["step"], "eval_ce": row["eval_ce"], "eval_general_ce": row["eval_general_ce"],
-                     "eval_general_change": row["eval_general_change"],
-                     "general_base_ce": self.general_base_ce, **self._selection_key()}
-        self.save_checkpoint(kind=BEST)
-
-    def _selection_summary(self) -> None:
-        if self.rank != 0:
-            return
-        limit = self.cfg.max_general_increase
-        if self.best is None:
-            log.warning(f"warning: no evaluation had a general change under --max-general-increase {limit:g} %: "
-                        f"no best/ was written (each evaluation's eval_general_change is in metrics.jsonl)")
-        else:
-            b = self.best
-            log.info(f"best/: step {b['step']}, eval_ce {b['eval_ce']:.4f}, general change "
-                     f"{b['eval_general_change']:+.2f} % (limit {limit:g} %)")
+        if self.selection.consider(row):
+            self.save_checkpoint(kind=BEST)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
@@ -499,16 +454,17 @@ class Trainer:
             optimizer, masters = self.optimizer.state_dict(), self.params.master_state()
         if self.rank == 0:
             state = self._trainer_state()
-            if self.best is not None:
-                state["selection"] = self.best
+            if self.selection is not None and self.selection.best is not None:
+                state["selection"] = self.selection.best
             if kind is not None:
                 ckpt.save(path, self.model, state, adapter=adapter)
             else:
                 ckpt.save(path, self.model, state, optimizer, rng, masters, anchor, adapter=adapter)
             removed = [] if kind is not None else ckpt.rotate(self.out, self.cfg.save_total_limit)
             if kind == BEST:
-                log.info(f"step {self.step}: best/ (eval_ce {self.best['eval_ce']:.4f}, general change "
-                         f"{self.best['eval_general_change']:+.2f} %)")
+                best = self.selection.best
+                log.info(f"step {self.step}: best/ (eval_ce {best['eval_ce']:.4f}, general change "
+                         f"{best['eval_general_change']:+.2f} %)")
             else:
                 log.info(f"saved {path}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         dist.barrier()
