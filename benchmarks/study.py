@@ -46,7 +46,10 @@ scoring saw) every evaluation also measures the general loss there against the b
 the lowest validation loss among those under --max-general % (default 5) is scored the same way (`selected`
 in the results; the report's "Checkpoints selected on general validation text"): the point a user who must
 keep general text within the limit would ship, where the best-validation checkpoint may be far past it
-(`general_val_eval_s`: the median time of that extra evaluation). Router statistics: `nexus collect` once on the
+(`general_val_eval_s`: the median time of that extra evaluation). With --replay JSONL (the testbed's
+general_train.jsonl) every method also distills the base on general text: each step adds one batch of it whose
+loss is --replay-weight × T² × KL(base ‖ model), the replayed sequences being those `nexus train
+--replay-dataset` reads (the same for every method at a seed); a step then costs about twice as much. Router statistics: `nexus collect` once on the
 training part of domain_train (--stats-tokens), `nexus analyze`'s PCA selection for the topK inits; with
 --hidden-tokens N (default 2048) collect also keeps N tokens' hidden states, on which convert ranks the hidden
 units that feature_topK and pruned_topK keep (mean |activation| × weighted down-row norm; 0: by weights).
@@ -167,6 +170,8 @@ def run_kwargs(args, setup: dict, work: Path, method: str, lr: float, seed: int)
               min_delta=args.min_delta, trend_window=args.trend_window)
     if args.general_val:  # not part of setup.json: it changes what a run measures, not its setup
         kw.update(data={**setup["data"], "general_val": args.general_val}, max_general=args.max_general)
+    if args.replay:
+        kw.update(data={**kw["data"], "replay": args.replay}, replay_weight=args.replay_weight)
     if method.startswith("nexus"):
         init = method[len("nexus-"):].removesuffix("-router")
         k = L.init_top_k(init)
@@ -216,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                         "scored too (`selected` in the results)")
     p.add_argument("--max-general", type=float, default=5.0,
                    help="with --general-val: the general loss increase (%%) a selected checkpoint stays under (default 5)")
+    p.add_argument("--replay", metavar="JSONL",
+                   help="general text every method also distills the base on (the testbed's general_train.jsonl): "
+                        "each step adds --replay-weight × T² × KL(base ‖ model) on one batch of it, as `nexus train "
+                        "--replay-dataset` does (the same sequences for every method at a seed)")
+    p.add_argument("--replay-weight", type=float, default=1.0, help="with --replay: weight of its KL term (default 1)")
     p.add_argument("--val-num", type=int, help="validation sequences (default: all of the slice)")
     p.add_argument("--eval-num", type=int, help="evaluation sequences per split (default: all)")
     p.add_argument("--batch", type=int, default=8)
@@ -240,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         args.min_delta = 0.01 if args.trend_window else 1e-3
     if args.general_val and not Path(args.general_val).is_file():
         p.error(f"--general-val: expected a JSONL file of general text, {args.general_val} does not exist")
+    if args.replay and not Path(args.replay).is_file():
+        p.error(f"--replay: expected a JSONL file of general text, {args.replay} does not exist")
+    if not (math.isfinite(args.replay_weight) and args.replay_weight > 0):
+        p.error(f"--replay-weight: expected a positive number, got {args.replay_weight:g}")
     if not 0 < args.max_general:
         p.error(f"--max-general: expected a positive percentage, got {args.max_general:g}")
     for split in ("domain_train", "domain_eval", "general_eval"):
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
                                                               "trend_window", "val_frac", "batch", "seq_len",
                                                               "eval_num", "val_num", "hidden_tokens")}
-                   | ({"general_val": args.general_val, "max_general": args.max_general} if args.general_val else {}),
+                   | ({"general_val": args.general_val, "max_general": args.max_general} if args.general_val else {})
+                   | ({"replay": args.replay, "replay_weight": args.replay_weight} if args.replay else {}),
                    **res}
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

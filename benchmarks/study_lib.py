@@ -449,8 +449,9 @@ def _score(rec: dict, params: list, model, ev: Evaluator) -> dict:
 def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str, lr: float, seed: int,
               start: dict | None = None, train_router: bool = False, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
               max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
-              trend_window: int = 0, max_general: float = 5.0) -> dict:
-    """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus."""
+              trend_window: int = 0, max_general: float = 5.0, replay_weight: float = 1.0) -> dict:
+    """NEXUS: the library's Trainer on the adapter, until the validation loss plateaus (with data["replay"]:
+    its --replay-dataset, one micro-batch per step)."""
     import shutil
 
     from nexus.train.config import TrainConfig
@@ -461,7 +462,8 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
     cfg = TrainConfig(student_model=adapter_dir, dataset=data["domain_train"], output_dir=str(out), seq_len=seq_len,
                       batch_size=batch, max_steps=max_steps, learning_rate=lr, seed=seed, kl_weight=kl_weight,
                       temperature=TEMPERATURE, freeze_router=not train_router, checkpoint_interval=10 ** 9,
-                      logging_steps=10 ** 9, device="cpu")
+                      logging_steps=10 ** 9, device="cpu", replay_dataset=data.get("replay"),
+                      replay_weight=replay_weight)
     trainer = Trainer(cfg)
     trainer.setup()
     start = start or ev(trainer.model)  # step 0 depends on the adapter only: the caller may pass it
@@ -477,6 +479,26 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
     trainer.cleanup()
     shutil.rmtree(out, ignore_errors=True)
     return {"start": start, "end": end, "trainable": n, "rss_mib": rss_mib(), **rec}
+
+
+def replay_kl(logits, teacher, mask):  # logits, teacher (B, L, V); mask (B, L)
+    """T² × KL(teacher ‖ model) at T = TEMPERATURE, a mean over the target positions: the Trainer's replay term."""
+    keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])[keep]
+    tg = teacher[:, :-1].float().reshape(-1, teacher.shape[-1])[keep]
+    t = TEMPERATURE
+    return t * t * F.kl_div(F.log_softmax(lg / t, -1), F.log_softmax(tg / t, -1), log_target=True,
+                            reduction="none").sum(-1).mean()
+
+
+def replay_batches(path: str, tok, seq_len: int, seed: int, batch: int):
+    """step -> (ids, mask) of the replayed text: the Trainer's --replay-dataset order (seed + 1, one micro-batch
+    per step), so every method replays the same sequences."""
+    from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
+
+    stream = SequenceStream(build_sequences(DataSpec(path, seq_len=seq_len, seed=seed), tok), seed + 1)
+    layout = StepLayout(batch)
+    return lambda step: trim_padding(*stream.batch(layout.positions(step, 0, 0)))
 
 
 def _kd_loss(logits, teacher, ids, mask, kl_weight):  # logits, teacher (B, L, V); ids, mask (B, L)
@@ -496,9 +518,10 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
                rank: int = 1,
                chosen: dict | None = None, kl_weight: float = 1.0, batch: int = 8, seq_len: int = 128,
                max_steps: int = 1000, eval_every: int = 20, patience: int = 3, min_delta: float = 0.0,
-               trend_window: int = 0, max_general: float = 5.0) -> dict:
+               trend_window: int = 0, max_general: float = 5.0, replay_weight: float = 1.0) -> dict:
     """LoRA (kind lora-attn / lora-attn-experts), ESFT or full-moe on the Trainer's data stream, with the
-    Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping."""
+    Trainer's loss, AdamW (no weight decay), warmup (10 % of max_steps, then constant) and clipping; with
+    data["replay"], the Trainer's replay term on the same replayed sequences."""
     from nexus.stream import DataSpec, SequenceStream, StepLayout, build_sequences, trim_padding
 
     torch.manual_seed(seed)
@@ -518,6 +541,7 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
     n = sum(p.numel() for p in params)
     stream = SequenceStream(build_sequences(DataSpec(data["domain_train"], seq_len=seq_len, seed=seed), ev.tok), seed)
     layout = StepLayout(batch)
+    replay = replay_batches(data["replay"], ev.tok, seq_len, seed, batch) if data.get("replay") else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(0.1 * max_steps))
     start = start or ev(model)  # step 0 is the base model for every custom method: the caller may pass it
@@ -529,6 +553,13 @@ def run_custom(kind: str, model_dir: str, data: dict, ev: Evaluator, lr: float, 
             teacher = ev.base(input_ids=ids, attention_mask=mask).logits if kl_weight else None
         loss = _kd_loss(model(input_ids=ids, attention_mask=mask).logits, teacher, ids, mask, kl_weight)
         loss.backward()
+        if replay is not None:
+            ids, mask = replay(step)
+            with torch.no_grad():
+                teacher = ev.base(input_ids=ids, attention_mask=mask).logits
+            kl = replay_weight * replay_kl(model(input_ids=ids, attention_mask=mask).logits, teacher, mask)
+            kl.backward()
+            loss = loss + kl.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)

@@ -145,6 +145,54 @@ def test_general_val_flags_are_checked(tmp_path, capsys):
     assert "--max-general: expected a positive percentage" in capsys.readouterr().err
 
 
+def test_replay_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--replay", str(tmp_path / "missing.jsonl"), "--report"])
+    assert "--replay: expected a JSONL file" in capsys.readouterr().err
+    (tmp_path / "g.jsonl").write_text('{"text": "x"}\n')
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            study.main(["--replay", str(tmp_path / "g.jsonl"), "--replay-weight", bad, "--report"])
+        assert "--replay-weight: expected a positive number" in capsys.readouterr().err
+
+
+def test_replay_is_the_trainers_replay_for_every_method(tmp_path):
+    """The custom methods' replay reads the sequences `nexus train --replay-dataset` reads at each step, and
+    its term is the Trainer's `replay_kl` on the same logits."""
+    from tiny import save_model_dir, write_text_dataset, write_word_dataset
+    from transformers import AutoModelForCausalLM
+
+    from nexus.train.config import TrainConfig
+    from nexus.train.recipe import Trainer
+
+    model_dir = save_model_dir(tmp_path / "model")
+    general = write_word_dataset(tmp_path / "general.jsonl", n=20, seed=4)
+    cfg = TrainConfig(student_model=str(model_dir), dataset=str(write_text_dataset(tmp_path / "d.jsonl", n=24)),
+                      output_dir=str(tmp_path / "out"), seq_len=32, batch_size=2, max_steps=5, seed=3,
+                      init_strategy="random", device="cpu", replay_dataset=str(general), kl_weight=0.0)
+    t = Trainer(cfg)
+    try:
+        t.setup()
+        replay = L.replay_batches(str(general), t.tokenizer, 32, 3, 2)
+        for step in (0, 1, 4):
+            ids, mask = replay(step)
+            (b,) = t._replay_batches(step)
+            assert torch.equal(ids, b["ids"]) and torch.equal(mask, b["mask"])
+        with torch.no_grad():  # a student away from the base, so that the KL is not ~0
+            for p in t.params.params:
+                p.mul_(30)
+        ids, mask = replay(0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = L.replay_kl(t.model.eval()(input_ids=ids, attention_mask=mask).logits,
+                                   base(input_ids=ids, attention_mask=mask).logits, mask)
+        t.model.train()
+        row = t._optimizer_step(0)
+        assert expected > 1e-3 and row["replay_kl"] == pytest.approx(float(expected), rel=1e-5)
+    finally:
+        t.cleanup()
+
+
 def _row(method, lr, seed, dom, gen, base_dom=4.0, base_gen=3.0):
     """A results line whose domain gain is `dom` % and general change `gen` %."""
     return {"method": method, "lr": lr, "seed": seed, "model": "m", "command": "python benchmarks/study.py",
