@@ -482,7 +482,8 @@ def run_nexus(adapter_dir: str, data: dict, ev: Evaluator, root: Path, tag: str,
 
 
 def replay_kl(logits, teacher, mask):  # logits, teacher (B, L, V); mask (B, L)
-    """T² × KL(teacher ‖ model) at T = TEMPERATURE, a mean over the target positions: the Trainer's replay term."""
+    """T² × KL(teacher ‖ model) at T = TEMPERATURE, a mean over the target positions: the Trainer's KL term
+    (on the domain batch and on the replayed one)."""
     keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
     lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])[keep]
     tg = teacher[:, :-1].float().reshape(-1, teacher.shape[-1])[keep]
@@ -502,15 +503,11 @@ def replay_batches(path: str, tok, seq_len: int, seed: int, batch: int):
 
 
 def _kd_loss(logits, teacher, ids, mask, kl_weight):  # logits, teacher (B, L, V); ids, mask (B, L)
-    logits, teacher = logits[:, :-1].float(), teacher[:, :-1].float()
     keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
-    lg, tg = logits.reshape(-1, logits.shape[-1])[keep], teacher.reshape(-1, teacher.shape[-1])[keep]
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])[keep]
     loss = F.cross_entropy(lg, ids[:, 1:].reshape(-1)[keep])
     if kl_weight:
-        t = TEMPERATURE
-        kl = F.kl_div(F.log_softmax(lg / t, -1), F.log_softmax(tg / t, -1), log_target=True,
-                      reduction="none").sum(-1).mean()
-        loss = loss + kl_weight * t * t * kl
+        loss = loss + kl_weight * replay_kl(logits, teacher, mask)
     return loss
 
 

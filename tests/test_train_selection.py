@@ -148,7 +148,7 @@ def test_no_best_when_nothing_is_under_the_limit(files, tmp_path, caplog):
 
 def test_selection_rule_at_the_limit_and_on_ties(tmp_path):
     key = {"max_general_increase": 5.0, "eval_data_fingerprint": "e", "general_data_fingerprint": "g"}
-    sel = GeneralSelection(tmp_path, 5.0, key, base_ce=2.0)
+    sel = GeneralSelection(tmp_path, key, base_ce=2.0)
     taken = [step for step, ce, change in [(0, 3.0, 5.0), (1, 2.9, 4.0), (2, 2.9, 1.0), (3, 2.5, 6.0), (4, 2.8, -1.0)]
              if sel.consider({"step": step, "eval_ce": ce, "eval_general_ce": 2.0 * (1 + change / 100),
                               "eval_general_change": change})]

@@ -396,8 +396,7 @@ class Trainer:
         base = self._eval_sums(self.general_seqs, 1.0, base=True)
         key = {"max_general_increase": cfg.max_general_increase, "eval_data_fingerprint": self.eval_seqs.fingerprint(),
                "general_data_fingerprint": self.general_seqs.fingerprint()}
-        self.selection = GeneralSelection(self.out, cfg.max_general_increase, key,
-                                          base["ce"] / max(base["targets"], 1))
+        self.selection = GeneralSelection(self.out, key, base["ce"] / max(base["targets"], 1))
         self.selection.resume(self.resumed_selection, self.step, self.rank)
         if self.rank == 0:
             log.info(f"--general-eval-dataset: {len(self.general_seqs)} sequences; the frozen base's CE there is "

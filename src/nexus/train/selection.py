@@ -29,9 +29,10 @@ class GeneralSelection:
     resumed run with another key is refused rather than comparing incomparable losses.
     """
 
-    def __init__(self, out: Path, limit: float, key: dict, base_ce: float):
+    def __init__(self, out: Path, key: dict, base_ce: float):
         assert set(key) == set(FLAGS), key
-        self.out, self.limit, self.key, self.base_ce = Path(out), limit, key, base_ce
+        self.out, self.key, self.base_ce = Path(out), key, base_ce
+        self.limit = key["max_general_increase"]
         self.best: dict | None = None
 
     def change(self, general_ce: float) -> float:
