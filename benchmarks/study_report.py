@@ -108,23 +108,23 @@ def separation(a: dict, b: dict, axis: str = "domain") -> dict:
 
 def verdict(a: dict, b: dict, axis: str = "domain") -> str:
     """How point a compares with point b on `axis`: on domain gain ahead / behind, on general loss change
-    costs less / more, beyond seed noise, or within it."""
+    costs less / more, beyond seed noise, or within it. With one shared seed, the difference on that seed
+    alone (no noise estimate; head_to_head's overall says so once)."""
     sep = separation(a, b, axis)
     if sep["paired_diff"] is None:
         return "no shared seed"
     i = AXES[axis]
-    per_seed = ", ".join(f"{a['per_seed'][s][i] - b['per_seed'][s][i]:+.2f}"
-                         for s in sorted(set(a["per_seed"]) & set(b["per_seed"])))
+    seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]))
+    if len(seeds) == 1:
+        return f"{sep['paired_diff']:+.2f} pt on seed {seeds[0]} alone"
+    per_seed = ", ".join(f"{a['per_seed'][s][i] - b['per_seed'][s][i]:+.2f}" for s in seeds)
     better = sep["paired_diff"] > 0 if axis == "domain" else sep["paired_diff"] < 0
-    if sep["seeds"] < 2:
-        word = "one seed, no estimate of seed noise"
-    elif sep["exceeds_spread"]:
+    if sep["exceeds_spread"]:
         word = ("ahead" if better else "behind") if axis == "domain" else ("costs less" if better else "costs more")
         word += ", beyond seed noise"
     else:
         word = "within seed noise (the seeds' min–max ranges overlap)"
-    n = sep["seeds"]
-    return f"{sep['paired_diff']:+.2f} pt paired over {n} seed{'s' if n != 1 else ''} ({per_seed}): {word}"
+    return f"{sep['paired_diff']:+.2f} pt paired over {len(seeds)} seeds ({per_seed}): {word}"
 
 
 def head_to_head(pts: dict) -> list[dict]:

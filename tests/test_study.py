@@ -456,3 +456,16 @@ def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
     assert study.cached_start(path, "esft", 2, {**proto, "eval_num": 8}) is None
     # another --hidden-tokens: pruned/feature adapters rank their units on another sample
     assert study.cached_start(path, "nexus-random", 0, {**proto, "hidden_tokens": 2048}) is None
+
+
+def test_one_shared_seed_gives_the_difference_and_says_once_there_is_no_noise_estimate():
+    rows = [_row("nexus-random", 3e-3, 0, 8.0, 4.0), _row("esft", 3e-3, 0, 11.0, 3.5),
+            _row("esft", 3e-3, 1, 11.5, 3.0)]  # esft's second seed has no partner
+    pts = R.points(rows)
+    assert R.verdict(pts["nexus-random"][3e-3], pts["esft"][3e-3]) == "-3.00 pt on seed 0 alone"
+    (h,) = R.head_to_head(pts)
+    assert (h["domain"], h["general"]) == ("-3.00 pt on seed 0 alone", "+0.50 pt on seed 0 alone")
+    assert h["overall"] == "one seed, no estimate of seed noise"
+    text = "\n".join(R.answers(pts, R.best_under(pts)))
+    assert "general +3.25 ± 0.35 %): -3.00 pt on seed 0 alone." in text
+    assert "At equal cost, nexus-random against esft: -2.29 pt on seed 0 alone." in text
