@@ -95,6 +95,32 @@ def methods(args) -> list[str]:
     return [m for m in out if not args.methods or m in args.methods]
 
 
+def check_methods(args) -> str | None:
+    """What is wrong with --methods / --nexus-inits / --router-init, as a one-line message, or None. Every
+    --methods name must be one the other flags make; every NEXUS init that would run must be one convert
+    knows at the study's width (one expert): random or {pca,frequency,aligned,feature,pruned}_topK."""
+    from nexus.convert.strategy import parse_strategy
+    from nexus.errors import NexusError
+
+    known = methods(argparse.Namespace(**{**vars(args), "methods": None}))
+    unknown = [m for m in args.methods or [] if m not in known]
+    if unknown:
+        return f"--methods: unknown {', '.join(unknown)} (expected some of: {', '.join(known)})"
+    for m in methods(args):
+        if not m.startswith("nexus-"):
+            continue
+        init = m.removeprefix("nexus-").removesuffix("-router")
+        flag = "--router-init" if m.endswith("-router") else "--nexus-inits"
+        try:
+            kind = parse_strategy(init).kind
+        except NexusError:
+            kind = None
+        if kind not in ("random", "pca", "frequency", "aligned", "feature", "pruned"):
+            return (f"{flag} {init!r}: not an init the study runs (expected random or pca_topK / frequency_topK / "
+                    f"aligned_topK / feature_topK / pruned_topK, e.g. pruned_top8)")
+    return None
+
+
 def done_keys(path: Path) -> set[tuple[str, float, int]]:
     """(method, lr, seed) of every finished run in a results file (missing file: none)."""
     if not path.is_file():
@@ -256,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--replay-weight: expected a positive number, got {args.replay_weight:g}")
     if not 0 < args.max_general:
         p.error(f"--max-general: expected a positive percentage, got {args.max_general:g}")
+    if (problem := check_methods(args)) is not None:
+        p.error(problem)
     for split in ("domain_train", "domain_eval", "general_eval"):
         if getattr(args, split) is None:
             setattr(args, split, str(Path(args.work) / "data" / f"{split}.jsonl"))

@@ -3,6 +3,7 @@ Pareto / best-under-5 % selection, the FLOPs formula on the demo model, and resu
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -469,3 +470,23 @@ def test_one_shared_seed_gives_the_difference_and_says_once_there_is_no_noise_es
     text = "\n".join(R.answers(pts, R.best_under(pts)))
     assert "general +3.25 ± 0.35 %): -3.00 pt on seed 0 alone." in text
     assert "At equal cost, nexus-random against esft: -2.29 pt on seed 0 alone." in text
+
+
+def test_methods_and_inits_are_checked_before_any_setup(tmp_path, capsys):
+    for argv, expected in (
+            (["--methods", "esfft"], "--methods: unknown esfft (expected some of: nexus-random, "),
+            (["--nexus-inits", "random", "--methods", "nexus-pruned_top8"],  # not in --nexus-inits
+             "--methods: unknown nexus-pruned_top8"),
+            (["--nexus-inits", "esft", "--methods", "nexus-esft"], "--nexus-inits 'esft': not an init the study runs"),
+            (["--nexus-inits", "concat_top2"], "--nexus-inits 'concat_top2': not an init"),  # twice as wide
+            (["--router-init", "zero"], "--router-init 'zero': not an init")):
+        with pytest.raises(SystemExit):
+            study.main(argv + ["--model", str(tmp_path / "no-model"), "--work", str(tmp_path / "work"),
+                               "--out", str(tmp_path / "out"), "--max-steps", "1"])
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    # an init that does not run is not checked: the recorded commands of earlier ESFT runs stay valid
+    args = argparse.Namespace(nexus_inits=["esft"], router_init="random", methods=["esft"])
+    assert study.check_methods(args) is None
+    args.methods = ["nexus-random-router", "lora-attn"]
+    assert study.check_methods(args) is None
