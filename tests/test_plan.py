@@ -203,3 +203,52 @@ def test_plan_sizes_collects_raw_sample_on_gpt_oss_120b(capsys):
     assert "raw_sample" not in plan_json(capsys, "gpt-oss-120b")
     code, out, _ = run_cli(capsys, "plan", "--model", DATA / "gpt-oss-120b", "--keep-raw", "4096", "--keep-hidden")
     assert code == 0 and "collect --keep-raw 4096 --keep-hidden: raw sample of 4,096 tokens per MoE layer" in out
+
+
+def loaded_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32"])
+def test_plan_base_bytes_are_what_the_loaders_hold(capsys, tmp_path, dtype):
+    """plan --dtype D against the models the loaders build with --dtype D: NEXUS's quantized loader (MXFP4
+    and FP8 kept packed; auto = the shards' stored bf16, though these configs name float32), transformers'
+    dequantizing load (auto = the config's float32) and an unquantized checkpoint (the demo model)."""
+    import torch
+    from quant_checkpoints import write_fp8_checkpoint, write_mxfp4_gpt_oss
+
+    from nexus.base.loader import load_base_model
+    from nexus.demo_data import DEMO_MODEL_DIR
+
+    write_mxfp4_gpt_oss(tmp_path / "mxfp4")
+    write_fp8_checkpoint("qwen3_moe", tmp_path / "fp8")
+    load_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    expected_auto = {"mxfp4": ("bfloat16", "float32"), "fp8": ("bfloat16", "float32"), "demo": ("float32", None)}
+    for name, path in (("mxfp4", tmp_path / "mxfp4"), ("fp8", tmp_path / "fp8"), ("demo", DEMO_MODEL_DIR)):
+        plan = json.loads(run_cli(capsys, "plan", "--model", path, "--dtype", dtype, "--json")[1])
+        mem, chunk = plan["memory_bytes"], CHUNK_BYTES if plan["quantization"] else 0
+        native = load_base_model(str(path), dtype=load_dtype)
+        assert mem["base_native"] - chunk == loaded_bytes(native), name
+        assert plan["dtype"] == (expected_auto[name][0] if dtype == "auto" else dtype)
+        auto_source = "auto: the config's dtype" if name == "demo" else "auto: as stored in the shards"
+        assert plan["dtype_source"] == ("--dtype" if dtype != "auto" else auto_source)
+        if plan["quantization"]:
+            dequantized = load_base_model(str(path), dtype=load_dtype, dequantize=True)
+            assert mem["base_dequantized"] == loaded_bytes(dequantized), name
+            assert plan["dequantized_dtype"] == (expected_auto[name][1] if dtype == "auto" else dtype)
+
+
+def test_plan_dtype_sizes_the_weights_and_hidden_states_it_names(capsys):
+    """gpt-oss's config names no dtype and its shards are absent here: auto says it assumes bf16;
+    --dtype float32 doubles every non-quantized weight, the dequantized base and the hidden states."""
+    auto = plan_json(capsys, "gpt-oss-20b", "--keep-raw", "64", "--keep-hidden")
+    fp32 = plan_json(capsys, "gpt-oss-20b", "--keep-raw", "64", "--keep-hidden", "--dtype", "fp32")
+    assert (auto["dtype"], auto["dtype_source"]) == ("bfloat16", "auto: assumed, the config names none")
+    assert (fp32["dtype"], fp32["dtype_source"], fp32["dequantized_dtype"]) == ("float32", "--dtype", "float32")
+    assert fp32["memory_bytes"]["base_dequantized"] == 2 * auto["memory_bytes"]["base_dequantized"]
+    packed = 24 * 32 * 3 * 2880 * 2880 * 17 / 32  # the routed experts' MXFP4 weights, unchanged by --dtype
+    rest = auto["memory_bytes"]["base_native"] - CHUNK_BYTES - packed
+    assert abs(fp32["memory_bytes"]["base_native"] - CHUNK_BYTES - packed - 2 * rest) < 1
+    assert (auto["raw_sample"]["hidden_bytes_per_value"], fp32["raw_sample"]["hidden_bytes_per_value"]) == (2, 4)
+    code, out, err = run_cli(capsys, "plan", "--model", DATA / "gpt-oss-20b", "--dtype", "int8")
+    assert code == 2 and out == "" and "--dtype" in err and "int8" in err and "Traceback" not in err

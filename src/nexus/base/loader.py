@@ -199,7 +199,7 @@ def _target_device(device_map, what: str, path: str) -> torch.device:
                      f"dequantized copy")
 
 
-def _stored_float_dtype(files: SafetensorsDir) -> torch.dtype:
+def stored_float_dtype(files: SafetensorsDir) -> torch.dtype:
     """The dtype most non-quantized float tensors of a checkpoint are stored in (what "auto" means)."""
     counts: dict[torch.dtype, int] = {}
     for info in files.tensors.values():
@@ -251,7 +251,7 @@ def build_on_meta(path: str, dtype=None, trust_remote_code: bool = False,
                          f"{', '.join(SUPPORTED_QUANTIZATION)} and unquantized checkpoints)")
     codec = _codec_for(method, quantization_config(config), where) if method else None
     if dtype in (None, "auto"):
-        dtype = _stored_float_dtype(files)
+        dtype = stored_float_dtype(files)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     from ..moe import find_moe_blocks

@@ -2,20 +2,24 @@
 
 `make_plan` builds the model on the meta device (no weights are read or allocated); `format_plan`
 is the table `nexus plan` prints. Memory figures are weights and optimizer state; activations
-come on top. Given a device count (and memory), the plan also says what each rank holds with the
-base replicated on every rank (`--use-ddp`) or sharded across them (`--shard-base`, FSDP2 with one
-unit per decoder layer), and which of the two fits.
+come on top. Non-quantized weights (and collect's hidden states) are sized in the dtype the verbs
+load them in under `--dtype` (`base_dtype`: auto as the loaders resolve it). Given a device count
+(and memory), the plan also says what each rank holds with the base replicated on every rank
+(`--use-ddp`) or sharded across them (`--shard-base`, FSDP2 with one unit per decoder layer), and
+which of the two fits.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..base.quantized import CHUNK_BYTES
 from ..base.sources import quant_method, quantization_config
+from ..device import canonical_dtype, torch_dtype
 from ..errors import NexusError
 from ..moe import check_width, find_moe_blocks, shared_intermediate_size
 from ..progress import format_bytes
@@ -25,7 +29,6 @@ from ..stats.reservoir import sample_bytes
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
-BF16 = 2  # bytes per weight of the non-quantized base weights (as gpt-oss, DeepSeek-V3 and Qwen3 store them)
 TRAINABLE_GATHERED_BYTES_PER_PARAM = 8  # a gathered layer's shared expert: fp32 weight + its unsharded gradient
 BASE_STAGES = "collect, validate, precompute-teacher"  # the verbs that hold the base only
 
@@ -76,18 +79,65 @@ class Plan:
     adapter_bytes: int
     memory_bytes: dict
     devices: DevicePlan | None = None
+    dtype: str = "bfloat16"  # the base's non-quantized weights as loaded (--dtype, auto resolved: `base_dtype`)
+    dtype_source: str = ""  # how it was chosen: "--dtype", or what auto read
+    dequantized_dtype: str = "bfloat16"  # the whole base under --dequantize (transformers' auto: the config first)
     raw_sample: dict | None = None  # collect --keep-raw N [--keep-hidden]: what the sample costs
 
 
-def expert_bytes_per_weight(config) -> float:
-    """Bytes per routed-expert weight as the checkpoint stores them (and the native base keeps them)."""
+def expert_bytes_per_weight(config, weight_bytes: int) -> float:
+    """Bytes per routed-expert weight as the native base keeps them: packed as the checkpoint stores them,
+    or `weight_bytes` (the loaded dtype's) for unquantized experts."""
     method = quant_method(config)
     if method == "mxfp4":
         return MXFP4_BYTES_PER_WEIGHT
     if method == "fp8":
         bo, bi = quantization_config(config).get("weight_block_size") or (128, 128)
         return 1 + 4 / (bo * bi)  # one byte + an fp32 scale per block
-    return BF16
+    return weight_bytes
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _stored_dtype(path) -> torch.dtype | None:
+    """The dtype most float tensors of the checkpoint at `path` are stored in, from the shards' headers;
+    None for a bare config.json or a directory without (all of) its shards."""
+    if path is None or not Path(path).is_dir():
+        return None
+    from ..base.files import SafetensorsDir
+    from ..base.loader import stored_float_dtype
+
+    try:
+        return stored_float_dtype(SafetensorsDir(path))
+    except NexusError:
+        return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def base_dtype(config, dtype: str = "auto", path=None, dequantize: bool = False) -> tuple[torch.dtype, str]:
+    """The dtype the verbs load the base's non-quantized weights in (their activations too) under `--dtype`,
+    and how it was chosen: an explicit dtype as given; auto as the loaders resolve it. NEXUS's loader of a
+    quantized checkpoint takes the dtype its float tensors are stored in; transformers' (unquantized, or
+    `dequantize`) the config's dtype first. Either falls back on the other; with neither (a bare config that
+    names none, as gpt-oss's) bf16, as the released MoE checkpoints store their weights."""
+    if dtype != "auto":
+        return torch_dtype(dtype), "--dtype"
+    named, stored = _config_dtype(config), _stored_dtype(path)
+    order = [(named, "the config's dtype"), (stored, "as stored in the shards")]
+    if quant_method(config) and not dequantize:
+        order.reverse()
+    for found, source in order:
+        if found is not None:
+            return found, f"auto: {source}"
+    return torch.bfloat16, "auto: assumed, the config names none"
 
 
 def check_devices(devices: int | None, device_memory: float | None) -> None:
@@ -98,17 +148,18 @@ def check_devices(devices: int | None, device_memory: float | None) -> None:
         raise NexusError(f"--device-memory {device_memory}: expected GiB per device > 0")
 
 
-def stored_bytes_by_layer(model, blocks, config) -> tuple[dict, dict]:
-    """Bytes of the base's weights per decoder layer (key None: embeddings, LM head, final norm), as
-    the checkpoint stores them (routed-expert weights packed, all else bf16) and dequantized to bf16."""
-    bpw = expert_bytes_per_weight(config)
+def stored_bytes_by_layer(model, blocks, config, weight_bytes: int, dequantized_bytes: int) -> tuple[dict, dict]:
+    """Bytes of the base's weights per decoder layer (key None: embeddings, LM head, final norm) as the
+    native base holds them (quantized routed-expert weights packed, all else `weight_bytes` per value) and
+    dequantized (`dequantized_bytes` per value)."""
+    bpw = expert_bytes_per_weight(config, weight_bytes)
     expert_weights = {id(p) for b in blocks for n, p in b.experts.named_parameters() if not n.endswith("_bias")}
     prefix = blocks[0].path[:blocks[0].path.index(f"layers.{blocks[0].layer}")] + "layers."
     native, dequantized = {}, {}
     for name, p in model.named_parameters():
         layer = int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
-        native[layer] = native.get(layer, 0) + p.numel() * (bpw if id(p) in expert_weights else BF16)
-        dequantized[layer] = dequantized.get(layer, 0) + p.numel() * BF16
+        native[layer] = native.get(layer, 0) + p.numel() * (bpw if id(p) in expert_weights else weight_bytes)
+        dequantized[layer] = dequantized.get(layer, 0) + p.numel() * dequantized_bytes
     return native, dequantized
 
 
@@ -120,21 +171,13 @@ def check_raw_sample(keep_raw: int, keep_hidden: bool) -> None:
         raise NexusError("--keep-hidden keeps the hidden states of the --keep-raw sample: pass --keep-raw N too")
 
 
-def activation_bytes(config) -> int:
-    """Bytes per value of the model's activations as collect runs it (--dtype auto: the checkpoint's dtype;
-    bf16 where the config names none, as gpt-oss's does not)."""
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else BF16
-
-
-def raw_sample_plan(config, moe_layers: int, num_experts: int, hidden_size: int, keep_raw: int, keep_hidden: bool,
-                    devices: int) -> dict:
+def raw_sample_plan(moe_layers: int, num_experts: int, hidden_size: int, keep_raw: int, keep_hidden: bool,
+                    devices: int, activation_bytes: int) -> dict:
     """What `collect --keep-raw N [--keep-hidden]` holds: the running sample on each collecting device, one
     layer of it gathered from every rank at each flush, twice the sample in the main rank's host memory
-    while a flush merges and writes it, and the file."""
-    hidden_bytes = activation_bytes(config) if keep_hidden else 0
+    while a flush merges and writes it, and the file. Hidden states are kept in the model's dtype
+    (`activation_bytes` per value)."""
+    hidden_bytes = activation_bytes if keep_hidden else 0
     layer = sample_bytes(1, num_experts, keep_raw, hidden_size if keep_hidden else 0, hidden_bytes)
     sample = layer * moe_layers
     return {"tokens_per_layer": keep_raw, "hidden": keep_hidden, "hidden_bytes_per_value": hidden_bytes,
@@ -143,9 +186,12 @@ def raw_sample_plan(config, moe_layers: int, num_experts: int, hidden_size: int,
 
 
 def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
-              device_memory: float | None = None, keep_raw: int = 0, keep_hidden: bool = False) -> Plan:
+              device_memory: float | None = None, keep_raw: int = 0, keep_hidden: bool = False,
+              dtype: str = "auto", path=None) -> Plan:
     """Compute the plan for `config` (a transformers config) on a meta-device model.
 
+    `dtype` is the verbs' `--dtype` (a name of `device.DTYPES`); `path`, the model directory the config
+    came from, lets auto read the shards' stored dtype as the quantized loader does (`base_dtype`).
     With `devices` (or `device_memory`, GiB per device, alone: one device) the plan includes what
     each rank holds replicated and sharded (`Plan.devices`); with `keep_raw` what collect's raw sample
     of that many tokens per layer (and their hidden states, `keep_hidden`) costs (`Plan.raw_sample`).
@@ -154,6 +200,8 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
 
     check_devices(devices, device_memory)
     check_raw_sample(keep_raw, keep_hidden)
+    loaded, source = base_dtype(config, canonical_dtype(dtype), path)
+    dequantized_dtype, _ = base_dtype(config, canonical_dtype(dtype), path, dequantize=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = find_moe_blocks(model)
@@ -173,10 +221,11 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
     adapter = shared_total * 4  # fp32
     quantization = quant_method(config)
     chunk = CHUNK_BYTES if quantization else 0
-    native_layers, dequantized_layers = stored_bytes_by_layer(model, blocks, config)
+    native_layers, dequantized_layers = stored_bytes_by_layer(model, blocks, config, loaded.itemsize,
+                                                              dequantized_dtype.itemsize)
     # native: the experts as the checkpoint stores them, plus one bounded chunk of dequantized experts
     native_base = sum(native_layers.values()) + chunk
-    dequantized_base = total * BF16
+    dequantized_base = total * dequantized_dtype.itemsize
     optimizer = shared_total * ADAMW_BYTES_PER_PARAM
     memory = {
         # streaming convert holds a running fp32 sum, the expert being read and its decode buffer
@@ -200,9 +249,10 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
                 total_params=total, active_params_per_token=active, expert_params_per_expert=per_expert,
                 shared_params_per_layer=shared_per_layer, shared_params_total=shared_total,
                 width_multiplier=check_width(width_multiplier), quantization=quantization, adapter_bytes=adapter,
-                memory_bytes=memory, devices=device_plan,
-                raw_sample=raw_sample_plan(config, len(blocks), layout.num_experts, layout.hidden_size, keep_raw,
-                                           keep_hidden, devices or 1) if keep_raw else None)
+                memory_bytes=memory, devices=device_plan, dtype=_dtype_name(loaded), dtype_source=source,
+                dequantized_dtype=_dtype_name(dequantized_dtype),
+                raw_sample=raw_sample_plan(len(blocks), layout.num_experts, layout.hidden_size, keep_raw,
+                                           keep_hidden, devices or 1, loaded.itemsize) if keep_raw else None)
 
 
 def plan_devices(devices: int, device_memory: float | None, forms: dict, shared_by_layer: dict,
@@ -259,12 +309,14 @@ def format_plan(plan: Plan) -> str:
         ("parameters per routed expert", _n(plan.expert_params_per_expert)),
         (f"shared expert per layer (width {plan.width_multiplier}x)", _n(plan.shared_params_per_layer)),
         ("quantized experts", plan.quantization or "none"),
+        ("base weights dtype (non-quantized)", f"{plan.dtype} ({plan.dtype_source})"),
         ("shared experts total (trainable)",
          f"{_n(plan.shared_params_total)} ({100 * plan.shared_params_total / plan.total_params:.2f}% of total)"),
         ("adapter on disk (fp32)", format_bytes(plan.adapter_bytes)),
     ]
     mem = plan.memory_bytes
-    native = f"as stored ({plan.quantization} experts kept packed)" if plan.quantization else "as stored (bf16)"
+    native = (f"as loaded ({plan.quantization} experts kept packed, the rest {plan.dtype})" if plan.quantization
+              else f"as loaded ({plan.dtype})")
     mem_rows = [
         ("convert, streaming from disk", mem["convert_streaming"]),
         (f"base {native}", mem["base_native"]),
@@ -273,7 +325,7 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.quantization:
         mem_rows += [
-            ("base dequantized to bf16 (--dequantize)", mem["base_dequantized"]),
+            (f"base dequantized to {plan.dequantized_dtype} (--dequantize)", mem["base_dequantized"]),
             ("  train (+ shared experts, grads, AdamW)", mem["train_dequantized_base"]),
         ]
     mem_rows += [
@@ -313,7 +365,7 @@ VERDICTS = {"replicated": "fits replicated", "sharded": "fits sharded only", "do
 def format_devices(d: DevicePlan) -> list[str]:
     """The per-rank table of `nexus plan --devices N [--device-memory GB]`, as lines."""
     of = "" if d.device_memory_bytes is None else f" of {d.device_memory_bytes / GIB:.2f} GiB"
-    sizes = ", ".join(f"{v / GIB:.2f} GiB {'as stored' if k == 'native' else 'in bf16'}"
+    sizes = ", ".join(f"{v / GIB:.2f} GiB {'as loaded' if k == 'native' else 'dequantized'}"
                       for k, v in d.largest_layer_bytes.items())
     out = [f"memory per rank on {d.devices} device{'s' if d.devices > 1 else ''}{of} (weights and optimizer "
            "state; activations come on top)",
