@@ -141,6 +141,34 @@ def test_layer_metrics_every_family(family):
     assert s["perplexity"] is None and s["tokens"] == 9 + 5 and s["kl"] > 0
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_evaluate_applies_the_heads_a_chunk_of_positions_at_a_time(monkeypatch, chunk):
+    """No (B, L, V) logits: each LM head call sees at most `chunk` real positions, padding never, and the
+    figures equal the definitions on the model's own full logits (kl_divergence, nll) at any chunk size."""
+    from nexus.validate import metrics
+
+    model = nexus.attach_shared_experts(tiny_model("mixtral"), init="random", seed=2, scale=20.0)
+    base = tiny_model("mixtral")
+    ids, mask = _padded(_seqs([16, 9, 12, 5], seed=4))
+    with torch.no_grad():
+        logits, base_logits = model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits
+    rows, checked = [], []
+    for m in (model, base):
+        m.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
+    monkeypatch.setattr(metrics, "check_head_split", lambda m, device, root: checked.append(m))
+    monkeypatch.setattr(metrics, "default_chunk_size", lambda vocab: chunk)
+    s = evaluate(model, [(ids, mask)], baseline=base, temperature=2.0).summary()
+    assert checked == [model, base] and max(rows) <= chunk and sum(rows) == 2 * int(mask.sum())
+    kl, positions = kl_divergence(base_logits, logits, mask, temperature=2.0)
+    (model_nll, n), (base_nll, _) = nll(logits, ids, mask), nll(base_logits, ids, mask)
+    assert s["tokens"] == n == 15 + 8 + 11 + 4
+    # a small difference of nearly equal distributions: fp32 products of a 1-row and a 64-row GEMM differ in
+    # their last bits, which its relative value magnifies
+    assert s["kl"] == pytest.approx(kl / positions, rel=1e-3) and s["kl"] > 1e-4
+    assert s["perplexity"] == pytest.approx(perplexity(model_nll, n), rel=1e-6)
+    assert s["baseline_perplexity"] == pytest.approx(perplexity(base_nll, n), rel=1e-6)
+
+
 def test_evaluate_needs_a_baseline_for_a_plain_model():
     with pytest.raises(nexus.errors.NexusError, match="baseline"):
         evaluate(tiny_model("mixtral"), [_padded(_seqs([5]))])

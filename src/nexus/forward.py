@@ -1,8 +1,8 @@
 """Running a causal LM as backbone + LM head, and capturing what its routers compute.
 
-Training and the teacher cache never ask the model for its (B, L, V) logits: the backbone gives the
-final hidden states and the LM head is applied chunk by chunk (`train.losses.chunked_head_loss`,
-`teacher.precompute.teacher_topk`), `default_chunk_size` positions at a time. Labels are never
+Training, the teacher cache and validation never ask the model for its (B, L, V) logits: the backbone
+gives the final hidden states and the LM head is applied chunk by chunk (`train.losses.chunked_head_loss`,
+`teacher.precompute.teacher_topk`, `validate.metrics.head_sums`), `default_chunk_size` positions at a time. Labels are never
 passed to the model, so no auxiliary load-balancing loss can sneak into the objective.
 """
 

@@ -1,5 +1,7 @@
 """Validation metrics: pure functions on logits and router outputs, and `evaluate`, which runs a
-model and its baseline on the same batches and accumulates everything the report needs.
+model and its baseline on the same batches and accumulates everything the report needs. `evaluate`
+never builds (B, L, V) logits: it applies both LM heads to the final hidden states a chunk of positions
+at a time (`head_sums`), with the same definitions as `kl_divergence` and `nll`.
 
 Definitions (shared/DESIGN.md):
 - perplexity = exp(mean next-token NLL over non-padding targets); computed from the logits, so no
@@ -28,6 +30,7 @@ from torch import nn
 
 from .. import dist
 from ..errors import NexusError
+from ..forward import backbone_of, check_head_split, default_chunk_size, hidden_states, lm_head_of, vocab_size
 from ..moe import find_moe_blocks
 from ..routing import entropy, router_hooks, router_probs
 from ..shared import SHARED_NAME, recording_shared_output, shared_experts_disabled
@@ -99,11 +102,57 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     for chunk in rows.split(KL_CHUNK_ROWS):
         log_t = torch.log_softmax(t_flat[chunk.to(t_flat.device)].to(s_flat.device).float() / temperature, -1)
         log_s = torch.log_softmax(s_flat[chunk].float() / temperature, -1)  # (n, V)
-        p_t = log_t.exp()
-        # where p_t == 0 the term is 0 (and log_t may be -inf: masked vocabulary entries)
-        terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t))
-        total += terms.sum(-1).double().sum()
+        total += _kl_terms(log_t, log_s).double().sum()
     return float(total) * temperature ** 2, int(rows.numel())
+
+
+def _kl_terms(log_t: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p_t || p_s) of (n, V) log-probabilities -> (n,)."""
+    p_t = log_t.exp()
+    # where p_t == 0 the term is 0 (and log_t may be -inf: masked vocabulary entries)
+    return torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(-1)
+
+
+@dataclass
+class HeadSums:
+    """What the LM heads of a model and its baseline give over one batch (sums, as `Totals` adds them)."""
+
+    kl: float  # Σ KL(baseline || model) × T² over real positions
+    positions: int
+    nll: float  # Σ next-token NLL over valid targets (model; baseline below); 0 unless perplexity is computed
+    baseline_nll: float
+    targets: int
+
+
+def head_sums(hidden: torch.Tensor, head: nn.Module, base_hidden: torch.Tensor, base_head: nn.Module,
+              input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+              compute_perplexity: bool = True, chunk_rows: int | None = None) -> HeadSums:
+    """KL and both NLLs of one batch from the final hidden states (B, L, H) of a model and its baseline,
+    each LM head applied to `chunk_rows` real positions at a time (default: 64 MiB of fp32 logits), so no
+    (B, L, V) logits ever exist. Same definitions as `kl_divergence` and `nll`: KL over real positions;
+    position t predicts token t + 1 and counts when both are real."""
+    b, length = input_ids.shape
+    device = head.weight.device
+    mask = attention_mask.to(device).bool()  # (B, L)
+    valid = torch.zeros_like(mask)
+    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    targets = torch.zeros_like(mask, dtype=torch.long)
+    targets[:, :-1] = input_ids[:, 1:].to(device)
+    valid, targets = valid.reshape(-1), targets.reshape(-1)  # (B*L,)
+    flat, base_flat = hidden.reshape(b * length, -1), base_hidden.reshape(b * length, -1)
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) real positions
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # KL, NLL, baseline NLL
+    for chunk in rows.split(chunk_rows or default_chunk_size(int(head.weight.shape[0]))):
+        z = head(flat[chunk.to(flat.device)].to(device)).float()  # (n, V)
+        base_z = base_head(base_flat[chunk.to(base_flat.device)].to(base_head.weight.device)).float().to(device)
+        log_s, log_t = (torch.log_softmax(x / temperature, -1) for x in (z, base_z))
+        sums[0] += _kl_terms(log_t, log_s).double().sum()
+        if compute_perplexity:
+            v, t = valid[chunk], targets[chunk][valid[chunk]]
+            for i, logits in ((1, z), (2, base_z)):
+                sums[i] += F.cross_entropy(logits[v], t, reduction="none").double().sum()
+    kl, model_nll, base_nll = sums.tolist()
+    return HeadSums(kl * temperature ** 2, int(rows.numel()), model_nll, base_nll, int(valid.sum()))
 
 
 def routing_agreement(indices: torch.Tensor, baseline_indices: torch.Tensor) -> torch.Tensor:
@@ -219,6 +268,13 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             state["totals"].add(layer, "shared_norm", float(flat_s.norm(dim=-1).double().sum()), flat_s.shape[0])
         return fn
 
+    head, base_head = lm_head_of(model), lm_head_of(model if same else baseline)
+    if not same and vocab_size(baseline) != vocab_size(model):
+        raise NexusError(f"baseline and model have different vocabularies ({vocab_size(baseline)} vs "
+                         f"{vocab_size(model)} logits); KL and perplexity need the same tokenizer")
+    check_head_split(model, _input_device(model), root)  # the logits are lm_head(hidden states)
+    if not same:
+        check_head_split(baseline, _input_device(baseline), baseline_root)
     modes = [(m, m.training) for m in ([model] if same else [model, baseline])]
     with contextlib.ExitStack() as stack:
         if same:
@@ -242,23 +298,19 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 state["pass"] = "baseline"
                 if same:
                     with shared_experts_disabled(model):
-                        base_logits = _forward(model, input_ids, attention_mask, root)  # (B, L, V)
+                        base_hidden = _hidden(model, input_ids, attention_mask, root)  # (B, L, H)
                 else:
-                    base_logits = _forward(baseline, input_ids, attention_mask, baseline_root)
+                    base_hidden = _hidden(baseline, input_ids, attention_mask, baseline_root)
                 state["pass"] = "model"
-                logits = _forward(model, input_ids, attention_mask, root)  # (B, L, V)
-                kl_sum, positions = kl_divergence(base_logits, logits, attention_mask, temperature)
-                t.kl += kl_sum
-                t.positions += positions
-                if compute_perplexity:
-                    s, n = nll(logits, input_ids, attention_mask)
-                    base_s, _ = nll(base_logits, input_ids, attention_mask)
-                    t.nll += s
-                    t.baseline_nll += base_s
-                    t.targets += n
-                else:
-                    t.targets += int((mask[:, :-1] & mask[:, 1:]).sum())
-                del base_logits, logits
+                hidden = _hidden(model, input_ids, attention_mask, root)  # (B, L, H)
+                sums = head_sums(hidden, head, base_hidden, base_head, input_ids, attention_mask, temperature,
+                                 compute_perplexity)
+                del base_hidden, hidden
+                t.kl += sums.kl
+                t.positions += sums.positions
+                t.nll += sums.nll
+                t.baseline_nll += sums.baseline_nll
+                t.targets += sums.targets
                 _router_metrics(t, captured, state["mask"], warned)
                 if progress is not None and tokens:
                     progress(tokens)
@@ -303,13 +355,14 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor, layer: int, what: str) -> t
     return x[mask.to(x.device)]
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             root: nn.Module | None = None) -> torch.Tensor:
+def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            root: nn.Module | None = None) -> torch.Tensor:
+    """The final hidden states (B, L, H) of `model`, through its FSDP2 root when sharded (whose LM head
+    then stays gathered after the forward)."""
     device = _input_device(model)
-    if root is not None:  # a sharded model: through its FSDP2 root
-        return root(input_ids.to(device), attention_mask.to(device), logits=True)  # (B, L, V)
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    return out.logits  # (B, L, V)
+    if root is not None:
+        return root(input_ids.to(device), attention_mask.to(device))
+    return hidden_states(backbone_of(model), input_ids.to(device), attention_mask.to(device))
 
 
 def _router_metrics(totals: Totals, captured: dict, mask: torch.Tensor, warned: set) -> None:
