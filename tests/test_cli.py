@@ -140,6 +140,7 @@ def test_plan_native_base_is_the_checkpoint_not_its_dequantized_size(capsys):
     assert abs(mem["base_native"] - CHUNK_BYTES - released) / released < 0.01  # the released shards' bytes
     assert abs(mem["base_dequantized"] / 1e9 - 41.8) < 0.1  # 20.9 B parameters in bf16
     assert mem["train_native_base"] == mem["base_native"] + mem["trainable_optimizer_state"]
+    assert mem["teacher_cache_per_1m_tokens"] == (64 * (2 + 4) + 4 + 1) * 10**6  # top-64 fp16 + int32, id, mask
     assert plan["shared_params_per_layer"] == 2880 * 2 * 704 + 2 * 704 + 704 * 2880 + 2880  # 0.25 -> 704 units
 
 

@@ -44,6 +44,7 @@ STAGES = ("stats", "convert", "teacher", "train", "validate", "plan", "chat")
 STAGE_EDGES = {("train", "teacher"),  # train reads the teacher cache format (teacher.cache)
                ("convert", "stats"),  # convert --hidden-sample reads collect's raw sample (stats.reservoir)
                ("plan", "stats"),  # plan --keep-raw sizes collect's raw sample by its layout (stats.reservoir)
+               ("plan", "teacher"),  # plan sizes precompute-teacher's cache by its format (teacher.cache)
                ("validate", "chat")}  # `validate --chat` opens a chat session on the validated model
 
 

@@ -11,6 +11,7 @@ which of the two fits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ from ..moe import check_width, find_moe_blocks, shared_intermediate_size
 from ..progress import format_bytes
 from ..routing import routed_top_k
 from ..stats.reservoir import sample_bytes
+from ..teacher.cache import bytes_per_token
+from ..teacher.precompute import PrecomputeConfig
 
 GIB = 1024**3
 MXFP4_BYTES_PER_WEIGHT = 17 / 32  # 4-bit value + one 8-bit scale per block of 32
 ADAMW_BYTES_PER_PARAM = 16  # fp32 master weight 4 + gradient 4 + two moments 8
 TRAINABLE_GATHERED_BYTES_PER_PARAM = 8  # a gathered layer's shared expert: fp32 weight + its unsharded gradient
 BASE_STAGES = "collect, validate, precompute-teacher"  # the verbs that hold the base only
+TEACHER_TOP_K = next(f.default for f in dataclasses.fields(PrecomputeConfig) if f.name == "top_k")
 
 
 @dataclass
@@ -235,7 +239,8 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
         "train_native_base": int(native_base + optimizer),
         "train_dequantized_base": int(dequantized_base + optimizer),
         "trainable_optimizer_state": optimizer,
-        "teacher_logits_per_1k_tokens_fp32": int(config.vocab_size * 4 * 1024),
+        # offline distillation: precompute-teacher's cache on disk at its default --top-k
+        "teacher_cache_per_1m_tokens": bytes_per_token(TEACHER_TOP_K) * 1_000_000,
     }
     device_plan = None
     if devices is not None or device_memory is not None:
@@ -330,7 +335,7 @@ def format_plan(plan: Plan) -> str:
         ]
     mem_rows += [
         ("trainable weights+grads+AdamW", mem["trainable_optimizer_state"]),
-        ("teacher logits per 1k tokens (fp32)", mem["teacher_logits_per_1k_tokens_fp32"]),
+        (f"teacher cache per 1 M tokens (--top-k {TEACHER_TOP_K}, on disk)", mem["teacher_cache_per_1m_tokens"]),
     ]
     width = max(len(k) for k, _ in rows + mem_rows) + 2
     out = [f"{k:<{width}}{v}" for k, v in rows]
