@@ -169,6 +169,28 @@ def test_evaluate_applies_the_heads_a_chunk_of_positions_at_a_time(monkeypatch, 
     assert s["baseline_perplexity"] == pytest.approx(perplexity(base_nll, n), rel=1e-6)
 
 
+def test_logits_that_are_not_the_head_of_the_hidden_states_are_refused_overflow_is_not(monkeypatch):
+    """evaluate applies the LM head itself, so a family that post-processes its logits (softcapping,
+    scaling) is refused by name; a head that overflows passes this check (the report then says so)."""
+    from nexus.forward import check_head_split
+
+    model = nexus.attach_shared_experts(tiny_model("qwen3_moe"), init="random", seed=0, scale=20.0)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5  # as a family with a logit scale would
+        return out
+
+    monkeypatch.setattr(model, "forward", scaled)
+    with pytest.raises(NexusError, match="logits are not lm_head"):
+        evaluate(model, [_padded(_seqs([6]))])
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("inf")
+    check_head_split(model, torch.device("cpu"))
+
+
 def test_evaluate_needs_a_baseline_for_a_plain_model():
     with pytest.raises(nexus.errors.NexusError, match="baseline"):
         evaluate(tiny_model("mixtral"), [_padded(_seqs([5]))])
