@@ -270,7 +270,8 @@ def _h2h_table(h2h: list[dict]) -> list[str]:
 
 
 def _pm(s: dict, d: int = 2) -> str:
-    return f"{s['mean']:+.{d}f} ± {s['std']:.{d}f}"
+    """mean ± std over seeds; one seed has no spread to give, so just its value."""
+    return f"{s['mean']:+.{d}f}" + (f" ± {s['std']:.{d}f}" if s["n"] > 1 else "")
 
 
 def _med(vals):

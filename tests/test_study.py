@@ -470,6 +470,8 @@ def test_one_shared_seed_gives_the_difference_and_says_once_there_is_no_noise_es
     text = "\n".join(R.answers(pts, R.best_under(pts)))
     assert "general +3.25 ± 0.35 %): -3.00 pt on seed 0 alone." in text
     assert "At equal cost, nexus-random against esft: -2.29 pt on seed 0 alone." in text
+    # one seed has no spread: its value alone, never "± 0.00"
+    assert "Best NEXUS setting: **nexus-random** (lr 0.003: domain +8.00 %, general +4.00 %)." in text
 
 
 def test_methods_and_inits_are_checked_before_any_setup(tmp_path, capsys):
