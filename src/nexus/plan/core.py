@@ -126,15 +126,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def base_dtype(config, dtype: str = "auto", path=None, dequantize: bool = False) -> tuple[torch.dtype, str]:
+def base_dtype(config, dtype: str = "auto", stored: torch.dtype | None = None,
+               dequantize: bool = False) -> tuple[torch.dtype, str]:
     """The dtype the verbs load the base's non-quantized weights in (their activations too) under `--dtype`,
     and how it was chosen: an explicit dtype as given; auto as the loaders resolve it. NEXUS's loader of a
     quantized checkpoint takes the dtype its float tensors are stored in; transformers' (unquantized, or
     `dequantize`) the config's dtype first. Either falls back on the other; with neither (a bare config that
-    names none, as gpt-oss's) bf16, as the released MoE checkpoints store their weights."""
+    names none, as gpt-oss's) bf16, as the released MoE checkpoints store their weights. `stored`: the
+    shards' dtype (`_stored_dtype`), None where unknown."""
     if dtype != "auto":
         return torch_dtype(dtype), "--dtype"
-    named, stored = _config_dtype(config), _stored_dtype(path)
+    named = _config_dtype(config)
     order = [(named, "the config's dtype"), (stored, "as stored in the shards")]
     if quant_method(config) and not dequantize:
         order.reverse()
@@ -204,8 +206,10 @@ def make_plan(config, width_multiplier: float = 1, devices: int | None = None,
 
     check_devices(devices, device_memory)
     check_raw_sample(keep_raw, keep_hidden)
-    loaded, source = base_dtype(config, canonical_dtype(dtype), path)
-    dequantized_dtype, _ = base_dtype(config, canonical_dtype(dtype), path, dequantize=True)
+    dtype = canonical_dtype(dtype)
+    stored = _stored_dtype(path) if dtype == "auto" else None  # the shards' headers, read once
+    loaded, source = base_dtype(config, dtype, stored)
+    dequantized_dtype, _ = base_dtype(config, dtype, stored, dequantize=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = find_moe_blocks(model)
