@@ -452,8 +452,10 @@ def beside_check(rows: list[dict], other: list[dict]) -> str:
     proto = [(a.get("protocol", {}), b.get("protocol", {})) for a, b in pairs]
     keys = sorted({k for pa, pb in proto for k in set(pa) | set(pb) if pa.get(k) != pb.get(k)})
 
-    def setting(p: dict) -> str:
-        return ", ".join(f"{k} {p.get(k)}" for k in keys) or "the same protocol"
+    def setting(p: dict) -> str:  # a setting a run did not use (None, absent) is named as left out, not as "None"
+        used = [f"{k} {p[k]}" for k in keys if p.get(k) is not None]
+        unused = [k for k in keys if p.get(k) is None]
+        return ", ".join(used + ([f"without {' / '.join(unused)}"] if unused else [])) or "the same protocol"
 
     left, right = ("; ".join(sorted({setting(p[i]) for p in proto})) for i in (0, 1))
     lines = [f"## Beside: {right} against {left}", "",

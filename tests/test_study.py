@@ -274,6 +274,8 @@ def test_beside_sets_the_same_runs_under_another_setting_side_by_side(tmp_path):
     assert "| q |" not in section and R.beside_check(main, other[2:]) == ""
     same = [dict(r, protocol={"hidden_tokens": 0, "max_steps": 300}) for r in main]  # a rerun that reproduced
     assert "- p at lr 0.003: +0.00 / +0.00 over 2 seeds (domain: identical on every seed)" in R.beside_check(main, same)
+    plain = [dict(r, protocol={"max_steps": 300}) for r in other]  # a setting one side never used is named so
+    assert "## Beside: hidden_tokens 0 against without hidden_tokens" in R.beside_check(plain, other)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in main))
     b.write_text("".join(json.dumps(r) + "\n" for r in other))
