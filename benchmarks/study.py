@@ -23,6 +23,10 @@ scorings) is then ~6 h of CPU time if runs plateau near 200 steps, ~12 h near 50
 --max-steps 2000; on the testbed at 3e-3 the validation loss was still falling 0.02-0.11 nats per 300 steps
 after 600-1400 steps (docs/study/plateau/), so expect the last. Runs are independent: once setup.json exists
 in --work, two processes with disjoint --methods and the same --work and --out share one results file.
+A model path names weights that can change (a testbed rebuilt on a machine with another instruction set
+writes other weights): setup.json and every result row record the sha256 of the weights and of the data
+splits; a --work prepared from others is refused, step-0 scores are reused only from rows with the same
+digests, and study_report.py refuses a results file that mixes them.
 
 Without --model and the data flags it runs on the demo model and its `nexus.demo_data` splits. A rerun
 with the same --out skips every (method, lr, seed) already in results.jsonl (resumable); only the report
@@ -69,6 +73,7 @@ ESFT and full-moe add nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -139,15 +144,39 @@ def pending(runs: list[tuple[str, float, int]], path: Path) -> list[tuple[str, f
     return [r for r in runs if (r[0], float(r[1]), int(r[2])) not in done]
 
 
-def prepare(args, work: Path) -> dict:
+def digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of `paths` (a directory stands for its config.json and *.safetensors):
+    what a path names can change under it (a testbed rebuilt on another machine, other installed files), and a
+    study must not pair runs, or reuse statistics and step-0 scores, across such a change."""
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted([path / "config.json", *path.glob("*.safetensors")]) if path.is_dir() else [path]
+        for f in files:
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprints(args) -> dict:
+    """The content digests of the model's weights and of the study's data splits."""
+    return {"model_sha256": digest([args.model]),
+            "data_sha256": digest([args.domain_train, args.domain_eval, args.general_eval])}
+
+
+def prepare(args, work: Path, prints: dict) -> dict:
     """Data split, router statistics, selections, LoRA ranks, ESFT choices, FLOPs (cached in setup.json)."""
     cache = work / "setup.json"
     inputs = {k: getattr(args, k) for k in ("model", "domain_train", "domain_eval", "general_eval", "val_frac",
-                                            "stats_tokens", "esft_threshold", "seq_len", "hidden_tokens")}
+                                            "stats_tokens", "esft_threshold", "seq_len", "hidden_tokens")} | prints
     if cache.is_file():
         setup = json.loads(cache.read_text())
-        if setup.get("inputs") != inputs:
-            raise SystemExit(f"{cache} was prepared for other inputs ({setup.get('inputs')}); use another --work")
+        old = setup.get("inputs", {})
+        if old != inputs:
+            differ = ", ".join(f"{k} {old.get(k)!r} -> {inputs.get(k)!r}" for k in sorted(set(old) | set(inputs))
+                               if old.get(k) != inputs.get(k))
+            raise SystemExit(f"{cache} was prepared for other inputs ({differ}); use another --work")
         return setup
     fit, val = L.split_train_val(args.domain_train, work, args.val_frac)
     data = {"domain_train": fit, "domain_val": val, "domain_eval": args.domain_eval, "general_eval": args.general_eval}
@@ -177,14 +206,16 @@ def start_key(method: str, seed: int) -> str:
 
 
 def cached_start(path: Path, method: str, seed: int, protocol: dict) -> dict | None:
-    """The step-0 scores of an earlier run with the same start_key and evaluation settings, if any."""
+    """The step-0 scores of an earlier run with the same start_key, evaluation settings and model and data
+    contents (`fingerprints`), if any; a row written before rows carried fingerprints is never reused."""
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
         r = json.loads(line) if line.strip() else None
         if r and start_key(r["method"], int(r["seed"])) == start_key(method, seed) and \
                 all(r.get("protocol", {}).get(k) == protocol.get(k) for k in ("seq_len", "eval_num", "hidden_tokens")) \
-                and r["model"] == protocol["model"]:
+                and r["model"] == protocol["model"] \
+                and all(r.get(k) == protocol[k] for k in ("model_sha256", "data_sha256")):
             return r["start"]
     return None
 
@@ -284,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--max-general: expected a positive percentage, got {args.max_general:g}")
     if (problem := check_methods(args)) is not None:
         p.error(problem)
+    if not args.report and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model: expected a local model directory with config.json, got {args.model}")
     for split in ("domain_train", "domain_eval", "general_eval"):
         if getattr(args, split) is None:
             setattr(args, split, str(Path(args.work) / "data" / f"{split}.jsonl"))
@@ -299,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/study.py " + " ".join(shlex.quote(a) for a in argv)
     if not args.report:
         t_setup = time.time()
-        setup = prepare(args, work)
+        prints = fingerprints(args)
+        setup = prepare(args, work, prints)
         print(f"setup {time.time() - t_setup:.0f}s: NEXUS trainable {setup['nexus_params']:,}, LoRA ranks "
               f"{setup['lora_rank']}, ESFT experts/layer "
               f"{ {k: [len(v) for v in c.values()] for k, c in setup['esft'].items()} }", flush=True)
@@ -310,10 +344,11 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             kw = run_kwargs(args, setup, work, method, lr, seed)
             kw["start"] = cached_start(results, method, seed, {"seq_len": args.seq_len, "eval_num": args.eval_num,
-                                                               "hidden_tokens": args.hidden_tokens, "model": args.model})
+                                                               "hidden_tokens": args.hidden_tokens, "model": args.model}
+                                     | prints)
             res = L.run_one(kw) if args.no_isolate else L.isolated(kw)
             added = setup["nexus_params"] if method.startswith("nexus") else 0
-            row = {"method": method, "lr": lr, "seed": seed, "model": args.model, "command": command,
+            row = {"method": method, "lr": lr, "seed": seed, "model": args.model, **prints, "command": command,
                    "flops_per_token": L.flops_per_token(setup["active"]["active"], added),
                    "active_params": setup["active"]["active"] + added, "seconds": time.time() - t0,
                    "start_scores": "reused" if kw["start"] else "measured",

@@ -30,6 +30,21 @@ def load(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def check_one_model(rows: list[dict], where: str) -> None:
+    """Refuse rows made on different model weights or data (their `model_sha256` / `data_sha256`, written by
+    study.py): their gains are measured against different base losses and cannot be paired. Rows written before
+    study.py recorded the digests carry none and pass."""
+    for key in ("model_sha256", "data_sha256"):
+        seen: dict[str, int] = {}
+        for r in rows:
+            if r.get(key):
+                seen[r[key]] = seen.get(r[key], 0) + 1
+        if len(seen) > 1:
+            counts = ", ".join(f"{h[:12]}… ({n} runs)" for h, n in seen.items())
+            raise SystemExit(f"{where}: runs with different {key} ({counts}); a report pairs runs of one model on "
+                             f"one data set: move the others to their own results file")
+
+
 def gains(row: dict, selected: bool = False) -> tuple[float, float]:
     """(domain gain %, general loss change %), both relative to the base model's loss on the same split:
     gain = 100 (base − after) / base on domain_eval, change = 100 (after − base) / base on general_eval; of
@@ -490,6 +505,8 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     rows = load(results) if results.is_file() else []
     if not rows:
         return f"{results}: no results yet"
+    files = [f for f in (longer, beside) if f is not None and f.is_file()]
+    check_one_model(rows + [r for f in files for r in load(f)], ", ".join(map(str, [results, *files])))
     pts = points(rows)
     best = best_under(pts, max_general)
     out.mkdir(parents=True, exist_ok=True)

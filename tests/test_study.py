@@ -447,9 +447,10 @@ def test_esft_split_out_experts_train_alone():
 
 def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
     path = tmp_path / "results.jsonl"
-    proto = {"seq_len": 128, "eval_num": None, "model": "m"}
-    rows = [{**_row("nexus-random", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}},
-            {**_row("lora-attn", 1e-3, 0, 1, 1), "protocol": {"seq_len": 128, "eval_num": None}}]
+    prints = {"model_sha256": "a" * 64, "data_sha256": "d" * 64}
+    proto = {"seq_len": 128, "eval_num": None, "model": "m", **prints}
+    rows = [{**_row("nexus-random", 1e-3, 0, 1, 1), **prints, "protocol": {"seq_len": 128, "eval_num": None}},
+            {**_row("lora-attn", 1e-3, 0, 1, 1), **prints, "protocol": {"seq_len": 128, "eval_num": None}}]
     rows[0]["start"]["tag"], rows[1]["start"]["tag"] = "nexus-random-s0", "base"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert study.cached_start(path, "nexus-random-router", 0, proto)["tag"] == "nexus-random-s0"
@@ -459,6 +460,50 @@ def test_step0_scores_reused_only_for_the_same_start_model(tmp_path):
     assert study.cached_start(path, "esft", 2, {**proto, "eval_num": 8}) is None
     # another --hidden-tokens: pruned/feature adapters rank their units on another sample
     assert study.cached_start(path, "nexus-random", 0, {**proto, "hidden_tokens": 2048}) is None
+    # the same path holding other weights (a testbed rebuilt elsewhere), or other data: measured afresh
+    assert study.cached_start(path, "esft", 2, {**proto, "model_sha256": "b" * 64}) is None
+    assert study.cached_start(path, "esft", 2, {**proto, "data_sha256": "e" * 64}) is None
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in prints}) + "\n" for r in rows))
+    assert study.cached_start(path, "esft", 2, proto) is None  # a row without digests cannot vouch for its model
+
+
+def test_digest_follows_the_bytes_not_the_path(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(bytes(range(256)) * 10)
+        (d / "notes.txt").write_text(d.name)  # not part of the model
+    assert study.digest([a]) == study.digest([b])
+    (b / "model.safetensors").write_bytes(bytes(range(256)) * 9 + bytes([1]) + bytes(range(1, 256)))
+    assert study.digest([a]) != study.digest([b])
+    (a / "model-00002.safetensors").write_bytes(b"")
+    assert study.digest([a]) != study.digest([tmp_path / "a" / "config.json"])
+
+
+def test_a_work_directory_prepared_from_other_weights_is_refused(tmp_path):
+    args = argparse.Namespace(model="m", domain_train="t", domain_eval="e", general_eval="g", val_frac=0.1,
+                              stats_tokens=10, esft_threshold=0.3, seq_len=16, hidden_tokens=0)
+    inputs = vars(args) | {"model_sha256": "a" * 64, "data_sha256": "d" * 64}
+    (tmp_path / "setup.json").write_text(json.dumps({"inputs": inputs, "esft": {}}))
+    assert study.prepare(args, tmp_path, {"model_sha256": "a" * 64, "data_sha256": "d" * 64})["inputs"] == inputs
+    with pytest.raises(SystemExit, match=r"\(model_sha256 'a+' -> 'b+'\); use another --work"):
+        study.prepare(args, tmp_path, {"model_sha256": "b" * 64, "data_sha256": "d" * 64})
+
+
+def test_report_refuses_runs_of_different_weights(tmp_path):
+    rows = [dict(_row("p", 3e-3, 0, 5.0, 4.0), model_sha256="a" * 64),
+            dict(_row("q", 3e-3, 0, 4.0, 4.0), model_sha256="b" * 64), _row("r", 3e-3, 0, 4.0, 4.0)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"different model_sha256 \(aaaaaaaaaaaa… \(1 runs\), bbbbbbbbbbbb… \(1 runs\)\)"):
+        R.write_report(path, tmp_path / "out")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[::2]))  # one digest, and a row from before digests
+    assert "## Answers" in R.write_report(path, tmp_path / "out")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(SystemExit, match="other.jsonl: runs with different model_sha256"):
+        R.write_report(path, tmp_path / "out", beside=other)
 
 
 def test_one_shared_seed_gives_the_difference_and_says_once_there_is_no_noise_estimate():
