@@ -84,6 +84,8 @@ from pathlib import Path
 
 import torch
 
+from nexus.teacher.cache import file_sha256
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_lib as L  # noqa: E402
 
@@ -152,10 +154,7 @@ def digest(paths: list[Path]) -> str:
     for path in map(Path, paths):
         files = sorted([path / "config.json", *path.glob("*.safetensors")]) if path.is_dir() else [path]
         for f in files:
-            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-            with f.open("rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
+            h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

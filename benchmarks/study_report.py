@@ -505,8 +505,9 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     rows = load(results) if results.is_file() else []
     if not rows:
         return f"{results}: no results yet"
-    files = [f for f in (longer, beside) if f is not None and f.is_file()]
-    check_one_model(rows + [r for f in files for r in load(f)], ", ".join(map(str, [results, *files])))
+    longer_rows, beside_rows = (load(f) if f is not None and f.is_file() else None for f in (longer, beside))
+    check_one_model(rows + (longer_rows or []) + (beside_rows or []),
+                    ", ".join(str(f) for f, r in ((results, rows), (longer, longer_rows), (beside, beside_rows)) if r))
     pts = points(rows)
     best = best_under(pts, max_general)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,12 +516,12 @@ def write_report(results: Path, out: Path, doc: Path | None = None, report_comma
     extra = selected_check(rows)
     if extra:
         text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
-    if longer is not None and longer.is_file():
-        extra = budget_check(rows, load(longer))
+    if longer_rows is not None:
+        extra = budget_check(rows, longer_rows)
         if extra:
             text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
-    if beside is not None and beside.is_file():
-        extra = beside_check(rows, load(beside))
+    if beside_rows is not None:
+        extra = beside_check(rows, beside_rows)
         if extra:
             text = text.replace("\n## Every point (mean over seeds)", f"\n{extra}\n## Every point (mean over seeds)", 1)
     preface = out / PREFACE
