@@ -7,8 +7,8 @@ standard-library sources, C headers, Perl modules (the general domains, ~3 MB ea
 pages (the held-out domain: ~3% of the pretraining bytes in `domain_pretrain`, so the model knows it
 a little, plus `domain_train` left for NEXUS and `domain_eval`).
 
-Steps, all deterministic for a given machine (its installed files, its CPU's instruction set), torch build and
-thread count:
+Steps, all deterministic for a given machine (its installed files, its CPU: vendor and instruction set pick
+torch's and MKL's kernels), torch build and thread count:
 1. a byte-level BPE tokenizer (`--vocab-size` 8192) trained on the pretraining texts;
 2. pretraining texts packed into `--seq-len` 256 blocks (documents joined by <|endoftext|>),
    blocks shuffled across domains, reshuffled and re-packed at a new offset every epoch;
@@ -177,8 +177,9 @@ def render_card(report: dict, config) -> str:
         "of all eval assignments (no expert is dead when it is above 0).", "",
         "## Reproduce", "", "```bash", f"nice -n 5 {report['command']}".rstrip(), "```", "",
         "Deterministic for a given machine (its installed files are the corpus: same Python and Debian package "
-        "versions give the same corpus sha256; its CPU's instruction set picks the kernels, so AVX2 and AVX-512 "
-        "machines give slightly different weights), torch build and thread count.", ""]
+        "versions give the same corpus sha256; its CPU, vendor and instruction set, picks torch's and MKL's "
+        "kernels, so an AMD AVX2, an AMD AVX-512 and an Intel AVX-512 machine give three different sets of "
+        "weights), torch build and thread count.", ""]
     return "\n".join(lines)
 
 
