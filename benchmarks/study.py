@@ -77,6 +77,7 @@ import hashlib
 import json
 import logging
 import math
+import platform
 import shlex
 import sys
 import time
@@ -156,6 +157,19 @@ def digest(paths: list[Path]) -> str:
         for f in files:
             h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def machine() -> dict:
+    """The CPU a run trained on and the kernels torch dispatched to: the same weights train to slightly different
+    numbers on another CPU (vendor and instruction set pick torch's and MKL's kernels; docs/testbed.md)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 def fingerprints(args) -> dict:
@@ -351,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                    "flops_per_token": L.flops_per_token(setup["active"]["active"], added),
                    "active_params": setup["active"]["active"] + added, "seconds": time.time() - t0,
                    "start_scores": "reused" if kw["start"] else "measured",
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), **machine(),
                    "protocol": {k: getattr(args, k) for k in ("max_steps", "eval_every", "patience", "min_delta",
                                                               "trend_window", "val_frac", "batch", "seq_len",
                                                               "eval_num", "val_num", "hidden_tokens")}

@@ -45,6 +45,19 @@ def check_one_model(rows: list[dict], where: str) -> None:
                              f"one data set: move the others to their own results file")
 
 
+def machines(rows: list[dict]) -> str:
+    """'; on CPU (kernels K)' for each CPU the runs trained on, by run count; empty for rows from before
+    study.py recorded it."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        if r.get("cpu"):
+            key = f"{r['cpu']} ({r.get('cpu_kernels')} kernels)"
+            seen[key] = seen.get(key, 0) + 1
+    if len(seen) == 1:
+        return f"; on {next(iter(seen))}"
+    return "; on " + ", ".join(f"{k}: {n} runs" for k, n in seen.items()) if seen else ""
+
+
 def gains(row: dict, selected: bool = False) -> tuple[float, float]:
     """(domain gain %, general loss change %), both relative to the base model's loss on the same split:
     gain = 100 (base − after) / base on domain_eval, change = 100 (after − base) / base on general_eval; of
@@ -309,7 +322,7 @@ def markdown(rows: list[dict], pts: dict, best: dict, report_command: str | None
               f"{tok.get('domain', '?'):,}, general_eval {tok.get('general', '?'):,}; validation slice "
               f"{tok.get('val', '?'):,}." if tok else "", "",
               "Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + f"; torch {first['torch']}, "
-              f"{first['threads']} thread(s).", "",
+              f"{first['threads']} thread(s){machines(rows)}.", "",
               "Domain gain = 100 × (base − after) / base of the domain_eval loss (nats/token); general change = "
               "100 × (after − base) / base of the general_eval loss. FLOPs/token = 2 × active parameters (input "
               "embeddings excluded, routed experts at top_k / num_experts), NEXUS + 2 × its shared experts' "

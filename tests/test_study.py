@@ -508,6 +508,17 @@ def test_report_refuses_runs_of_different_weights(tmp_path):
         R.write_report(path, tmp_path / "out", beside=other)
 
 
+def test_rows_name_the_cpu_and_kernels_and_the_report_says_them():
+    m = study.machine()
+    assert m["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and m["cpu"]
+    amd = {"cpu": "AMD EPYC", "cpu_kernels": "AVX2"}
+    rows = [dict(_row("p", 3e-3, 0, 5.0, 4.0), **amd), dict(_row("q", 3e-3, 0, 4.0, 4.0), **amd)]
+    assert R.machines(rows) == "; on AMD EPYC (AVX2 kernels)"
+    rows.append(dict(_row("r", 3e-3, 0, 4.0, 4.0), cpu="Intel Xeon", cpu_kernels="AVX512"))
+    assert R.machines(rows) == "; on AMD EPYC (AVX2 kernels): 2 runs, Intel Xeon (AVX512 kernels): 1 runs"
+    assert R.machines([_row("s", 3e-3, 0, 4.0, 4.0)]) == ""  # rows from before study.py recorded the CPU
+
+
 def test_one_shared_seed_gives_the_difference_and_says_once_there_is_no_noise_estimate():
     rows = [_row("nexus-random", 3e-3, 0, 8.0, 4.0), _row("esft", 3e-3, 0, 11.0, 3.5),
             _row("esft", 3e-3, 1, 11.5, 3.0)]  # esft's second seed has no partner
