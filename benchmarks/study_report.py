@@ -17,7 +17,7 @@ import json
 import shlex
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 MAX_GENERAL = 5.0  # % general loss increase allowed for the headline figure
@@ -48,11 +48,7 @@ def check_one_model(rows: list[dict], where: str) -> None:
 def machines(rows: list[dict]) -> str:
     """'; on CPU (kernels K)' for each CPU the runs trained on, by run count; empty for rows from before
     study.py recorded it."""
-    seen: dict[str, int] = {}
-    for r in rows:
-        if r.get("cpu"):
-            key = f"{r['cpu']} ({r.get('cpu_kernels')} kernels)"
-            seen[key] = seen.get(key, 0) + 1
+    seen = Counter(f"{r['cpu']} ({r.get('cpu_kernels')} kernels)" for r in rows if r.get("cpu"))
     if len(seen) == 1:
         return f"; on {next(iter(seen))}"
     return "; on " + ", ".join(f"{k}: {n} runs" for k, n in seen.items()) if seen else ""
